@@ -1,0 +1,479 @@
+"""ANML meta-training and meta-testing (the four phases of the higherANML README).
+
+- train-train: 20 inner SGD steps on one new class, one image at a time, over RLN + fc;
+- train-test:  outer Adam step on those 20 images plus 64 remembered ones, through the unroll;
+- test-train:  frozen RLN and NM, a fresh fc learns N new classes in sequence (Adam, one image a step);
+- test-test:   accuracy on the held-out images of those N classes.
+
+`meta_step(..., backend="higher")` is the reference (the seed's code); `backend="func"` computes
+the same meta-gradient with `torch.func.functional_call`-style code and plain autograd, faster.
+"""
+import math
+import os
+import time
+from pathlib import Path
+
+import higher
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from model import ANML, sizes_from_state_dict
+
+BACKENDS = ("auto", "higher", "func")
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+def save_atomic(obj, path):
+    """torch.save to a temporary file, then rename: a crash never leaves a truncated file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def load_model(path, device="cpu"):
+    """An ANML built from a checkpoint, its sizes read from the tensors' shapes.
+
+    Raises ValueError with a one-line reason for a missing file, a file that is not a
+    checkpoint, or a state_dict whose keys or shapes do not fit the architecture."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"model file not found: {path}")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises many types for a file that is not a checkpoint
+        raise ValueError(f"{path} is not a PyTorch checkpoint ({type(e).__name__})") from None
+    if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
+        state = state["model"]  # a resumable training checkpoint
+    if not isinstance(state, dict):
+        raise ValueError(f"{path} does not hold a state_dict")
+    try:
+        model = ANML(*sizes_from_state_dict(state))
+        model.load_state_dict(state, strict=True)
+    except (ValueError, RuntimeError) as e:
+        first = str(e).strip().splitlines()[0]
+        raise ValueError(f"{path} does not fit the ANML architecture: {first}") from None
+    return model.to(device)
+
+
+# ----------------------------------------------------------------------------- meta-training
+
+def lobotomize(layer, class_num):
+    """Kaiming-normal re-initialisation of one row of `layer.weight` (the bias is untouched).
+
+    `class_num` may be an int or a long tensor on the layer's device (the CUDA graph passes one)."""
+    weight = layer.weight
+    std = math.sqrt(2.0 / weight.shape[1])  # kaiming_normal_: fan_in, gain sqrt(2)
+    index = torch.as_tensor(class_num, device=weight.device).reshape(1)
+    with torch.no_grad():
+        row = torch.empty(1, weight.shape[1], dtype=weight.dtype, device=weight.device).normal_(0, std)
+        weight.index_copy_(0, index, row)
+
+
+def accuracy(logits, labels):
+    return (logits.argmax(1) == labels).float().mean()
+
+
+def meta_step(model, inner_opt, outer_opt, train_data, train_class, valid_ims, valid_labels,
+              backend="higher"):
+    """One ANML meta-training iteration; returns (outer loss, outer accuracy) as floats.
+
+    Lobotomize the new class's fc row, take one differentiable inner step per (image, label)
+    pair of `train_data`, then back-propagate the adapted model's loss on `valid_ims` through
+    the whole unrolled loop (second order) and take one `outer_opt` step."""
+    if backend == "higher":
+        loss, acc = higher_meta_loss(model, inner_opt, train_data, train_class, valid_ims, valid_labels)
+    elif backend == "func":
+        ims = torch.cat([im for im, _ in train_data])
+        labels = torch.cat([label for _, label in train_data])
+        loss, acc = func_meta_loss(model, inner_opt, train_class, ims, labels, valid_ims, valid_labels)
+    else:
+        raise ValueError(f"unknown backend {backend!r}: choose 'higher' or 'func'")
+    outer_opt.step()
+    outer_opt.zero_grad()
+    return loss.item(), acc.item()
+
+
+def higher_meta_loss(model, inner_opt, train_data, train_class, valid_ims, valid_labels):
+    """The seed's inner loop with `higher`; leaves the meta-gradient in the parameters' .grad."""
+    lobotomize(model.fc, train_class)
+    with higher.innerloop_ctx(model, inner_opt, copy_initial_weights=False) as (fnet, diffopt):
+        for ims, labels in train_data:
+            diffopt.step(F.cross_entropy(fnet(ims), labels))
+        out = fnet(valid_ims)
+        loss = F.cross_entropy(out, valid_labels)
+        loss.backward()
+    return loss.detach(), accuracy(out, valid_labels)
+
+
+def inner_sgd(inner_opt, model):
+    """(names of the inner-loop parameters, inner learning rate) of a plain SGD optimiser."""
+    if not isinstance(inner_opt, torch.optim.SGD) or len(inner_opt.param_groups) != 1:
+        raise ValueError("the 'func' backend needs a single-group torch.optim.SGD inner optimiser")
+    group = inner_opt.param_groups[0]
+    if group["momentum"] or group["weight_decay"] or group["nesterov"] or group["maximize"]:
+        raise ValueError("the 'func' backend implements plain SGD (no momentum or weight decay)")
+    ids = {id(p) for p in group["params"]}
+    return [n for n, p in model.named_parameters() if id(p) in ids], group["lr"]
+
+
+# Conv biases that feed an InstanceNorm are removed by its mean subtraction: their gradient is
+# exactly zero and they do not change the output. The functional path skips them in the compute
+# (they stay in the model and the checkpoint) and gives them an explicit zero gradient.
+def norm_fed_biases(model):
+    return [p for n, p in model.named_parameters() if n.endswith("conv.bias")]
+
+
+def conv_blocks(params, prefix, x):
+    """The three conv blocks of `model.py`, written functionally over a dict of parameters."""
+    for i, pool in ((1, True), (2, True), (3, False)):
+        p = f"{prefix}.convBlock{i}."
+        x = F.conv2d(x, params[p + "conv.weight"])  # bias skipped: see norm_fed_biases
+        x = F.relu(F.instance_norm(x, weight=params[p + "norm.weight"], bias=params[p + "norm.bias"]))
+        if pool:
+            x = F.max_pool2d(x, 2)
+    return x.flatten(1)
+
+
+def gate(params, x):
+    """NM output in (0, 1): computed once per batch, since the inner loop never adapts the NM."""
+    return torch.sigmoid(F.linear(conv_blocks(params, "nm", x), params["nm.fc.weight"], params["nm.fc.bias"]))
+
+
+def logits(params, x, mask):
+    return F.linear(conv_blocks(params, "rln", x) * mask, params["fc.weight"], params["fc.bias"])
+
+
+def func_meta_loss(model, inner_opt, train_class, train_ims, train_labels, valid_ims, valid_labels):
+    """Same mathematics as `higher_meta_loss`, with a functional unroll and plain autograd."""
+    lobotomize(model.fc, train_class)
+    names, lr = inner_sgd(inner_opt, model)
+    params = dict(model.named_parameters())
+    masks = gate(params, torch.cat([train_ims, valid_ims]))
+    train_masks, valid_masks = masks[:len(train_ims)], masks[len(train_ims):]
+    fast = {n: params[n] for n in names if not n.endswith("conv.bias")}
+    for i in range(len(train_ims)):
+        loss = F.cross_entropy(logits({**params, **fast}, train_ims[i:i + 1], train_masks[i:i + 1]),
+                               train_labels[i:i + 1])
+        grads = torch.autograd.grad(loss, list(fast.values()), create_graph=True)
+        fast = {n: w - lr * g for (n, w), g in zip(fast.items(), grads)}
+    out = logits({**params, **fast}, valid_ims, valid_masks)
+    loss = F.cross_entropy(out, valid_labels)
+    loss.backward()
+    for p in norm_fed_biases(model):
+        p.grad = torch.zeros_like(p)
+    return loss.detach(), accuracy(out, valid_labels)
+
+
+def make_optimizers(model, inner_lr, outer_lr, capturable=False):
+    """The seed's optimisers: inner SGD over RLN + fc, outer Adam over everything."""
+    inner_opt = torch.optim.SGD(list(model.rln.parameters()) + list(model.fc.parameters()), lr=inner_lr)
+    outer_opt = torch.optim.Adam(model.parameters(), lr=outer_lr, capturable=capturable)
+    return inner_opt, outer_opt
+
+
+def resolve_backend(backend, device):
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}: choose one of {', '.join(BACKENDS)}")
+    if backend == "auto":
+        return "graph" if torch.device(device).type == "cuda" else "func"
+    return backend
+
+
+def train(rln, nm, mask, inner_lr=0.1, outer_lr=1e-3, its=30000, device="cpu", sampler=None,
+          out_dir="trained_anmls", seed=1, backend="auto", log_every=10, save_every=1000, quiet=False):
+    """Meta-train an ANML; writes `{out_dir}/{rln}_{nm}_{mask}_ANML-{it}.pth` every `save_every`
+    iterations and at the last one. Returns the model."""
+    torch.manual_seed(seed)
+    model = ANML(rln, nm, mask).to(device)
+    backend = resolve_backend(backend, device)
+    inner_opt, outer_opt = make_optimizers(model, inner_lr, outer_lr, capturable=backend == "graph")
+    step = GraphedMetaStep(model, inner_opt, outer_opt, sampler) if backend == "graph" else None
+    start = time.perf_counter()
+    for it in tqdm(range(its), disable=quiet, desc="meta-train"):
+        if step is not None:
+            loss, acc = step(*sampler.sample_train_indices())
+        else:
+            train_data, train_class, (valid_ims, valid_labels) = sampler.sample_train(device=device)
+            loss, acc = meta_step(model, inner_opt, outer_opt, train_data, train_class, valid_ims,
+                                  valid_labels, backend=backend)
+        if it % log_every == 0:
+            loss, acc = float(loss), float(acc)
+            tqdm.write(f"{it}: {loss:.3f} | {acc:.3f} ({time.perf_counter() - start:.1f}s)")
+        if it % save_every == 0 or it == its - 1:
+            save_atomic(model.state_dict(), Path(out_dir) / f"{rln}_{nm}_{mask}_ANML-{it}.pth")
+    return model
+
+
+class GraphedMetaStep:
+    """The whole meta-iteration (lobotomy, inner loop, outer loss, backward, Adam) in one CUDA graph.
+
+    Images are gathered on the GPU from a device-resident copy of the background set, so a
+    replay only needs the class index and the remembered images' indices copied in."""
+
+    def __init__(self, model, inner_opt, outer_opt, sampler, warmup=3):
+        self.model, self.inner_opt, self.outer_opt = model, inner_opt, outer_opt
+        device = next(model.parameters()).device
+        self.images = sampler.background.to(device).flatten(0, 1)  # [classes * 20, 1, 28, 28]
+        self.per_class = sampler.background.shape[1]
+        self.train_class = torch.zeros((), dtype=torch.long, device=device)
+        self.remember = torch.zeros(sampler.remember_size, dtype=torch.long, device=device)
+        snapshot = self._snapshot()
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(warmup):  # autograd and Adam allocate their state outside the graph
+                self.outer_opt.zero_grad(set_to_none=True)
+                self._step()
+        torch.cuda.current_stream().wait_stream(stream)
+        self.graph = torch.cuda.CUDAGraph()
+        self.outer_opt.zero_grad(set_to_none=True)
+        with torch.cuda.graph(self.graph):
+            self.loss, self.acc = self._step()
+        self._restore(snapshot)  # the warm-up steps were not real iterations
+
+    def _step(self):
+        first = self.train_class * self.per_class
+        train_idx = first + torch.arange(self.per_class, device=first.device)
+        train_ims = self.images[train_idx]
+        labels = torch.cat([train_idx, self.remember]) // self.per_class
+        valid_ims = torch.cat([train_ims, self.images[self.remember]])
+        loss, acc = func_meta_loss(self.model, self.inner_opt, self.train_class, train_ims,
+                                   labels[:self.per_class], valid_ims, labels)
+        self.outer_opt.step()
+        return loss, acc
+
+    def _snapshot(self):
+        params = [p.detach().clone() for p in self.model.parameters()]
+        state = {p: {k: v.clone() for k, v in s.items()} for p, s in self.outer_opt.state.items()}
+        return params, state
+
+    def _restore(self, snapshot):
+        params, state = snapshot
+        with torch.no_grad():
+            for p, saved in zip(self.model.parameters(), params):
+                p.copy_(saved)
+            for p, s in self.outer_opt.state.items():
+                for k, v in s.items():
+                    v.copy_(state[p][k]) if p in state else v.zero_()
+
+    def __call__(self, train_class, remember):
+        """Replay one iteration; returns (loss, accuracy) as device tensors (read them rarely)."""
+        self.train_class.copy_(torch.as_tensor(train_class))
+        self.remember.copy_(torch.as_tensor(remember))
+        self.graph.replay()
+        return self.loss, self.acc
+
+
+# ----------------------------------------------------------------------------- meta-testing
+
+def reset_last_layer(model, generator=None):
+    """Kaiming-normal re-initialisation of the whole fc weight (bias kept), as the seed does."""
+    weight = model.fc.weight
+    std = math.sqrt(2.0 / weight.shape[1])
+    with torch.no_grad():
+        weight.copy_(torch.randn(weight.shape, generator=generator, dtype=weight.dtype) * std)
+
+
+def test_test(model, test_data, test_examples=5):
+    """Per-class accuracy of `model` on the held-out images (classes contiguous, in order)."""
+    ims, labels = test_data
+    with torch.no_grad():
+        correct = model(ims).argmax(1) == labels
+    return correct.view(-1, test_examples).float().mean(1).cpu().numpy()
+
+
+def seed_style_fit(model, train_tasks, lr):
+    """The seed's test-train loop: Adam over the model (only fc is trainable), one step an image."""
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    for task in train_tasks:
+        for image, label in task:
+            loss = F.cross_entropy(model(image), label)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    return model
+
+
+def test_train(PATH, sampler, num_classes=10, train_examples=15, device="cpu", lr=1e-3, quiet=False,
+               fast=True, generator=None):
+    """The seed's meta-test: returns the per-class test accuracies (numpy) of one run.
+
+    Loads the checkpoint, re-initialises fc.weight, freezes RLN and NM, learns `num_classes`
+    new classes in sequence (one Adam step per training image), then tests on the rest.
+    `fast=True` computes the frozen features once and runs the same Adam steps on fc alone."""
+    model = load_model(PATH, device)
+    model.rln.requires_grad_(False)
+    model.nm.requires_grad_(False)
+    reset_last_layer(model, generator)
+    if fast:
+        classes, train_idx, test_idx = sampler.sample_test_indices(num_classes, train_examples)
+        features = FeatureBank(model, sampler.evaluation)
+        run = MetaTestRun(classes, train_idx, test_idx)
+        result = sequential_fit(features, [run], model.fc.weight[None], model.fc.bias, [lr])
+        return result["test_per_class"][0, 0]
+    train_tasks, test_data, _ = sampler.sample_test(num_classes, train_examples, device=device)
+    seed_style_fit(model, train_tasks, lr)
+    if not quiet:
+        print(f"train accuracy {train_accuracy(model, train_tasks):.3f}")
+    return test_test(model, test_data, test_examples=20 - train_examples)
+
+
+def run_generators(seed, run):
+    """(numpy, torch) generators of one meta-test run: the same (seed, run) repeats it exactly."""
+    seq = np.random.SeedSequence([seed, run])
+    return np.random.default_rng(seq), torch.Generator().manual_seed(int(seq.generate_state(1)[0]))
+
+
+def meta_test(PATH, sampler, num_classes=10, train_examples=15, lrs=(1e-3,), runs=10, device="cpu",
+              seed=0, fast=True, progress=True):
+    """`runs` meta-test runs for every learning rate. Run r draws the same classes, splits and
+    fc initialisation for every learning rate, so the rates are compared on equal terms.
+
+    Returns {"test": [L, R], "train": [L, R]} accuracies. With `fast`, the frozen features are
+    computed once; on CUDA all L*R runs train at once, on the CPU one after the other (a single
+    last layer's Adam state fits in the cache, a batch of them does not)."""
+    model = load_model(PATH, device)
+    model.requires_grad_(False)
+    bias = model.fc.bias.detach().clone()  # the checkpoint's: kept, as the seed does
+    inits, samples = [], []
+    for run in range(runs):
+        sampler.rng, generator = run_generators(seed, run)
+        reset_last_layer(model, generator)
+        inits.append(model.fc.weight.detach().clone())
+        samples.append(MetaTestRun(*sampler.sample_test_indices(num_classes, train_examples)))
+    results = {k: np.zeros((len(lrs), runs)) for k in ("test", "train")}
+    if not fast:
+        for r in tqdm(range(runs), disable=not progress, desc="runs"):
+            for l, lr in enumerate(lrs):
+                sampler.rng, _ = run_generators(seed, r)
+                train_tasks, test_data, _ = sampler.sample_test(num_classes, train_examples, device=device)
+                with torch.no_grad():
+                    model.fc.weight.copy_(inits[r])
+                    model.fc.bias.copy_(bias)
+                model.fc.requires_grad_(True)
+                seed_style_fit(model, train_tasks, lr)
+                model.fc.requires_grad_(False)
+                results["test"][l, r] = test_test(model, test_data, 20 - train_examples).mean()
+                results["train"][l, r] = train_accuracy(model, train_tasks)
+        return results
+    features = FeatureBank(model, sampler.evaluation)
+    if torch.device(device).type == "cuda":
+        batches = [(list(range(len(lrs))), list(range(runs)))]
+    else:
+        batches = [([l], [r]) for r in range(runs) for l in range(len(lrs))]
+    for ls, rs in tqdm(batches, disable=not progress or len(batches) == 1, desc="runs"):
+        out = sequential_fit(features, [samples[r] for r in rs], torch.stack([inits[r] for r in rs]),
+                             bias, [lrs[l] for l in ls], progress=progress and len(batches) == 1)
+        for k in results:
+            results[k][np.ix_(ls, rs)] = out[k]
+    return results
+
+
+def train_accuracy(model, train_tasks):
+    ims = torch.cat([im for task in train_tasks for im, _ in task])
+    labels = torch.cat([label for task in train_tasks for _, label in task])
+    with torch.no_grad():
+        return accuracy(model(ims), labels).item()
+
+
+class MetaTestRun:
+    """One run's sample: classes [N] and per class the drawers used to train [N, k] and test."""
+
+    def __init__(self, classes, train_idx, test_idx):
+        self.classes, self.train_idx, self.test_idx = map(np.asarray, (classes, train_idx, test_idx))
+
+
+class FeatureBank:
+    """RLN * NM features of evaluation images, computed once (both nets are frozen) on demand."""
+
+    def __init__(self, model, images, batch_size=500):
+        self.model, self.images, self.batch_size = model, images, batch_size  # images [C, 20, 1, H, W]
+        self.device = next(model.parameters()).device
+        self.done = torch.zeros(images.shape[0], dtype=torch.bool)
+        self.features = None
+
+    def __call__(self, classes):
+        """Features [len(classes), 20, D] on the model's device."""
+        classes = torch.as_tensor(np.asarray(classes), dtype=torch.long)
+        missing = torch.unique(classes[~self.done[classes]])
+        per_batch = max(1, self.batch_size // self.images.shape[1])
+        for chunk in (missing[i:i + per_batch] for i in range(0, len(missing), per_batch)):
+            ims = self.images[chunk].flatten(0, 1).to(self.device)
+            with torch.no_grad():
+                feats = self.model.features(ims).view(len(chunk), self.images.shape[1], -1)
+            if self.features is None:
+                self.features = torch.zeros(self.images.shape[0], *feats.shape[1:], dtype=feats.dtype,
+                                            device=self.device)
+            self.features[chunk.to(self.device)] = feats
+            self.done[chunk] = True
+        return self.features[classes.to(self.device)]
+
+
+def gather_sequence(features, run):
+    """The run's training sequence and test set as feature rows and labels (class-major order)."""
+    feats = features(run.classes)  # [N, 20, D]
+    device = feats.device
+    rows = torch.arange(len(run.classes), device=device)[:, None]
+    labels = torch.as_tensor(run.classes, device=device)[:, None]
+    train_idx = torch.as_tensor(run.train_idx, device=device)
+    test_idx = torch.as_tensor(run.test_idx, device=device)
+    return (feats[rows, train_idx].flatten(0, 1), labels.expand_as(train_idx).flatten(),
+            feats[rows, test_idx].flatten(0, 1), labels.expand_as(test_idx).flatten())
+
+
+def sequential_fit(features, runs, weights, bias, lrs, progress=False):
+    """Test-train then test-test of every (learning rate, run) pair at once, on frozen features.
+
+    Each model is the last layer alone, starting from (`weights[r]`, `bias`), taking one Adam step
+    per training image in sequence, exactly the seed's loop with the frozen nets factored out.
+    The R runs x L learning rates are one batch of R*L models: batched matmuls and a fused
+    Adam with one parameter group per model. Returns accuracies of shape [L, R] (and per class)."""
+    seqs = [gather_sequence(features, run) for run in runs]
+    train_x = torch.stack([s[0] for s in seqs])  # [R, T, D]
+    train_y = torch.stack([s[1] for s in seqs])
+    test_x, test_y = torch.stack([s[2] for s in seqs]), torch.stack([s[3] for s in seqs])
+    R, L = len(runs), len(lrs)
+    weights, bias = weights.detach(), bias.detach()
+    W = weights.repeat(L, 1, 1)  # model i = (learning rate i // R, run i % R)
+    b = bias.expand(L * R, *bias.shape).clone()
+    W.grad, b.grad = torch.zeros_like(W), torch.zeros_like(b)
+    groups = [{"params": [W[i], b[i]], "lr": lrs[i // R]} for i in range(L * R)]
+    fused = W.device.type in ("cpu", "cuda")
+    opt = torch.optim.Adam(groups, fused=fused)
+    for i, g in enumerate(groups):  # the fused step reads the grads of the views
+        g["params"][0].grad, g["params"][1].grad = W.grad[i], b.grad[i]
+    y_all = train_y.repeat(L, 1)
+    models = torch.arange(L * R, device=W.device)
+    for t in tqdm(range(train_x.shape[1]), disable=not progress, desc="test-train", leave=False):
+        adam_step_on_image(W, b, train_x[:, t].repeat(L, 1), y_all[:, t], models, opt)
+    W, b = W.view(L, R, *weights.shape[1:]), b.view(L, R, *bias.shape)
+    test_correct = torch.stack([predict(W[l], b[l], test_x) == test_y for l in range(L)]).float()
+    train_correct = torch.stack([predict(W[l], b[l], train_x) == train_y for l in range(L)]).float()
+    test_per_class = test_correct.view(L, R, len(runs[0].classes), -1).mean(-1)
+    return {"test": test_correct.mean(2).cpu().numpy(),
+            "train": train_correct.mean(2).cpu().numpy(),
+            "test_per_class": test_per_class.cpu().numpy()}
+
+
+def adam_step_on_image(W, b, x, y, models, opt):
+    """Cross-entropy gradient of each model on its one image (rank one), then one Adam step."""
+    with torch.no_grad():
+        p = torch.softmax(torch.baddbmm(b.unsqueeze(2), W, x.unsqueeze(2)).squeeze(2), 1)
+        p[models, y] -= 1
+        torch.mul(p.unsqueeze(2), x.unsqueeze(1), out=W.grad)
+        b.grad.copy_(p)
+    opt.step()
+
+
+def predict(W, b, x):
+    """Class predictions [M, n] of M last layers on their feature rows [M, n, D]."""
+    with torch.no_grad():
+        return torch.baddbmm(b.unsqueeze(1), x, W.transpose(1, 2)).argmax(2)

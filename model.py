@@ -1,0 +1,94 @@
+"""The ANML network: a neuromodulatory net (NM) gates the features of a representation net (RLN).
+
+Layout and parameter names follow the original higherANML code, so its checkpoints
+(e.g. `256_112_2304_ANML-29999.pth`) load here with `strict=True`.
+"""
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+class ConvBlock(nn.Module):
+    """3x3 conv (no padding), InstanceNorm (affine), ReLU, then an optional 2x2 max-pool."""
+
+    def __init__(self, in_channels, out_channels, pooling=True):
+        super().__init__()
+        self.conv = nn.Conv2d(in_channels, out_channels, kernel_size=3)
+        self.norm = nn.InstanceNorm2d(out_channels, affine=True)
+        self.pooling = pooling
+
+    def forward(self, x):
+        x = F.relu(self.norm(self.conv(x)))
+        return F.max_pool2d(x, 2) if self.pooling else x
+
+
+def conv_stack(in_channels, channels):
+    """The three conv blocks shared by RLN and NM: 28x28 -> 13 -> 5 -> 3x3 x channels."""
+    return (ConvBlock(in_channels, channels),
+            ConvBlock(channels, channels),
+            ConvBlock(channels, channels, pooling=False))
+
+
+class RLN(nn.Module):
+    """Representation learning network: three conv blocks, flattened to 9 * channels features."""
+
+    def __init__(self, channels):
+        super().__init__()
+        self.convBlock1, self.convBlock2, self.convBlock3 = conv_stack(1, channels)
+
+    def forward(self, x):
+        x = self.convBlock3(self.convBlock2(self.convBlock1(x)))
+        return x.flatten(1)
+
+
+class NM(nn.Module):
+    """Neuromodulatory network: three conv blocks, a linear layer and a sigmoid -> gate in (0, 1)."""
+
+    def __init__(self, channels, mask_size):
+        super().__init__()
+        self.convBlock1, self.convBlock2, self.convBlock3 = conv_stack(1, channels)
+        self.fc = nn.Linear(9 * channels, mask_size)
+
+    def forward(self, x):
+        x = self.convBlock3(self.convBlock2(self.convBlock1(x)))
+        return torch.sigmoid(self.fc(x.flatten(1)))
+
+
+class ANML(nn.Module):
+    """fc(rln(x) * nm(x)): the NM gates the RLN's features element-wise, then 1000 logits."""
+
+    def __init__(self, rln_chs, nm_chs, mask_size, num_classes=1000):
+        super().__init__()
+        check_sizes(rln_chs, nm_chs, mask_size)
+        self.rln = RLN(rln_chs)
+        self.nm = NM(nm_chs, mask_size)
+        self.fc = nn.Linear(mask_size, num_classes)
+
+    def forward(self, x):
+        return self.fc(self.features(x))
+
+    def features(self, x):
+        """The gated representation that the last layer reads (frozen during meta-testing)."""
+        return self.rln(x) * self.nm(x)
+
+
+def check_sizes(rln_chs, nm_chs, mask_size):
+    """Refuse sizes the architecture cannot build, with a message that says why."""
+    for name, value in (("rln", rln_chs), ("nm", nm_chs), ("mask", mask_size)):
+        if not isinstance(value, int) or value < 1:
+            raise ValueError(f"--{name} must be a positive integer, got {value!r}")
+    if mask_size != 9 * rln_chs:
+        raise ValueError(
+            f"mask size {mask_size} does not fit: the RLN with {rln_chs} channels gives "
+            f"9 x {rln_chs} = {9 * rln_chs} features, so --mask must be {9 * rln_chs}")
+
+
+def sizes_from_state_dict(state_dict):
+    """(rln_chs, nm_chs, mask_size) of a checkpoint, read from its tensors' shapes."""
+    try:
+        rln_chs = state_dict["rln.convBlock1.conv.weight"].shape[0]
+        nm_chs = state_dict["nm.convBlock1.conv.weight"].shape[0]
+        mask_size = state_dict["fc.weight"].shape[1]
+    except (KeyError, AttributeError, IndexError) as e:
+        raise ValueError(f"not an ANML state_dict (missing or malformed {e})") from None
+    return int(rln_chs), int(nm_chs), int(mask_size)

@@ -1,0 +1,149 @@
+"""Tests of the Omniglot loading, caching, verification and OmniSampler, on the real shared copy."""
+import io
+import os
+import time
+import zipfile
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from datasets import (NUM_BACKGROUND, NUM_EVALUATION, DataError, OmniSampler, load_omniglot,
+                      resolve_data_root)
+from datasets.omniglot import find_sources
+
+
+def test_arrays(sampler):
+    for t, n in [(sampler.background, NUM_BACKGROUND), (sampler.evaluation, NUM_EVALUATION)]:
+        assert (n, 20, 1, 28, 28) == tuple(t.shape) and t.dtype == torch.float32
+        assert t.min() == 0 and t.max() == 1
+
+
+@pytest.mark.parametrize("split", ["images_background", "images_evaluation"])
+def test_preprocessing_matches_pil(sampler, omniglot_root, split):
+    """Array [class, drawer] equals a direct PIL LANCZOS resize, classes ordered by alphabet/character."""
+    data = sampler.background if split == "images_background" else sampler.evaluation
+    with zipfile.ZipFile(omniglot_root / f"{split}.zip") as z:
+        pngs = sorted(n for n in z.namelist() if n.endswith(".png"))
+        classes = sorted({tuple(n.split("/")[1:3]) for n in pngs})
+        for name in [pngs[0], pngs[len(pngs) // 3 + 7], pngs[-1]]:
+            _, alphabet, character, fname = name.split("/")
+            c = classes.index((alphabet, character))
+            drawer = int(fname[-6:-4]) - 1
+            im = Image.open(io.BytesIO(z.read(name))).convert("L").resize((28, 28), resample=Image.LANCZOS)
+            expected = np.array(im, dtype=np.float32) / 255
+            np.testing.assert_array_equal(data[c, drawer, 0].numpy(), expected)
+
+
+def test_cached_load(sampler, omniglot_root, cache_dir):
+    before = sorted(os.listdir(omniglot_root))
+    t = time.perf_counter()
+    bg, ev = load_omniglot(omniglot_root, cache_dir=cache_dir, download=False)
+    assert time.perf_counter() - t < 1.0
+    assert bg.dtype == np.float32 and ev.dtype == np.float32
+    np.testing.assert_array_equal(bg, sampler.background[:, :, 0].numpy())
+    np.testing.assert_array_equal(ev, sampler.evaluation[:, :, 0].numpy())
+    assert len(list(cache_dir.glob("*.npz"))) == 1
+    assert sorted(os.listdir(omniglot_root)) == before  # nothing written into the data root
+
+
+def test_sample_train(sampler):
+    train_data, c, (ims, labels) = sampler.sample_train(remember_size=64)
+    assert isinstance(c, int) and 0 <= c < NUM_BACKGROUND and len(train_data) == 20
+    for i, (x, y) in enumerate(train_data):
+        assert x.shape == (1, 1, 28, 28) and y.shape == (1,) and y.dtype == torch.int64 and y.item() == c
+        assert torch.equal(x[0], sampler.background[c, i])  # drawer order
+    assert ims.shape == (84, 1, 28, 28) and ims.dtype == torch.float32
+    assert labels.shape == (84,) and labels.dtype == torch.int64
+    assert torch.equal(ims[:20], sampler.background[c]) and (labels[:20] == c).all()
+    rem, rem_labels = ims[20:], labels[20:]
+    assert len(torch.unique(rem.flatten(1), dim=0)) == 64  # drawn without replacement
+    for x, y in zip(rem, rem_labels):  # each remembered image belongs to its labelled class
+        assert (sampler.background[y] == x).flatten(1).all(1).any()
+
+
+def test_sample_test(sampler, omniglot_root, cache_dir):
+    other = OmniSampler(omniglot_root, seed=123, cache_dir=cache_dir)
+    classes, train_idx, test_idx = other.sample_test_indices(10)
+    train_tasks, (ims, labels), classes2 = OmniSampler(omniglot_root, seed=123, cache_dir=cache_dir).sample_test(10)
+    np.testing.assert_array_equal(classes, classes2)  # sample_test consumes the generator identically
+    assert len(set(classes.tolist())) == 10 and ((0 <= classes) & (classes < NUM_EVALUATION)).all()
+    assert train_idx.shape == (10, 15) and test_idx.shape == (10, 5)
+    for tr, te in zip(train_idx, test_idx):
+        assert sorted(tr.tolist() + te.tolist()) == list(range(20))
+    assert len(train_tasks) == 10 and ims.shape == (50, 1, 28, 28) and labels.shape == (50,)
+    for c, task, tr in zip(classes, train_tasks, train_idx):
+        assert len(task) == 15
+        for (x, y), i in zip(task, tr):
+            assert x.shape == (1, 1, 28, 28) and y.tolist() == [c] and torch.equal(x[0], sampler.evaluation[c, i])
+    np.testing.assert_array_equal(labels.numpy(), np.repeat(classes, 5))
+    np.testing.assert_array_equal(ims.numpy(), sampler.evaluation[classes[:, None], test_idx].flatten(0, 1).numpy())
+
+
+def test_seeding(omniglot_root, cache_dir):
+    def draw(seed):
+        s = OmniSampler(omniglot_root, seed=seed, cache_dir=cache_dir)
+        _, c, (ims, labels) = s.sample_train()
+        _, (tims, tlabels), classes = s.sample_test(20)
+        return c, labels, tlabels, classes, ims, tims
+    a, b, d = draw(7), draw(7), draw(8)
+    assert all(np.array_equal(np.asarray(x), np.asarray(y)) for x, y in zip(a, b))
+    assert not np.array_equal(a[1], d[1]) and not np.array_equal(a[3], d[3])
+
+
+def test_bad_arguments(sampler):
+    for kwargs in [dict(num_tasks=0), dict(num_tasks=660), dict(num_tasks=5, train_examples=0),
+                   dict(num_tasks=5, train_examples=20)]:
+        with pytest.raises(ValueError, match="num_tasks|train_examples"):
+            sampler.sample_test(**kwargs)
+
+
+def test_data_root_resolution(tmp_path, monkeypatch):
+    monkeypatch.setenv("OMNIGLOT_ROOT", str(tmp_path / "env"))
+    assert resolve_data_root(tmp_path / "arg") == tmp_path / "arg"
+    assert resolve_data_root() == tmp_path / "env"
+    monkeypatch.delenv("OMNIGLOT_ROOT")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert resolve_data_root() == tmp_path / "xdg" / "higherANML" / "omniglot"
+    # torchvision's layout is found; extracted folders are preferred over zips
+    (tmp_path / "omniglot-py" / "images_background").mkdir(parents=True)
+    (tmp_path / "images_background.zip").touch()
+    (tmp_path / "omniglot-py" / "images_evaluation.zip").touch()
+    assert find_sources(tmp_path) == {"images_background": tmp_path / "omniglot-py" / "images_background",
+                                      "images_evaluation": tmp_path / "omniglot-py" / "images_evaluation.zip"}
+
+
+def test_missing_data_no_download(tmp_path, cache_dir):
+    with pytest.raises(DataError) as e:
+        load_omniglot(tmp_path, download=False, cache_dir=cache_dir)
+    assert str(tmp_path / "images_background.zip") in str(e.value) and "--data-root" in str(e.value)
+
+
+def _fake_zip(path, split, num_classes, data=b"not a png"):
+    with zipfile.ZipFile(path, "w") as z:
+        for c in range(num_classes):
+            for d in range(20):
+                z.writestr(f"{split}/Alphabet{c // 50:02d}/character{c % 50 + 1:02d}/{c:04d}_{d + 1:02d}.png", data)
+
+
+def test_truncated_zip(tmp_path, omniglot_root, cache_dir):
+    (tmp_path / "images_background.zip").write_bytes((omniglot_root / "images_background.zip").read_bytes()[:5000])
+    os.symlink(omniglot_root / "images_evaluation.zip", tmp_path / "images_evaluation.zip")
+    with pytest.raises(DataError, match="images_background.zip"):
+        load_omniglot(tmp_path, download=False, cache_dir=cache_dir)
+
+
+def test_zip_missing_classes(tmp_path, cache_dir):
+    _fake_zip(tmp_path / "images_background.zip", "images_background", 3)
+    _fake_zip(tmp_path / "images_evaluation.zip", "images_evaluation", 659)
+    with pytest.raises(DataError, match=r"images_background.zip is incomplete.*964"):
+        load_omniglot(tmp_path, download=False, cache_dir=cache_dir)
+
+
+def test_unreadable_png(tmp_path, cache_dir):
+    _fake_zip(tmp_path / "images_background.zip", "images_background", 964)
+    _fake_zip(tmp_path / "images_evaluation.zip", "images_evaluation", 659)
+    with pytest.raises(DataError, match=r"images_(background|evaluation).zip: cannot read image"):
+        load_omniglot(tmp_path, download=False, cache_dir=cache_dir)
+    assert not list(cache_dir.glob("*.tmp"))

@@ -1,0 +1,64 @@
+"""Download tests against a local http.server serving copies of the shared zips."""
+import hashlib
+import shutil
+import threading
+from functools import partial
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+
+from datasets import DataError, download_omniglot, load_omniglot
+from datasets.omniglot import SPLITS, _list_split
+
+ZIPS = [f"{s}.zip" for s in SPLITS]
+
+
+class QuietHandler(SimpleHTTPRequestHandler):
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory, omniglot_root):
+    """(base_url, md5s) of a local server holding copies of the two zips; other paths give 404."""
+    www = tmp_path_factory.mktemp("www")
+    for name in ZIPS:
+        shutil.copy(omniglot_root / name, www / name)
+    server = ThreadingHTTPServer(("127.0.0.1", 0), partial(QuietHandler, directory=str(www)))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    md5s = {s: hashlib.md5((www / f"{s}.zip").read_bytes()).hexdigest() for s in SPLITS}
+    yield f"http://127.0.0.1:{server.server_address[1]}", md5s
+    server.shutdown()
+    server.server_close()
+
+
+def test_download(tmp_path, served, omniglot_root):
+    url, md5s = served
+    paths = download_omniglot(tmp_path, base_url=url, md5s=md5s, progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ZIPS
+    for s in SPLITS:
+        assert paths[s] == tmp_path / f"{s}.zip"
+        assert paths[s].read_bytes() == (omniglot_root / f"{s}.zip").read_bytes()
+        assert len(_list_split(paths[s], s)) in (964, 659)  # readable, complete archive
+
+
+def test_wrong_md5(tmp_path, served):
+    url, md5s = served
+    with pytest.raises(DataError, match="corrupted.*removed"):
+        download_omniglot(tmp_path, base_url=url, md5s={s: "0" * 32 for s in SPLITS}, progress=False)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_not_found(tmp_path, served):
+    url, md5s = served
+    with pytest.raises(DataError, match="404"):
+        download_omniglot(tmp_path, base_url=url + "/missing", md5s=md5s, progress=False)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_load_downloads_from_env_url(tmp_path, served, monkeypatch, cache_dir):
+    """load_omniglot downloads when data is missing; the copies' MD5s are not the official ones."""
+    monkeypatch.setenv("OMNIGLOT_BASE_URL", served[0])
+    with pytest.raises(DataError, match="images_background.zip was corrupted"):
+        load_omniglot(tmp_path / "data", cache_dir=cache_dir)
+    assert list((tmp_path / "data").iterdir()) == []
