@@ -10,6 +10,8 @@ the same meta-gradient with `torch.func.functional_call`-style code and plain au
 """
 import math
 import os
+import signal
+import threading
 import time
 from pathlib import Path
 
@@ -38,6 +40,11 @@ def save_atomic(obj, path):
         tmp.unlink(missing_ok=True)
 
 
+def cpu_state_dict(model):
+    """The seed's checkpoint: a bare state_dict, on the CPU so that it loads anywhere."""
+    return {k: v.detach().cpu() for k, v in model.state_dict().items()}
+
+
 def load_model(path, device="cpu"):
     """An ANML built from a checkpoint, its sizes read from the tensors' shapes.
 
@@ -58,8 +65,8 @@ def load_model(path, device="cpu"):
         model = ANML(*sizes_from_state_dict(state))
         model.load_state_dict(state, strict=True)
     except (ValueError, RuntimeError) as e:
-        first = str(e).strip().splitlines()[0]
-        raise ValueError(f"{path} does not fit the ANML architecture: {first}") from None
+        reason = " ".join(str(e).split())[:500]
+        raise ValueError(f"{path} does not fit the ANML architecture: {reason}") from None
     return model.to(device)
 
 
@@ -188,28 +195,162 @@ def resolve_backend(backend, device):
 
 
 def train(rln, nm, mask, inner_lr=0.1, outer_lr=1e-3, its=30000, device="cpu", sampler=None,
-          out_dir="trained_anmls", seed=1, backend="auto", log_every=10, save_every=1000, quiet=False):
-    """Meta-train an ANML; writes `{out_dir}/{rln}_{nm}_{mask}_ANML-{it}.pth` every `save_every`
-    iterations and at the last one. Returns the model."""
+          out_dir="trained_anmls", seed=1, backend="auto", log_every=10, save_every=1000, quiet=False,
+          resume=None, time_limit=None):
+    """Meta-train an ANML for `its` iterations; returns the model.
+
+    Writes the seed's checkpoints `{out_dir}/{rln}_{nm}_{mask}_ANML-{it}.pth` (bare state_dicts)
+    every `save_every` iterations and at the last one, each with a resumable checkpoint beside
+    it (model, Adam, iteration, every RNG state), and a CSV log of every iteration. `resume`
+    (a path, or "latest") continues a run exactly; after `time_limit` seconds, or on
+    SIGINT/SIGTERM, it stops cleanly after the iteration in flight, writing a resumable checkpoint.
+
+    Returns (the model, why it stopped early: None when it ran to `its`, else the signal's name
+    or the time limit)."""
+    out_dir = Path(out_dir)
+    name = f"{rln}_{nm}_{mask}"
+    if sampler is None:
+        from datasets import OmniSampler
+        sampler = OmniSampler(seed=seed)
     torch.manual_seed(seed)
     model = ANML(rln, nm, mask).to(device)
     backend = resolve_backend(backend, device)
     inner_opt, outer_opt = make_optimizers(model, inner_lr, outer_lr, capturable=backend == "graph")
+    first, elapsed, rng = 0, 0.0, None
+    if resume is not None:
+        first, elapsed, rng = load_training_state(find_resumable(resume, out_dir, name), model, outer_opt, sampler)
     step = GraphedMetaStep(model, inner_opt, outer_opt, sampler) if backend == "graph" else None
+    restore_torch_rng(rng)  # after the graph's warm-up, which draws from the CUDA generator
+    log = TrainingLog(out_dir / f"{name}_train_log.csv", first)
+    save = lambda it: save_training_state(out_dir, name, it, model, outer_opt, sampler, elapsed + clock())
     start = time.perf_counter()
-    for it in tqdm(range(its), disable=quiet, desc="meta-train"):
-        if step is not None:
-            loss, acc = step(*sampler.sample_train_indices())
-        else:
-            train_data, train_class, (valid_ims, valid_labels) = sampler.sample_train(device=device)
-            loss, acc = meta_step(model, inner_opt, outer_opt, train_data, train_class, valid_ims,
-                                  valid_labels, backend=backend)
-        if it % log_every == 0:
-            loss, acc = float(loss), float(acc)
-            tqdm.write(f"{it}: {loss:.3f} | {acc:.3f} ({time.perf_counter() - start:.1f}s)")
-        if it % save_every == 0 or it == its - 1:
-            save_atomic(model.state_dict(), Path(out_dir) / f"{rln}_{nm}_{mask}_ANML-{it}.pth")
-    return model
+    clock = lambda: time.perf_counter() - start
+    with StopSignal(time_limit, clock) as stop:
+        for it in tqdm(range(first, its), initial=first, total=its, disable=quiet, desc="meta-train"):
+            if step is not None:
+                loss, acc = step(*sampler.sample_train_indices())
+            else:
+                train_data, train_class, (valid_ims, valid_labels) = sampler.sample_train(device=device)
+                loss, acc = meta_step(model, inner_opt, outer_opt, train_data, train_class, valid_ims,
+                                      valid_labels, backend=backend)
+            log.add(it, loss, acc, elapsed + clock())
+            if it % log_every == 0:
+                log.flush()
+                tqdm.write(f"{it}: {float(loss):.3f} | {float(acc):.3f} ({elapsed + clock():.1f}s)")
+            milestone = it % save_every == 0 or it == its - 1
+            if milestone:
+                save_atomic(cpu_state_dict(model), out_dir / f"{name}_ANML-{it}.pth")
+            if milestone or stop.requested():
+                log.flush()
+                save(it)
+            if stop.requested() and it < its - 1:
+                tqdm.write(f"stopped after iteration {it} ({stop.reason}); continue with --resume latest")
+                return model, stop.reason
+    log.flush()
+    return model, None
+
+
+def find_resumable(resume, out_dir, name):
+    """The resumable checkpoint to continue from: a path, or "latest" (newest in `out_dir`)."""
+    if resume != "latest":
+        return Path(resume)
+    found = sorted(Path(out_dir).glob(f"{name}_ANML-*_resume.pt"), key=lambda p: int(p.name.split("-")[-1][:-10]))
+    if not found:
+        raise ValueError(f"--resume latest: no {name}_ANML-*_resume.pt in {out_dir}")
+    return found[-1]
+
+
+def save_training_state(out_dir, name, it, model, outer_opt, sampler, elapsed):
+    """Everything needed to continue after iteration `it` exactly; older ones are removed."""
+    state = {"model": cpu_state_dict(model), "outer_opt": outer_opt.state_dict(), "iteration": it,
+             "elapsed": elapsed, "rng": {"numpy": sampler.rng.bit_generator.state,
+                                         "torch": torch.get_rng_state(),
+                                         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}}
+    path = Path(out_dir) / f"{name}_ANML-{it}_resume.pt"
+    save_atomic(state, path)
+    for old in Path(out_dir).glob(f"{name}_ANML-*_resume.pt"):
+        if old != path:
+            old.unlink(missing_ok=True)
+
+
+def load_training_state(path, model, outer_opt, sampler):
+    """Load a resumable checkpoint into the model, Adam and sampler; returns
+    (first iteration to run, seconds trained so far, torch RNG states to restore)."""
+    if not Path(path).is_file():
+        raise ValueError(f"resumable checkpoint not found: {path}")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        model.load_state_dict(state["model"])
+        outer_opt.load_state_dict(state["outer_opt"])
+        sampler.rng.bit_generator.state = state["rng"]["numpy"]
+    except Exception as e:
+        raise ValueError(f"{path} is not a resumable checkpoint of this network ({type(e).__name__}: "
+                         f"{str(e).strip().splitlines()[0] if str(e).strip() else ''})") from None
+    return state["iteration"] + 1, state["elapsed"], state["rng"]
+
+
+def restore_torch_rng(rng):
+    if rng is None:
+        return
+    torch.set_rng_state(rng["torch"])
+    if rng["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(rng["cuda"])
+
+
+class TrainingLog:
+    """CSV of every iteration (iteration, loss, accuracy, seconds), appended across resumes.
+
+    Values stay on the device until `flush`, so logging costs no synchronisation per iteration."""
+
+    def __init__(self, path, first):
+        self.path, self.rows = Path(path), []
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if first == 0 or not self.path.exists():
+            self.path.write_text("iteration,loss,accuracy,seconds\n")
+        else:  # drop rows past the resumed iteration (written after the last resumable checkpoint)
+            lines = self.path.read_text().splitlines()
+            keep = [lines[0]] + [l for l in lines[1:] if int(l.split(",")[0]) < first]
+            self.path.write_text("\n".join(keep) + "\n")
+
+    def add(self, it, loss, acc, seconds):
+        as_tensor = lambda v: v.detach().clone() if torch.is_tensor(v) else torch.tensor(v)
+        self.rows.append((it, as_tensor(loss), as_tensor(acc), seconds))
+
+    def flush(self):
+        if not self.rows:
+            return
+        values = torch.stack([torch.stack([l.float().cpu(), a.float().cpu()]) for _, l, a, _ in self.rows]).tolist()
+        with self.path.open("a") as f:
+            for (it, _, _, sec), (loss, acc) in zip(self.rows, values):
+                f.write(f"{it},{loss:.6f},{acc:.6f},{sec:.3f}\n")
+        self.rows = []
+
+
+class StopSignal:
+    """Turns SIGINT/SIGTERM and a time limit into a request to stop after the current iteration."""
+
+    def __init__(self, time_limit, clock):
+        self.time_limit, self.clock, self.reason, self.old = time_limit, clock, None, {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self.old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        for sig, handler in self.old.items():
+            signal.signal(sig, handler)
+
+    def _handle(self, signum, frame):
+        if self.reason is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt  # a second Ctrl-C stops at once
+        self.reason = signal.Signals(signum).name
+
+    def requested(self):
+        if self.reason is None and self.time_limit is not None and self.clock() >= self.time_limit:
+            self.reason = f"time limit of {self.time_limit:g}s"
+        return self.reason is not None
 
 
 class GraphedMetaStep:
@@ -218,13 +359,13 @@ class GraphedMetaStep:
     Images are gathered on the GPU from a device-resident copy of the background set, so a
     replay only needs the class index and the remembered images' indices copied in."""
 
-    def __init__(self, model, inner_opt, outer_opt, sampler, warmup=3):
+    def __init__(self, model, inner_opt, outer_opt, sampler, remember_size=64, warmup=3):
         self.model, self.inner_opt, self.outer_opt = model, inner_opt, outer_opt
         device = next(model.parameters()).device
         self.images = sampler.background.to(device).flatten(0, 1)  # [classes * 20, 1, 28, 28]
         self.per_class = sampler.background.shape[1]
         self.train_class = torch.zeros((), dtype=torch.long, device=device)
-        self.remember = torch.zeros(sampler.remember_size, dtype=torch.long, device=device)
+        self.remember = torch.zeros(remember_size, dtype=torch.long, device=device)
         snapshot = self._snapshot()
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
@@ -446,14 +587,17 @@ def sequential_fit(features, runs, weights, bias, lrs, progress=False):
     b = bias.expand(L * R, *bias.shape).clone()
     W.grad, b.grad = torch.zeros_like(W), torch.zeros_like(b)
     groups = [{"params": [W[i], b[i]], "lr": lrs[i // R]} for i in range(L * R)]
-    fused = W.device.type in ("cpu", "cuda")
-    opt = torch.optim.Adam(groups, fused=fused)
+    opt = torch.optim.Adam(groups, fused=True, capturable=W.device.type == "cuda")
     for i, g in enumerate(groups):  # the fused step reads the grads of the views
         g["params"][0].grad, g["params"][1].grad = W.grad[i], b.grad[i]
     y_all = train_y.repeat(L, 1)
     models = torch.arange(L * R, device=W.device)
-    for t in tqdm(range(train_x.shape[1]), disable=not progress, desc="test-train", leave=False):
-        adam_step_on_image(W, b, train_x[:, t].repeat(L, 1), y_all[:, t], models, opt)
+    step = SequenceStep(W, b, train_x, y_all, models, opt, L)
+    if W.device.type == "cuda":
+        step.replay_graphed(progress)
+    else:
+        for _ in tqdm(range(train_x.shape[1]), disable=not progress, desc="test-train", leave=False):
+            step()
     W, b = W.view(L, R, *weights.shape[1:]), b.view(L, R, *bias.shape)
     test_correct = torch.stack([predict(W[l], b[l], test_x) == test_y for l in range(L)]).float()
     train_correct = torch.stack([predict(W[l], b[l], train_x) == train_y for l in range(L)]).float()
@@ -461,6 +605,42 @@ def sequential_fit(features, runs, weights, bias, lrs, progress=False):
     return {"test": test_correct.mean(2).cpu().numpy(),
             "train": train_correct.mean(2).cpu().numpy(),
             "test_per_class": test_per_class.cpu().numpy()}
+
+
+class SequenceStep:
+    """One test-train step of every model, reading image `t` of the sequence from a device counter,
+    so that the same code runs eagerly or replayed from a CUDA graph."""
+
+    def __init__(self, W, b, train_x, train_y, models, opt, copies):
+        self.W, self.b, self.x, self.y, self.models, self.opt = W, b, train_x, train_y, models, opt
+        self.copies = copies  # each run's sequence is shared by `copies` learning rates
+        self.length = train_x.shape[1]
+        self.t = torch.zeros(1, dtype=torch.long, device=W.device)
+
+    def __call__(self):
+        x = self.x.index_select(1, self.t).squeeze(1).repeat(self.copies, 1)
+        y = self.y.index_select(1, self.t).squeeze(1)
+        adam_step_on_image(self.W, self.b, x, y, self.models, self.opt)
+        self.t += 1
+
+    def replay_graphed(self, progress=False, chunk=15):
+        """Step 0 eagerly (Adam allocates its state), the rest from a graph of `chunk` steps."""
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            self()
+        torch.cuda.current_stream().wait_stream(stream)
+        remaining = self.length - 1
+        chunk = min(chunk, remaining)
+        if chunk:
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):  # capture records, it does not run
+                for _ in range(chunk):
+                    self()
+            for _ in tqdm(range(remaining // chunk), disable=not progress, desc="test-train", leave=False):
+                graph.replay()
+        for _ in range(remaining % chunk if chunk else 0):
+            self()
 
 
 def adam_step_on_image(W, b, x, y, models, opt):

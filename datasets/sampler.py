@@ -24,19 +24,25 @@ class OmniSampler:
         in drawer order as (image [1, 1, S, S], label [1]) pairs; valid_ims [20 + remember_size, 1, S, S]
         are those 20 images followed by images drawn without replacement from the whole background set.
         """
-        num_classes = len(self.background)
-        if not 0 <= remember_size <= num_classes * IMAGES_PER_CLASS:
-            raise ValueError(f"remember_size must be in 0..{num_classes * IMAGES_PER_CLASS}, got {remember_size}")
-        c = int(self.rng.integers(num_classes))
+        c, flat = self.sample_train_indices(remember_size)
         ims = self.background[c].to(device)
         label = torch.tensor([c], device=device)
         train_data = [(ims[i:i + 1], label) for i in range(IMAGES_PER_CLASS)]
-        flat = self.rng.choice(num_classes * IMAGES_PER_CLASS, size=remember_size, replace=False)
         rem_ims = self.background.flatten(0, 1)[torch.from_numpy(flat)].to(device)
         rem_labels = torch.from_numpy(flat // IMAGES_PER_CLASS).to(device)
         valid_ims = torch.cat([ims, rem_ims])
         valid_labels = torch.cat([label.expand(IMAGES_PER_CLASS), rem_labels])
         return train_data, c, (valid_ims, valid_labels)
+
+    def sample_train_indices(self, remember_size=64):
+        """A meta-training episode as indices: (class, [remember_size] indices into the flattened
+        background set); `sample_train` draws through it, and the CUDA graph gathers on the GPU."""
+        num_classes = len(self.background)
+        if not 0 <= remember_size <= num_classes * IMAGES_PER_CLASS:
+            raise ValueError(f"remember_size must be in 0..{num_classes * IMAGES_PER_CLASS}, got {remember_size}")
+        c = int(self.rng.integers(num_classes))
+        flat = self.rng.choice(num_classes * IMAGES_PER_CLASS, size=remember_size, replace=False)
+        return c, flat
 
     def sample_test_indices(self, num_tasks, train_examples=15):
         """Draw a meta-test episode as indices: (classes [N], train_idx [N, train_examples],

@@ -250,3 +250,12 @@ def test_graphed_step_equals_eager_on_cuda(sampler):
                 outer_opt.zero_grad()
         results[graphed] = flat(model)
     torch.testing.assert_close(results[True], results[False], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_graphed_meta_test_equals_cpu(small_checkpoint, sampler):
+    kwargs = dict(num_classes=20, lrs=(1e-3, 5e-4), runs=2, seed=3, progress=False)
+    gpu = anml.meta_test(small_checkpoint, sampler, device="cuda", **kwargs)
+    cpu = anml.meta_test(small_checkpoint, sampler, device="cpu", **kwargs)
+    np.testing.assert_allclose(gpu["test"], cpu["test"], atol=0.02)
+    np.testing.assert_allclose(gpu["train"], cpu["train"], atol=0.02)

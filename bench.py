@@ -1,0 +1,129 @@
+"""Benchmark: the seed-style paths against the fast ones, in one run, with ratios.
+
+    python bench.py                       # full-size network on the default device
+    python bench.py --device cuda         # adds the CUDA-graphed meta-iteration
+    python bench.py --rln 4 --nm 3 --mask 36 --iters 1 --classes 5   # smoke test
+
+Each case runs in a fresh subprocess, so that its peak memory (CPU max RSS, or GPU
+max_memory_allocated) is its own. Times are medians over --iters timed repetitions after
+one warm-up.
+"""
+import argparse
+import json
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+import torch
+
+import anml
+from datasets import OmniSampler
+from model import ANML
+
+
+def synchronize(device):
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_meta_iterations(args, backend):
+    """Median seconds of one meta-training iteration with the given backend."""
+    sampler = OmniSampler(args.data_root, seed=0)
+    torch.manual_seed(0)
+    model = ANML(args.rln, args.nm, args.mask).to(args.device)
+    inner_opt, outer_opt = anml.make_optimizers(model, 0.1, 1e-3, capturable=backend == "graph")
+    if backend == "graph":
+        step = anml.GraphedMetaStep(model, inner_opt, outer_opt, sampler)
+        run = lambda: step(*sampler.sample_train_indices())
+    else:
+        def run():
+            train_data, cls, (ims, labels) = sampler.sample_train(device=args.device)
+            anml.meta_step(model, inner_opt, outer_opt, train_data, cls, ims, labels, backend=backend)
+    times = []
+    for i in range(args.iters + 1):
+        synchronize(args.device)
+        start = time.perf_counter()
+        run()
+        synchronize(args.device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times[1:])
+
+
+def time_meta_test(args, fast):
+    """Seconds of one --classes meta-test run (test-train and test-test) on a random checkpoint."""
+    sampler = OmniSampler(args.data_root, seed=0)
+    torch.manual_seed(0)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = f"{tmp}/{args.rln}_{args.nm}_{args.mask}_ANML-0.pth"
+        anml.save_atomic(ANML(args.rln, args.nm, args.mask).state_dict(), path)
+        synchronize(args.device)
+        start = time.perf_counter()
+        anml.meta_test(path, sampler, num_classes=args.classes, lrs=[1e-3], runs=1, device=args.device,
+                       fast=fast, progress=False)
+        synchronize(args.device)
+        return time.perf_counter() - start
+
+
+CASES = {
+    "iteration-higher": lambda a: time_meta_iterations(a, "higher"),
+    "iteration-func": lambda a: time_meta_iterations(a, "func"),
+    "iteration-graph": lambda a: time_meta_iterations(a, "graph"),
+    "meta-test-seed": lambda a: time_meta_test(a, fast=False),
+    "meta-test-fast": lambda a: time_meta_test(a, fast=True),
+}
+
+
+def peak_memory_mib(device):
+    if torch.device(device).type == "cuda":
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def run_case(args):
+    seconds = CASES[args.case](args)
+    print(json.dumps({"seconds": seconds, "peak_mib": peak_memory_mib(args.device)}))
+
+
+def device_name(device):
+    if torch.device(device).type == "cuda":
+        return torch.cuda.get_device_name()
+    return f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rln", type=int, default=256)
+    parser.add_argument("--nm", type=int, default=112)
+    parser.add_argument("--mask", type=int, default=2304)
+    parser.add_argument("--iters", type=int, default=3, help="timed meta-iterations per backend")
+    parser.add_argument("--classes", type=int, default=600, help="classes of the meta-test run")
+    parser.add_argument("-d", "--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--data-root", default=None)
+    parser.add_argument("--case", choices=CASES, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.case:
+        return run_case(args)
+    cases = [c for c in CASES if c != "iteration-graph" or args.device == "cuda"]
+    print(f"device: {device_name(args.device)}, torch {torch.__version__}, "
+          f"network {args.rln}/{args.nm}/{args.mask}, meta-test {args.classes} classes")
+    results = {}
+    for case in cases:
+        cmd = [sys.executable, __file__, "--case", case] + sys.argv[1:]
+        out = subprocess.run(cmd, capture_output=True, text=True)
+        if out.returncode != 0:
+            sys.exit(f"{case} failed:\n{out.stderr}")
+        results[case] = json.loads(out.stdout.strip().splitlines()[-1])
+    baseline = {"iteration": results["iteration-higher"], "meta-test": results["meta-test-seed"]}
+    print(f"{'case':<18} {'time':>10} {'vs seed style':>14} {'peak memory':>12}")
+    for case, r in results.items():
+        ratio = baseline[case.rsplit("-", 1)[0]]["seconds"] / r["seconds"]
+        print(f"{case:<18} {r['seconds'] * 1e3:>8.1f}ms {ratio:>13.1f}x {r['peak_mib']:>9.0f}MiB")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,277 @@
+"""End-to-end tests of train_omni.py and eval_omni.py: real subprocesses on the shared Omniglot copy.
+
+Tiny networks (RLN 4, NM 3, mask 36) and few classes keep this file fast; the Omniglot preprocessing
+is paid once, through $HIGHERANML_CACHE (set by conftest's session `cache_dir` fixture)."""
+import hashlib
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from model import ANML
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = ["--rln", "4", "--nm", "3", "--mask", "36"]
+NUMBER = r"(\d+\.\d\d)"
+ACCURACY = rf"Classes (\d+) Accuracy {NUMBER} \(std {NUMBER}\)"
+TRAIN_ACCURACY = rf"Classes (\d+) Train accuracy {NUMBER} \(std {NUMBER}\)"
+
+
+def script_env(**extra):
+    # One thread: tiny nets gain nothing from two, and two threads per process on 2 shared cores stall.
+    return {**os.environ, "OMP_NUM_THREADS": "1", **extra}
+
+
+def command(script, *args):
+    return [sys.executable, script, *map(str, args)]
+
+
+def run(script, *args, env=None):
+    return subprocess.run(command(script, *args), cwd=REPO, env=env or script_env(),
+                          capture_output=True, text=True, timeout=600)
+
+
+def train(root, out_dir, *args):
+    return run("train_omni.py", *TINY, "--epochs", 3, "-d", "cpu", "--data-root", root, "--out-dir", out_dir, *args)
+
+
+def evaluate(root, model, *args):
+    return run("eval_omni.py", "-m", model, "-d", "cpu", "--data-root", root, *args)
+
+
+def load_checkpoint(path):
+    model = ANML(4, 3, 36)
+    model.load_state_dict(torch.load(path, weights_only=True), strict=True)
+    return model.state_dict()
+
+
+def assert_ok(proc):
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr
+
+
+# ----------------------------------------------------------------------------- train_omni.py
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, omniglot_root):
+    """(process, out_dir) of a tiny 3-iteration meta-training with --seed 1 (the default backend)."""
+    out = tmp_path_factory.mktemp("anml_seed1")
+    return train(omniglot_root, out, "--seed", 1), out
+
+
+@pytest.fixture(scope="module")
+def checkpoint(trained):
+    return trained[1] / "4_3_36_ANML-2.pth"
+
+
+def test_train_writes_loadable_checkpoints(trained):
+    proc, out = trained
+    assert_ok(proc)
+    assert re.search(r"^meta-training ANML 4_3_36 for 3 its on cpu", proc.stdout, re.M)
+    assert re.search(r"^0: \d+\.\d{3} \| [01]\.\d{3} \(\d+\.\d+s\)$", proc.stdout, re.M), proc.stdout
+    assert "done: " in proc.stdout
+    checkpoints = sorted(p.name for p in out.glob("*.pth"))
+    assert checkpoints == ["4_3_36_ANML-0.pth", "4_3_36_ANML-2.pth"]
+    for name in checkpoints:
+        load_checkpoint(out / name)
+
+
+def test_same_seed_same_checkpoints(trained, omniglot_root, tmp_path):
+    assert_ok(train(omniglot_root, tmp_path / "again", "--seed", 1))
+    assert_ok(train(omniglot_root, tmp_path / "other", "--seed", 2))
+    for name in ("4_3_36_ANML-0.pth", "4_3_36_ANML-2.pth"):
+        first, second = load_checkpoint(trained[1] / name), load_checkpoint(tmp_path / "again" / name)
+        assert all(torch.equal(first[k], second[k]) for k in first), name
+        different = load_checkpoint(tmp_path / "other" / name)
+        assert not all(torch.equal(first[k], different[k]) for k in first), name
+
+
+def test_higher_backend_agrees(trained, omniglot_root, tmp_path):
+    proc = train(omniglot_root, tmp_path, "--seed", 1, "--backend", "higher")
+    assert_ok(proc)
+    assert "backend higher" in proc.stdout
+    for name in ("4_3_36_ANML-0.pth", "4_3_36_ANML-2.pth"):
+        ref, seed_style = load_checkpoint(trained[1] / name), load_checkpoint(tmp_path / name)
+        # Conv biases feeding an InstanceNorm get an exactly-zero gradient from 'func' but float noise from
+        # 'higher', which Adam scales up to ~lr-sized steps (harmless: they do not change the output).
+        for k in ref:
+            if not k.endswith("conv.bias"):
+                torch.testing.assert_close(seed_style[k], ref[k], atol=5e-4, rtol=0, msg=k)
+
+
+def test_time_limit_then_resume_equals_one_run(trained, omniglot_root, tmp_path):
+    stopped = train(omniglot_root, tmp_path, "--seed", 1, "--time-limit", 1e-3)  # stops after iteration 0
+    assert_ok(stopped)
+    assert "time limit reached" in stopped.stdout and not (tmp_path / "4_3_36_ANML-2.pth").exists()
+    resumed = train(omniglot_root, tmp_path, "--seed", 1, "--resume", "latest")
+    assert_ok(resumed)
+    first, second = load_checkpoint(trained[1] / "4_3_36_ANML-2.pth"), load_checkpoint(tmp_path / "4_3_36_ANML-2.pth")
+    assert all(torch.equal(first[k], second[k]) for k in first)
+
+
+def test_ctrl_c_exits_130_without_traceback(omniglot_root, tmp_path):
+    proc = subprocess.Popen(command("train_omni.py", *TINY, "--epochs", 100000, "-d", "cpu",
+                                    "--data-root", omniglot_root, "--out-dir", tmp_path),
+                            cwd=REPO, env=script_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().startswith("meta-training")  # inside the script's error handling now
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and "interrupted" in err and "Traceback" not in err, err
+
+
+# ----------------------------------------------------------------------------- eval_omni.py
+
+def accuracies(line, pattern, classes):
+    match = re.fullmatch(pattern, line)
+    assert match, line
+    assert int(match[1]) == classes
+    mean, std = float(match[2]), float(match[3])
+    assert 0 <= mean <= 1 and 0 <= std <= 1
+    return mean, std
+
+
+@pytest.fixture(scope="module")
+def one_lr(omniglot_root, checkpoint):
+    return evaluate(omniglot_root, checkpoint, "-c", 5, "-r", 2)
+
+
+def test_eval_prints_the_seeds_two_lines(one_lr):
+    assert_ok(one_lr)
+    lines = one_lr.stdout.splitlines()
+    assert len(lines) == 2, one_lr.stdout
+    accuracies(lines[0], ACCURACY, 5)
+    accuracies(lines[1], TRAIN_ACCURACY, 5)
+
+
+def test_eval_lr_sweep_and_json(one_lr, omniglot_root, checkpoint, tmp_path):
+    out = tmp_path / "sub" / "results.json"
+    proc = evaluate(omniglot_root, checkpoint, "-c", 5, "-r", 2, "--lr", 0.001, 0.0005, "--json", out)
+    assert_ok(proc)
+    lines = proc.stdout.splitlines()
+    assert len(lines) == 5, proc.stdout
+    means = {}
+    for i, lr in enumerate(["0.001", "0.0005"]):
+        means[lr] = accuracies(lines[2 * i].removesuffix(f" lr {lr}"), ACCURACY, 5)
+        accuracies(lines[2 * i + 1].removesuffix(f" lr {lr}"), TRAIN_ACCURACY, 5)
+    # Run r draws the same classes and initialisation for every lr: the first lr repeats the one-lr run.
+    assert lines[:2] == [f"{line} lr 0.001" for line in one_lr.stdout.splitlines()]
+    best = re.fullmatch(rf"Best lr (\S+): {ACCURACY}", lines[4])
+    assert best and best[1] in means and int(best[2]) == 5, lines[4]
+
+    report = json.loads(out.read_text())
+    assert report["model_sha256"] == hashlib.sha256(checkpoint.read_bytes()).hexdigest()
+    assert (report["classes"], report["runs"], report["seed"], report["device"]) == (5, 2, 0, "cpu")
+    assert "eval_omni.py" in report["command"] and "--json" in report["command"]
+    assert [r["lr"] for r in report["results"]] == [0.001, 0.0005]
+    for r in report["results"]:
+        assert len(r["test"]) == len(r["train"]) == 2
+        assert all(0 <= a <= 1 for a in r["test"] + r["train"])
+        assert r["test_mean"] == pytest.approx(np.mean(r["test"]))
+    best_mean = max(np.mean(r["test"]) for r in report["results"])
+    assert float(best[3]) == pytest.approx(best_mean, abs=0.005)
+
+
+def test_seed_loop_matches_fast_path(omniglot_root, checkpoint, tmp_path):
+    """The seed's full-network loop and the frozen-feature path give the same accuracies (lr large
+    enough that the tiny net learns something, so the comparison is not 0 == 0)."""
+    reports = []
+    for flags in ([], ["--seed-loop"]):
+        out = tmp_path / f"{len(flags)}.json"
+        proc = evaluate(omniglot_root, checkpoint, "-c", 3, "-r", 2, "-l", 0.03, "--seed", 7, "--json", out, *flags)
+        assert_ok(proc)
+        reports.append(json.loads(out.read_text()))
+    fast, loop = (r["results"][0] for r in reports)
+    assert [r["fast"] for r in reports] == [True, False]
+    assert max(fast["test"]) > 0
+    np.testing.assert_allclose(loop["test"], fast["test"], atol=1e-6)
+    np.testing.assert_allclose(loop["train"], fast["train"], atol=1e-6)
+
+
+# ----------------------------------------------------------------------------- bad input
+
+NO_CUDA = torch.cuda.is_available()  # the "-d cuda without CUDA" cases only make sense without it
+# Cheap argument errors also get an empty data root: they must be reported before any data is read.
+CHEAP = ["--data-root", "{empty}", "--no-download"]
+NOT_READ = ["-m", "{tmp}/missing.pth"]  # a model path the cheap cases must not get as far as reading
+BAD_INPUTS = {  # id: (script, argv, text expected on stderr, skip)
+    "model-missing": ("eval_omni.py", NOT_READ, "model file not found", False),
+    "model-not-a-checkpoint": ("eval_omni.py", ["-m", "{text}"], "not a PyTorch checkpoint", False),
+    "model-wrong-shapes": ("eval_omni.py", ["-m", "{reshaped}"], "does not fit the ANML architecture", False),
+    "model-missing-keys": ("eval_omni.py", ["-m", "{missing_keys}"], "does not fit the ANML architecture", False),
+    "classes-0": ("eval_omni.py", [*NOT_READ, "-c", "0", *CHEAP], "--classes must be in 1..659", False),
+    "classes-660": ("eval_omni.py", [*NOT_READ, "-c", "660", *CHEAP], "--classes must be in 1..659", False),
+    "train-examples-0": ("eval_omni.py", [*NOT_READ, "-t", "0", *CHEAP], "--train-examples must be in 1..19", False),
+    "train-examples-20": ("eval_omni.py", [*NOT_READ, "-t", "20", *CHEAP], "--train-examples must be in 1..19", False),
+    "eval-lr-0": ("eval_omni.py", [*NOT_READ, "-l", "0.001", "0", *CHEAP], "argument -l/--lr", False),
+    "eval-lr-negative": ("eval_omni.py", [*NOT_READ, "-l", "-0.001", *CHEAP], "argument -l/--lr", False),
+    "runs-0": ("eval_omni.py", [*NOT_READ, "-r", "0", *CHEAP], "argument -r/--runs", False),
+    "eval-cuda": ("eval_omni.py", [*NOT_READ, "-d", "cuda", *CHEAP], "CUDA is not available", NO_CUDA),
+    "eval-no-data": ("eval_omni.py", ["-m", "{model}", *CHEAP], "Omniglot not found in", False),
+    "eval-corrupt-zip": ("eval_omni.py", ["-m", "{model}", "--data-root", "{corrupt}"], "not a readable zip", False),
+    "mask-not-9x-rln": ("train_omni.py", [*TINY[:4], "--mask", "35", *CHEAP], "--mask must be 36", False),
+    "epochs-0": ("train_omni.py", ["--epochs", "0", *CHEAP], "argument --epochs", False),
+    "inner-lr-0": ("train_omni.py", ["--inner-lr", "0", *CHEAP], "argument --inner-lr", False),
+    "outer-lr-negative": ("train_omni.py", ["--outer-lr", "-1e-3", *CHEAP], "argument --outer-lr", False),
+    "train-cuda": ("train_omni.py", ["-d", "cuda", *CHEAP], "CUDA is not available", NO_CUDA),
+    "train-no-data": ("train_omni.py", [*TINY, *CHEAP], "Omniglot not found in", False),
+    "time-limit-0": ("train_omni.py", ["--time-limit", "0", *CHEAP], "argument --time-limit", False),
+    "resume-nothing": ("train_omni.py", [*TINY, "--data-root", "{omniglot}", "--out-dir", "{tmp}/no_run",
+                                         "--resume", "latest"], "--resume latest: no", False),
+    "train-corrupt-zip": ("train_omni.py", [*TINY, "--data-root", "{corrupt}"], "not a readable zip", False),
+    "failed-download": ("train_omni.py", [*TINY, "--data-root", "{tmp}/download"], "could not download", False),
+}
+
+
+def bad_input_files(tmp, omniglot_root):
+    """The files the cases name: a text file, two broken state_dicts, a valid tiny one, an empty
+    data root and one whose background zip is truncated."""
+    (tmp / "empty").mkdir()
+    (tmp / "corrupt").mkdir()
+    data = (omniglot_root / "images_background.zip").read_bytes()
+    (tmp / "corrupt" / "images_background.zip").write_bytes(data[:len(data) // 2])
+    shutil.copy(omniglot_root / "images_evaluation.zip", tmp / "corrupt")
+    (tmp / "text.pth").write_text("not a checkpoint\n")
+    torch.save(ANML(4, 3, 36).state_dict(), tmp / "model.pth")
+    reshaped = ANML(8, 3, 72).state_dict()
+    reshaped["fc.weight"] = reshaped["fc.weight"].reshape(2000, 36)
+    torch.save(reshaped, tmp / "reshaped.pth")
+    missing_keys = ANML(4, 3, 36).state_dict()
+    del missing_keys["nm.fc.bias"]
+    torch.save(missing_keys, tmp / "missing_keys.pth")
+    files = {name: tmp / f"{name}.pth" for name in ("text", "model", "reshaped", "missing_keys")}
+    return {"tmp": tmp, "omniglot": omniglot_root, "empty": tmp / "empty", "corrupt": tmp / "corrupt", **files}
+
+
+@pytest.fixture(scope="module")
+def bad_runs(tmp_path_factory, omniglot_root):
+    """Every bad-input case run once, two processes at a time (each mostly pays ~2 s of imports)."""
+    files = bad_input_files(tmp_path_factory.mktemp("bad_input"), omniglot_root)
+    # Nothing listens on port 9 of localhost: the download fails at once, without the network.
+    env = script_env(OMNIGLOT_BASE_URL="http://127.0.0.1:9")
+
+    def run_case(case):
+        script, argv, _, _ = case
+        return run(script, *[a.format(**files) for a in argv], env=env)
+
+    cases = {k: c for k, c in BAD_INPUTS.items() if not c[3]}
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        return dict(zip(cases, pool.map(run_case, cases.values())))
+
+
+@pytest.mark.parametrize("case", [pytest.param(k, marks=pytest.mark.skipif(c[3], reason="CUDA is available"))
+                                  for k, c in BAD_INPUTS.items()])
+def test_bad_input_is_one_clear_error(bad_runs, case):
+    proc, expected = bad_runs[case], BAD_INPUTS[case][2]
+    assert proc.returncode == 2, (proc.returncode, proc.stderr)
+    assert "Traceback" not in proc.stderr, proc.stderr
+    assert expected in proc.stderr, proc.stderr
+    assert re.search(r"^(\S+\.py: )?error: ", proc.stderr, re.M), proc.stderr
