@@ -206,12 +206,11 @@ def load_omniglot(root=None, im_size=28, download=True, cache_dir=None):
     sources = find_sources(root)
     missing = [s for s, p in sources.items() if p is None]
     if missing and not download:
-        looked = "\n  ".join(str(p) for s in missing for p in _candidates(root, s))
+        looked = ", ".join(str(p) for s in missing for p in _candidates(root, s))
         raise DataError(
-            f"Omniglot not found in {root}; looked for:\n  {looked}\n"
-            f"Get the data by pointing --data-root DIR (or OMNIGLOT_ROOT=DIR) at a folder that holds "
-            f"images_background.zip and images_evaluation.zip, or drop --no-download to download them "
-            f"from {BASE_URL}.")
+            f"Omniglot not found in {root} (looked for {looked}) and --no-download is set: point "
+            f"--data-root DIR (or OMNIGLOT_ROOT=DIR) at a folder that holds images_background.zip and "
+            f"images_evaluation.zip, or drop --no-download to download them from {BASE_URL}")
     if missing:
         download_omniglot(root)
         sources = find_sources(root)
