@@ -6,7 +6,8 @@
 - test-test:   accuracy on the held-out images of those N classes.
 
 `meta_step(..., backend="higher")` is the reference (the seed's code); `backend="func"` computes
-the same meta-gradient with `torch.func.functional_call`-style code and plain autograd, faster.
+the same meta-gradient with a functional unroll (the blocks written with `torch.nn.functional`
+over a dict of parameters) and plain autograd, faster.
 """
 import math
 import os
@@ -223,7 +224,7 @@ def resolve_backend(backend, device):
 def train(rln, nm, mask, inner_lr=0.1, outer_lr=1e-3, its=30000, device="cpu", sampler=None,
           out_dir="trained_anmls", seed=1, backend="auto", log_every=10, save_every=1000, quiet=False,
           resume=None, time_limit=None):
-    """Meta-train an ANML for `its` iterations; returns the model.
+    """Meta-train an ANML for `its` iterations.
 
     Writes the seed's checkpoints `{out_dir}/{rln}_{nm}_{mask}_ANML-{it}.pth` (bare state_dicts)
     every `save_every` iterations and at the last one, each with a resumable checkpoint beside
@@ -248,9 +249,9 @@ def train(rln, nm, mask, inner_lr=0.1, outer_lr=1e-3, its=30000, device="cpu", s
     step = GraphedMetaStep(model, inner_opt, outer_opt, sampler) if backend == "graph" else None
     restore_torch_rng(rng)  # after the graph's warm-up, which draws from the CUDA generator
     log = TrainingLog(out_dir / f"{name}_train_log.csv", first)
-    save = lambda it: save_training_state(out_dir, name, it, model, outer_opt, sampler, elapsed + clock())
     start = time.perf_counter()
     clock = lambda: time.perf_counter() - start
+    save = lambda it: save_training_state(out_dir, name, it, model, outer_opt, sampler, elapsed + clock())
     with StopSignal(time_limit, clock) as stop:
         for it in tqdm(range(first, its), initial=first, total=its, disable=quiet, desc="meta-train"):
             if step is not None:
@@ -379,6 +380,16 @@ class StopSignal:
         return self.reason is not None
 
 
+def gather_train_batch(images, per_class, train_class, remember):
+    """`sample_train`'s batch, gathered on the device from the flattened background set
+    [classes * per_class, 1, H, W] by index tensors: (train_ims, train_labels, valid_ims, valid_labels)."""
+    first = train_class * per_class
+    train_idx = first + torch.arange(per_class, device=images.device)
+    train_ims = images[train_idx]
+    labels = torch.cat([train_idx, remember]) // per_class
+    return train_ims, labels[:per_class], torch.cat([train_ims, images[remember]]), labels
+
+
 class GraphedMetaStep:
     """The whole meta-iteration (lobotomy, inner loop, outer loss, backward, Adam) in one CUDA graph.
 
@@ -407,13 +418,10 @@ class GraphedMetaStep:
         self._restore(snapshot)  # the warm-up steps were not real iterations
 
     def _step(self):
-        first = self.train_class * self.per_class
-        train_idx = first + torch.arange(self.per_class, device=first.device)
-        train_ims = self.images[train_idx]
-        labels = torch.cat([train_idx, self.remember]) // self.per_class
-        valid_ims = torch.cat([train_ims, self.images[self.remember]])
-        loss, acc = func_meta_loss(self.model, self.inner_opt, self.train_class, train_ims,
-                                   labels[:self.per_class], valid_ims, labels)
+        train_ims, train_labels, valid_ims, valid_labels = gather_train_batch(
+            self.images, self.per_class, self.train_class, self.remember)
+        loss, acc = func_meta_loss(self.model, self.inner_opt, self.train_class, train_ims, train_labels,
+                                   valid_ims, valid_labels)
         self.outer_opt.step()
         return loss, acc
 

@@ -224,6 +224,20 @@ def test_vectorised_grid_equals_separate_runs(small_checkpoint, sampler):
     assert len({tuple(run.classes) for run in runs}) == 3
 
 
+def test_graph_gathers_the_samplers_batch(sampler):
+    """The CUDA graph's on-device gather gives `sample_train`'s batch for the same indices (on CPU)."""
+    sampler.rng = np.random.default_rng(5)
+    train_data, cls, (valid_ims, valid_labels) = sampler.sample_train()
+    sampler.rng = np.random.default_rng(5)
+    index_cls, remember = sampler.sample_train_indices()
+    assert index_cls == cls
+    train_ims, train_labels, g_valid_ims, g_valid_labels = anml.gather_train_batch(
+        sampler.background.flatten(0, 1), 20, torch.tensor(cls), torch.as_tensor(remember))
+    assert torch.equal(train_ims, torch.cat([im for im, _ in train_data]))
+    assert torch.equal(train_labels, torch.cat([label for _, label in train_data]))
+    assert torch.equal(g_valid_ims, valid_ims) and torch.equal(g_valid_labels, valid_labels)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_graphed_step_equals_eager_on_cuda(sampler):
     torch.manual_seed(0)
@@ -241,13 +255,12 @@ def test_graphed_step_equals_eager_on_cuda(sampler):
             if graphed:
                 step(cls, remember)
             else:
-                images = sampler.background.flatten(0, 1).cuda()
-                train_ims = images[cls * 20:(cls + 1) * 20]
+                images = sampler.background.flatten(0, 1)
+                train_data = [(images[cls * 20 + i:cls * 20 + i + 1].cuda(), torch.tensor([cls]).cuda())
+                              for i in range(20)]
                 labels = torch.cat([torch.full((20,), cls), torch.as_tensor(remember) // 20]).cuda()
-                anml.func_meta_loss(model, inner_opt, cls, train_ims, labels[:20],
-                                    torch.cat([train_ims, images[remember]]), labels)
-                outer_opt.step()
-                outer_opt.zero_grad()
+                valid_ims = torch.cat([images[cls * 20:(cls + 1) * 20], images[remember]]).cuda()
+                anml.meta_step(model, inner_opt, outer_opt, train_data, cls, valid_ims, labels, "func")
         results[graphed] = flat(model)
     torch.testing.assert_close(results[True], results[False], rtol=1e-4, atol=1e-5)
 
