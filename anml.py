@@ -198,12 +198,40 @@ def func_meta_loss(model, inner_opt, train_class, train_ims, train_labels, valid
         fast = {n: w - lr * grad for (n, w), grad in zip(fast.items(), grads)}
         if adapt_fc:
             fc.step(g[0], f[0])
-    out = fc(features(valid_ims, valid_masks), fast.get("fc.bias", params["fc.bias"]))
-    loss = F.cross_entropy(out, valid_labels)
-    loss.backward()
+    if valid_ims.device.type == "cpu":
+        loss, out = outer_backward_in_chunks(params, fast, fc, valid_ims, valid_masks, valid_labels)
+    else:
+        out = fc(features(valid_ims, valid_masks), fast.get("fc.bias", params["fc.bias"]))
+        loss = F.cross_entropy(out, valid_labels)
+        loss.backward()
     for p in norm_fed_biases(model):
         p.grad = torch.zeros_like(p)
     return loss.detach(), accuracy(out, valid_labels)
+
+
+def outer_backward_in_chunks(params, fast, fc, valid_ims, valid_masks, valid_labels, chunk=12):
+    """The outer loss's backward, a few images at a time (on the CPU, a chunk's 256 x 26 x 26
+    activations stay in the cache): the graph is cut at what the outer forward reads from the
+    inner loop (adapted weights, the last layer's rank-one terms, the NM's gates), each chunk's
+    gradient is accumulated there, then one backward carries the sum through the inner loop."""
+    inputs = [*fast.values(), *fc.g, *fc.f, valid_masks]
+    cut = [t.detach().requires_grad_() for t in inputs]
+    n_fast, n_steps = len(fast), len(fc.g)
+    cut_fast = dict(zip(fast, cut[:n_fast]))
+    cut_fc = AdaptedLinear(fc.weight, fc.lr)
+    cut_fc.g, cut_fc.f = cut[n_fast:n_fast + n_steps], cut[n_fast + n_steps:n_fast + 2 * n_steps]
+    bias = cut_fast.get("fc.bias", params["fc.bias"])
+    outs, loss = [], 0.0
+    for i in range(0, len(valid_ims), chunk):
+        feats = conv_blocks({**params, **cut_fast}, "rln", valid_ims[i:i + chunk]) * cut[-1][i:i + chunk]
+        out = cut_fc(feats, bias)
+        part = F.cross_entropy(out, valid_labels[i:i + chunk], reduction="sum") / len(valid_ims)
+        part.backward()  # into the cut tensors, and straight into the parameters read directly
+        outs.append(out.detach())
+        loss += part.detach()
+    used = [(t, c.grad) for t, c in zip(inputs, cut) if c.grad is not None]
+    torch.autograd.backward([t for t, _ in used], [g for _, g in used])
+    return loss, torch.cat(outs)
 
 
 def make_optimizers(model, inner_lr, outer_lr, capturable=False):

@@ -104,11 +104,13 @@ def main():
     parser.add_argument("--classes", type=int, default=600, help="classes of the meta-test run")
     parser.add_argument("-d", "--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--data-root", default=None)
+    parser.add_argument("--only", choices=("iteration", "meta-test"), help="run one of the two comparisons")
     parser.add_argument("--case", choices=CASES, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.case:
         return run_case(args)
-    cases = [c for c in CASES if c != "iteration-graph" or args.device == "cuda"]
+    cases = [c for c in CASES if (c != "iteration-graph" or args.device == "cuda")
+             and (args.only is None or c.startswith(args.only))]
     print(f"device: {device_name(args.device)}, torch {torch.__version__}, "
           f"network {args.rln}/{args.nm}/{args.mask}, meta-test {args.classes} classes")
     results = {}
@@ -118,7 +120,7 @@ def main():
         if out.returncode != 0:
             sys.exit(f"{case} failed:\n{out.stderr}")
         results[case] = json.loads(out.stdout.strip().splitlines()[-1])
-    baseline = {"iteration": results["iteration-higher"], "meta-test": results["meta-test-seed"]}
+    baseline = {"iteration": results.get("iteration-higher"), "meta-test": results.get("meta-test-seed")}
     print(f"{'case':<18} {'time':>10} {'vs seed style':>14} {'peak memory':>12}")
     for case, r in results.items():
         ratio = baseline[case.rsplit("-", 1)[0]]["seconds"] / r["seconds"]
