@@ -64,8 +64,16 @@ def tiny():
     return ANML(4, 3, 36).double()
 
 
+@pytest.fixture(params=["chunked", "whole"])
+def outer_chunk(request, monkeypatch):
+    """The func backend's outer backward both ways: in chunks (the CPU default) and whole (GPU)."""
+    if request.param == "whole":
+        monkeypatch.setattr(anml, "OUTER_CHUNK", {})
+    return request.param
+
+
 @pytest.mark.parametrize("backend", ["higher", "func"])
-def test_meta_step_moves_by_minus_the_meta_gradient(tiny, sampler, backend):
+def test_meta_step_moves_by_minus_the_meta_gradient(tiny, sampler, backend, outer_chunk):
     batch = real_batch(sampler)
     reference = copy.deepcopy(tiny)
     torch.manual_seed(7)
@@ -104,7 +112,7 @@ def test_meta_gradient_matches_finite_differences(tiny, sampler):
     assert (first_order - grad).norm() > 1e-3 * grad.norm()
 
 
-def test_func_backend_moves_every_parameter_as_higher(tiny, sampler):
+def test_func_backend_moves_every_parameter_as_higher(tiny, sampler, outer_chunk):
     """float64, outer Adam: every parameter moves as with `higher`, to < 1e-10 relative.
 
     The conv biases feeding an InstanceNorm are the exception by construction: their true
