@@ -9,6 +9,7 @@
 the same meta-gradient with a functional unroll (the blocks written with `torch.nn.functional`
 over a dict of parameters) and plain autograd, faster.
 """
+import contextlib
 import math
 import os
 import signal
@@ -428,27 +429,33 @@ class GraphedMetaStep:
     """The whole meta-iteration (lobotomy, inner loop, outer loss, backward, Adam) in one CUDA graph.
 
     Images are gathered on the GPU from a device-resident copy of the background set, so a
-    replay only needs the class index and the remembered images' indices copied in."""
+    replay only needs the class index and the remembered images' indices copied in. On a CPU
+    (no graphs) the same steps run eagerly, which lets the tests check this class without CUDA."""
 
     def __init__(self, model, inner_opt, outer_opt, sampler, remember_size=64, warmup=3):
         self.model, self.inner_opt, self.outer_opt = model, inner_opt, outer_opt
-        device = next(model.parameters()).device
-        self.images = sampler.background.to(device).flatten(0, 1)  # [classes * 20, 1, 28, 28]
+        weight = next(model.parameters())
+        device = weight.device
+        self.images = sampler.background.to(device, weight.dtype).flatten(0, 1)  # [classes * 20, 1, 28, 28]
         self.per_class = sampler.background.shape[1]
         self.train_class = torch.zeros((), dtype=torch.long, device=device)
         self.remember = torch.zeros(remember_size, dtype=torch.long, device=device)
+        self.graph = None
         snapshot = self._snapshot()
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
+        on_cuda = device.type == "cuda"
+        stream = torch.cuda.Stream() if on_cuda else None
+        if on_cuda:
+            stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream) if on_cuda else contextlib.nullcontext():
             for _ in range(warmup):  # autograd and Adam allocate their state outside the graph
                 self.outer_opt.zero_grad(set_to_none=True)
                 self._step()
-        torch.cuda.current_stream().wait_stream(stream)
-        self.graph = torch.cuda.CUDAGraph()
-        self.outer_opt.zero_grad(set_to_none=True)
-        with torch.cuda.graph(self.graph):
-            self.loss, self.acc = self._step()
+        if on_cuda:
+            torch.cuda.current_stream().wait_stream(stream)
+            self.graph = torch.cuda.CUDAGraph()
+            self.outer_opt.zero_grad(set_to_none=True)
+            with torch.cuda.graph(self.graph):
+                self.loss, self.acc = self._step()
         self._restore(snapshot)  # the warm-up steps were not real iterations
 
     def _step(self):
@@ -477,7 +484,11 @@ class GraphedMetaStep:
         """Replay one iteration; returns (loss, accuracy) as device tensors (read them rarely)."""
         self.train_class.copy_(torch.as_tensor(train_class))
         self.remember.copy_(torch.as_tensor(remember))
-        self.graph.replay()
+        if self.graph is None:
+            self.outer_opt.zero_grad(set_to_none=True)
+            self.loss, self.acc = self._step()
+        else:
+            self.graph.replay()
         return self.loss, self.acc
 
 

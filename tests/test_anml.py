@@ -246,6 +246,34 @@ def test_graph_gathers_the_samplers_batch(sampler):
     assert torch.equal(g_valid_ims, valid_ims) and torch.equal(g_valid_labels, valid_labels)
 
 
+def test_graphed_step_logic_equals_meta_step_on_cpu(sampler):
+    """GraphedMetaStep without CUDA runs its steps eagerly: warm-up, undoing the warm-up, the
+    on-device gather and the step itself must give exactly what meta_step gives."""
+    torch.manual_seed(0)
+    base = ANML(4, 3, 36).double()
+    images = sampler.background.flatten(0, 1).double()
+    results = {}
+    for graphed in (False, True):
+        model = copy.deepcopy(base)
+        inner_opt, outer_opt = anml.make_optimizers(model, INNER_LR, 1e-3)
+        if graphed:
+            step = anml.GraphedMetaStep(model, inner_opt, outer_opt, sampler)
+        sampler.rng = np.random.default_rng(8)
+        torch.manual_seed(1)
+        for _ in range(3):
+            cls, remember = sampler.sample_train_indices()
+            if graphed:
+                step(cls, remember)
+            else:
+                train_ims, train_labels, valid_ims, valid_labels = anml.gather_train_batch(
+                    images, 20, torch.tensor(cls), torch.as_tensor(remember))
+                train_data = [(train_ims[i:i + 1], train_labels[i:i + 1]) for i in range(20)]
+                anml.meta_step(model, inner_opt, outer_opt, train_data, cls, valid_ims, valid_labels, "func")
+        results[graphed] = flat(model)
+    assert not torch.equal(results[False], flat(base))
+    torch.testing.assert_close(results[True], results[False], rtol=1e-12, atol=0)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_graphed_step_equals_eager_on_cuda(sampler):
     torch.manual_seed(0)
