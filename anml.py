@@ -10,6 +10,7 @@ the same meta-gradient with a functional unroll (the blocks written with `torch.
 over a dict of parameters) and plain autograd, faster.
 """
 import contextlib
+import itertools
 import math
 import os
 import signal
@@ -422,6 +423,19 @@ class StopSignal:
         return self.reason is not None
 
 
+@contextlib.contextmanager
+def side_stream(enabled=True):
+    """Run the block on a fresh CUDA stream (as work before a graph capture must), joined after."""
+    if not enabled:
+        yield
+        return
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        yield
+    torch.cuda.current_stream().wait_stream(stream)
+
+
 def gather_train_batch(images, per_class, train_class, remember):
     """`sample_train`'s batch, gathered on the device from the flattened background set
     [classes * per_class, 1, H, W] by index tensors: (train_ims, train_labels, valid_ims, valid_labels)."""
@@ -450,15 +464,11 @@ class GraphedMetaStep:
         self.graph = None
         snapshot = self._snapshot()
         on_cuda = device.type == "cuda"
-        stream = torch.cuda.Stream() if on_cuda else None
-        if on_cuda:
-            stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream) if on_cuda else contextlib.nullcontext():
+        with side_stream(on_cuda):
             for _ in range(warmup):  # autograd and Adam allocate their state outside the graph
                 self.outer_opt.zero_grad(set_to_none=True)
                 self._step()
         if on_cuda:
-            torch.cuda.current_stream().wait_stream(stream)
             self.graph = torch.cuda.CUDAGraph()
             self.outer_opt.zero_grad(set_to_none=True)
             with torch.cuda.graph(self.graph):
@@ -558,54 +568,77 @@ def test_train(PATH, sampler, num_classes=10, train_examples=15, device="cpu", l
     return test_test(model, test_data, test_examples=20 - train_examples)
 
 
-def run_generators(seed, run):
-    """(numpy, torch) generators of one meta-test run: the same (seed, run) repeats it exactly."""
-    seq = np.random.SeedSequence([seed, run])
+def run_generators(*entropy):
+    """(numpy, torch) generators of one meta-test run, from its SeedSequence entropy: the same
+    (seed, run) repeats it exactly. `run_seeds` gives the entropies of report and selection runs."""
+    seq = np.random.SeedSequence(list(entropy))
     return np.random.default_rng(seq), torch.Generator().manual_seed(int(seq.generate_state(1)[0]))
+
+
+def run_seeds(seed, runs, selection=False):
+    """The entropies of `runs` meta-test runs: [seed, r], or [seed, r, 1] for the selection runs
+    that choose a learning rate (so they never coincide with the runs that report it)."""
+    return [[seed, r, 1] if selection else [seed, r] for r in range(runs)]
+
+
+def class_counts(num_classes):
+    """One count or several, as a sorted list without repeats."""
+    return sorted({int(n) for n in np.atleast_1d(num_classes)})
 
 
 def meta_test(PATH, sampler, num_classes=10, train_examples=15, lrs=(1e-3,), runs=10, device="cpu",
               seed=0, fast=True, progress=True):
-    """`runs` meta-test runs for every learning rate. Run r draws the same classes, splits and
-    fc initialisation for every learning rate, so the rates are compared on equal terms.
+    """Meta-test runs for every learning rate and class count.
 
-    Returns {"test": [L, R], "train": [L, R]} accuracies. With `fast`, the frozen features are
-    computed once; on CUDA all L*R runs train at once, on the CPU one after the other (measured
-    ~10% faster there: one last layer's Adam state nearly fits in the cache, a batch does not)."""
-    model = load_model(PATH, device)
+    `runs` is a count (run r draws from (seed, r)) or a list of SeedSequence entropies. Each run
+    draws the same classes, splits and fc initialisation for every learning rate, so the rates are
+    compared on equal terms. `num_classes` may be several counts: a run learns one random order of
+    classes and is scored after the first N of them for each N, which is what a separate run with N
+    classes computes (it draws the same first N classes; tested).
+
+    Returns {"test": [K, L, R], "train": [K, L, R]} accuracies (K class counts in increasing order).
+    With `fast`, the frozen features are computed once; on CUDA all L*R runs train at once, on the
+    CPU one after the other (one last layer's Adam state nearly fits in the cache, a batch does not)."""
+    counts = class_counts(num_classes)
+    seeds = run_seeds(seed, runs) if isinstance(runs, int) else [list(e) for e in runs]
+    model = load_model(PATH, device) if isinstance(PATH, (str, os.PathLike)) else PATH.to(device)
     model.requires_grad_(False)
     bias = model.fc.bias.detach().clone()  # the checkpoint's: kept, as the seed does
     inits, samples = [], []
-    for run in range(runs):
-        sampler.rng, generator = run_generators(seed, run)
+    for entropy in seeds:
+        sampler.rng, generator = run_generators(*entropy)
         reset_last_layer(model, generator)
         inits.append(model.fc.weight.detach().clone())
-        samples.append(MetaTestRun(*sampler.sample_test_indices(num_classes, train_examples)))
-    results = {k: np.zeros((len(lrs), runs)) for k in ("test", "train")}
+        samples.append(MetaTestRun(*sampler.sample_test_indices(counts[-1], train_examples)))
+    R, L = len(seeds), len(lrs)
+    results = {k: np.zeros((len(counts), L, R)) for k in ("test", "train")}
     if not fast:
-        for r in tqdm(range(runs), disable=not progress, desc="runs"):
-            for l, lr in enumerate(lrs):
-                sampler.rng, _ = run_generators(seed, r)
-                train_tasks, test_data, _ = sampler.sample_test(num_classes, train_examples, device=device)
+        for r in tqdm(range(R), disable=not progress, desc="runs"):
+            for (k, n), (l, lr) in itertools.product(enumerate(counts), enumerate(lrs)):
+                sampler.rng, _ = run_generators(*seeds[r])
+                train_tasks, test_data, _ = sampler.sample_test(n, train_examples, device=device)
                 with torch.no_grad():
                     model.fc.weight.copy_(inits[r])
                     model.fc.bias.copy_(bias)
                 model.fc.requires_grad_(True)
                 seed_style_fit(model, train_tasks, lr)
                 model.fc.requires_grad_(False)
-                results["test"][l, r] = test_test(model, test_data, 20 - train_examples).mean()
-                results["train"][l, r] = train_accuracy(model, train_tasks)
+                results["test"][k, l, r] = test_test(model, test_data, 20 - train_examples).mean()
+                results["train"][k, l, r] = train_accuracy(model, train_tasks)
         return results
     features = FeatureBank(model, sampler.evaluation)
     if torch.device(device).type == "cuda":
-        batches = [(list(range(len(lrs))), list(range(runs)))]
+        batches = [(list(range(L)), list(range(R)))]
     else:
-        batches = [([l], [r]) for r in range(runs) for l in range(len(lrs))]
-    for ls, rs in tqdm(batches, disable=not progress or len(batches) == 1, desc="runs"):
-        out = sequential_fit(features, [samples[r] for r in rs], torch.stack([inits[r] for r in rs]),
-                             bias, [lrs[l] for l in ls], progress=progress and len(batches) == 1)
-        for k in results:
-            results[k][np.ix_(ls, rs)] = out[k]
+        batches = [([l], [r]) for r in range(R) for l in range(L)]
+    steps = counts[-1] * train_examples
+    with tqdm(total=steps * len(batches), disable=not progress, desc="test-train steps", unit="step",
+              unit_scale=True, smoothing=0) as bar:
+        for ls, rs in batches:
+            out = sequential_fit(features, [samples[r] for r in rs], torch.stack([inits[r] for r in rs]),
+                                 bias, [lrs[l] for l in ls], counts=counts, bar=bar)
+            for key in results:
+                results[key][np.ix_(range(len(counts)), ls, rs)] = out[key]
     return results
 
 
@@ -663,18 +696,24 @@ def gather_sequence(features, run):
             feats[rows, test_idx].flatten(0, 1), labels.expand_as(test_idx).flatten())
 
 
-def sequential_fit(features, runs, weights, bias, lrs, progress=False):
+def sequential_fit(features, runs, weights, bias, lrs, counts=None, bar=None):
     """Test-train then test-test of every (learning rate, run) pair at once, on frozen features.
 
     Each model is the last layer alone, starting from (`weights[r]`, `bias`), taking one Adam step
     per training image in sequence, exactly the seed's loop with the frozen nets factored out.
     The R runs x L learning rates are one batch of R*L models: batched matmuls and a fused
-    Adam with one parameter group per model. Returns accuracies of shape [L, R] (and per class)."""
+    Adam with one parameter group per model. After the first N classes of the sequence, for each
+    N in `counts` (default: all of the runs' classes), every model is scored on those N classes'
+    test and training images. Returns accuracies [K, L, R], and the last count's test accuracy
+    per class [L, R, N]."""
     seqs = [gather_sequence(features, run) for run in runs]
     train_x = torch.stack([s[0] for s in seqs])  # [R, T, D]
     train_y = torch.stack([s[1] for s in seqs])
     test_x, test_y = torch.stack([s[2] for s in seqs]), torch.stack([s[3] for s in seqs])
     R, L = len(runs), len(lrs)
+    n_classes, n_train = runs[0].train_idx.shape
+    n_test = runs[0].test_idx.shape[1]
+    counts = counts or [n_classes]
     weights, bias = weights.detach(), bias.detach()
     W = weights.repeat(L, 1, 1)  # model i = (learning rate i // R, run i % R)
     b = bias.expand(L * R, *bias.shape).clone()
@@ -683,57 +722,65 @@ def sequential_fit(features, runs, weights, bias, lrs, progress=False):
     opt = torch.optim.Adam(groups, fused=True, capturable=W.device.type == "cuda")
     for i, g in enumerate(groups):  # the fused step reads the grads of the views
         g["params"][0].grad, g["params"][1].grad = W.grad[i], b.grad[i]
-    y_all = train_y.repeat(L, 1)
     models = torch.arange(L * R, device=W.device)
-    step = SequenceStep(W, b, train_x, y_all, models, opt, L)
-    if W.device.type == "cuda":
-        step.replay_graphed(progress)
-    else:
-        for _ in tqdm(range(train_x.shape[1]), disable=not progress, desc="test-train", leave=False):
-            step()
-    W, b = W.view(L, R, *weights.shape[1:]), b.view(L, R, *bias.shape)
-    test_correct = torch.stack([predict(W[l], b[l], test_x) == test_y for l in range(L)]).float()
-    train_correct = torch.stack([predict(W[l], b[l], train_x) == train_y for l in range(L)]).float()
-    test_per_class = test_correct.view(L, R, len(runs[0].classes), -1).mean(-1)
-    return {"test": test_correct.mean(2).cpu().numpy(),
-            "train": train_correct.mean(2).cpu().numpy(),
-            "test_per_class": test_per_class.cpu().numpy()}
+    step = SequenceStep(W, b, train_x, train_y.repeat(L, 1), models, opt, L, chunk=n_train)
+    Wl, bl = W.view(L, R, *weights.shape[1:]), b.view(L, R, *bias.shape)
+    scores = {"test": np.zeros((len(counts), L, R)), "train": np.zeros((len(counts), L, R))}
+    for k, n in enumerate(counts):
+        step.advance(n * n_train - step.done, bar)
+        for key, x, y in (("test", test_x[:, :n * n_test], test_y[:, :n * n_test]),
+                          ("train", train_x[:, :n * n_train], train_y[:, :n * n_train])):
+            correct = torch.stack([predict(Wl[l], bl[l], x) == y for l in range(L)]).float()  # [L, R, n]
+            scores[key][k] = correct.mean(2).cpu().numpy()
+            if key == "test":
+                scores["test_per_class"] = correct.view(L, R, n, n_test).mean(-1).cpu().numpy()
+    return scores
 
 
 class SequenceStep:
     """One test-train step of every model, reading image `t` of the sequence from a device counter,
     so that the same code runs eagerly or replayed from a CUDA graph."""
 
-    def __init__(self, W, b, train_x, train_y, models, opt, copies):
+    def __init__(self, W, b, train_x, train_y, models, opt, copies, chunk=15):
         self.W, self.b, self.x, self.y, self.models, self.opt = W, b, train_x, train_y, models, opt
         self.copies = copies  # each run's sequence is shared by `copies` learning rates
-        self.length = train_x.shape[1]
         self.t = torch.zeros(1, dtype=torch.long, device=W.device)
+        self.done, self.chunk, self.graph = 0, chunk, None  # steps taken; steps per graph replay
 
     def __call__(self):
         x = self.x.index_select(1, self.t).squeeze(1).repeat(self.copies, 1)
         y = self.y.index_select(1, self.t).squeeze(1)
         adam_step_on_image(self.W, self.b, x, y, self.models, self.opt)
         self.t += 1
+        self.done += 1
 
-    def replay_graphed(self, progress=False, chunk=15):
-        """Step 0 eagerly (Adam allocates its state), the rest from a graph of `chunk` steps."""
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            self()
-        torch.cuda.current_stream().wait_stream(stream)
-        remaining = self.length - 1
-        chunk = min(chunk, remaining)
-        if chunk:
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):  # capture records, it does not run
-                for _ in range(chunk):
+    def advance(self, steps, bar=None):
+        """Take `steps` steps: eagerly on the CPU; on CUDA the first `chunk` eagerly on a side stream
+        (Adam allocates its state), then from a graph of `chunk` steps captured once and replayed."""
+        on_cuda = self.W.device.type == "cuda"
+        while steps > 0:
+            if on_cuda and self.graph is None and self.done >= self.chunk and steps >= self.chunk:
+                self._capture()
+            if self.graph is not None and steps >= self.chunk:
+                self.graph.replay()
+                self.done += self.chunk
+                taken = self.chunk
+            else:
+                with side_stream(on_cuda and self.graph is None):
                     self()
-            for _ in tqdm(range(remaining // chunk), disable=not progress, desc="test-train", leave=False):
-                graph.replay()
-        for _ in range(remaining % chunk if chunk else 0):
-            self()
+                taken = 1
+            steps -= taken
+            if bar is not None:
+                bar.update(taken)
+
+    def _capture(self):
+        """Record `chunk` steps (capture records, it does not run: the counters are unchanged)."""
+        done = self.done
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            for _ in range(self.chunk):
+                self()
+        self.done = done
 
 
 def adam_step_on_image(W, b, x, y, models, opt):

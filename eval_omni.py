@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import sklearn
 import torch
 
 import anml
@@ -28,12 +29,17 @@ from train_omni import add_common_args, check_device, non_negative_int, positive
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("-m", "--model", required=True, help="checkpoint (.pth state_dict) to evaluate")
-    parser.add_argument("-c", "--classes", type=int, default=10,
-                        help=f"new classes to learn, 1..{NUM_EVALUATION} (%(default)s)")
+    parser.add_argument("-c", "--classes", type=int, nargs="+", default=[10],
+                        help=f"new classes to learn, 1..{NUM_EVALUATION} (%(default)s); several counts are "
+                             f"scored along one sequence per run (the first N classes of it)")
     parser.add_argument("-l", "--lr", type=positive_float, nargs="+", default=[1e-3],
                         help="test-train Adam learning rate(s) (0.001); several are compared on the same runs")
     parser.add_argument("-r", "--runs", type=positive_int, default=10,
                         help="repeats, each with new classes (%(default)s)")
+    parser.add_argument("--selection-runs", type=non_negative_int, default=0,
+                        help="separate runs (other seeds) on which each row's learning rate is chosen, then "
+                             "reported on the --runs runs, which play no part in the choice (%(default)s: "
+                             "the seed's protocol, the best rate on the reported runs)")
     parser.add_argument("-t", "--train-examples", type=int, default=15,
                         help=f"training images per class, 1..{IMAGES_PER_CLASS - 1} "
                              f"(%(default)s; the rest are test images)")
@@ -44,8 +50,12 @@ def parse_args(argv=None):
     parser.add_argument("--json", metavar="FILE", help="write every run's accuracies and the settings to FILE")
     add_common_args(parser)
     args = parser.parse_args(argv)
-    if not 1 <= args.classes <= NUM_EVALUATION:
-        parser.error(f"--classes must be in 1..{NUM_EVALUATION} (Omniglot's evaluation classes), got {args.classes}")
+    for n in args.classes:
+        if not 1 <= n <= NUM_EVALUATION:
+            parser.error(f"--classes must be in 1..{NUM_EVALUATION} (Omniglot's evaluation classes), got {n}")
+    if args.selection_runs and len(args.lr) < 2:
+        parser.error("--selection-runs chooses among learning rates: give several with --lr")
+    args.classes = anml.class_counts(args.classes)
     if not 1 <= args.train_examples <= IMAGES_PER_CLASS - 1:
         parser.error(f"--train-examples must be in 1..{IMAGES_PER_CLASS - 1} (each class has "
                      f"{IMAGES_PER_CLASS} images, one at least is kept for testing), got {args.train_examples}")
@@ -92,24 +102,93 @@ def check_writable(path):
         raise ValueError(f"cannot write --json {path}: folder {folder} is not writable")
 
 
-def report(args, argv, results, model_sha256, seconds):
+def stats(test, train, lr=None):
+    """Mean and std over runs of one learning rate's per-run accuracies, with the runs themselves."""
+    out = {} if lr is None else {"lr": lr}
+    return {**out, "test": test.tolist(), "train": train.tolist(),
+            "test_mean": float(test.mean()), "test_std": float(test.std()),
+            "train_mean": float(train.mean()), "train_std": float(train.std())}
+
+
+def choose_lrs(report, selection):
+    """Learning-rate choices from accuracies [K, L, R]: each row's best on the selection runs, one
+    rate for all rows (best mean over rows on the selection runs), and the seed's protocol (each
+    row's best on the reported runs themselves). Ties go to the first rate in --lr order."""
+    chosen = fixed = None
+    if selection is not None:
+        chosen = selection["test"].mean(2).argmax(1)  # [K]
+        fixed = int(selection["test"].mean(2).mean(0).argmax())
+    return chosen, fixed, report["test"].mean(2).argmax(1)
+
+
+def build_report(args, argv, report, selection, model_sha256, seconds):
     """Everything needed to compare or reproduce the evaluation, for --json."""
+    chosen, fixed, best = choose_lrs(report, selection)
+    rows = []
+    for k, n in enumerate(args.classes):
+        pick = lambda l: stats(report["test"][k, l], report["train"][k, l], args.lr[l])
+        rows.append({
+            "classes": n,
+            "per_lr": [{"lr": lr, "report": stats(report["test"][k, l], report["train"][k, l]),
+                        "selection": None if selection is None else
+                        stats(selection["test"][k, l], selection["train"][k, l])}
+                       for l, lr in enumerate(args.lr)],
+            "chosen_on_selection_runs": None if chosen is None else pick(chosen[k]),
+            "fixed_lr": None if fixed is None else pick(fixed),
+            "best_on_reported_runs": pick(best[k]),
+        })
     return {
         "command": shlex.join([sys.executable, sys.argv[0]] + argv),
+        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
         "model": str(args.model), "model_sha256": model_sha256,
-        "device": args.device, "device_name": device_name(args.device), "torch": torch.__version__,
-        "classes": args.classes, "train_examples": args.train_examples, "runs": args.runs,
-        "seed": args.seed, "run_seeds": [[args.seed, r] for r in range(args.runs)],  # SeedSequence entropy
+        "device": args.device, "device_name": device_name(args.device), "threads": torch.get_num_threads(),
+        "versions": versions(),
+        "classes": args.classes, "train_examples": args.train_examples, "lrs": args.lr,
+        "runs": args.runs, "selection_runs": args.selection_runs, "seed": args.seed,
+        "report_run_seeds": anml.run_seeds(args.seed, args.runs),  # SeedSequence entropies
+        "selection_run_seeds": anml.run_seeds(args.seed, args.selection_runs, selection=True),
         "fast": not args.seed_loop, "seconds": round(seconds, 3),
-        "results": [lr_result(lr, results["test"][l], results["train"][l]) for l, lr in enumerate(args.lr)],
+        "fixed_lr": None if fixed is None else args.lr[fixed],
+        "rows": rows,
     }
 
 
-def lr_result(lr, test, train):
-    """One learning rate's per-run accuracies [R] and their mean and std, as the printed lines."""
-    return {"lr": lr, "test": test.tolist(), "train": train.tolist(),
-            "test_mean": float(test.mean()), "test_std": float(test.std()),
-            "train_mean": float(train.mean()), "train_std": float(train.std())}
+def versions():
+    return {"python": platform.python_version(), "torch": torch.__version__, "numpy": np.__version__,
+            "scikit-learn": sklearn.__version__}
+
+
+def split_runs(results, runs):
+    """Results [K, L, runs + selection runs] -> (the reported runs', the selection runs' or None)."""
+    report = {k: v[..., :runs] for k, v in results.items()}
+    selection = {k: v[..., runs:] for k, v in results.items()} if results["test"].shape[2] > runs else None
+    return report, selection
+
+
+def print_results(args, report, selection):
+    """The seed's lines per class count and rate, the best rate's line, and with selection runs
+    the chosen rate's line and a closing table."""
+    several = len(args.lr) > 1
+    chosen, fixed, best = choose_lrs(report, selection)
+    for k, n in enumerate(args.classes):
+        for l, lr in enumerate(args.lr):
+            print("\n".join(summary_lines(n, lr, report["test"][k, l], report["train"][k, l], several)))
+        if several:
+            test = report["test"][k, best[k]]
+            print(f"Best lr {args.lr[best[k]]:g}: Classes {n} Accuracy {test.mean():.2f} (std {test.std():.2f})")
+        if chosen is not None:
+            test, train = report["test"][k, chosen[k]], report["train"][k, chosen[k]]
+            print(f"Chosen lr {args.lr[chosen[k]]:g} on {args.selection_runs} selection runs: Classes {n} "
+                  f"Accuracy {test.mean():.2f} (std {test.std():.2f}) Train accuracy {train.mean():.2f}")
+    if chosen is not None:
+        print(f"\n{args.runs} reported runs per row; rates chosen on {args.selection_runs} other runs")
+        print(f"{'classes':>7}  {'chosen lr':>9}  {'test':>11}  {'train':>11}  "
+              f"{'fixed lr ' + format(args.lr[fixed], 'g'):>15}  {'best on the same runs':>24}")
+        fmt = lambda a: f"{a.mean():.3f}±{a.std():.3f}"
+        for k, n in enumerate(args.classes):
+            c, b = chosen[k], best[k]
+            print(f"{n:>7}  {args.lr[c]:>9g}  {fmt(report['test'][k, c]):>11}  {fmt(report['train'][k, c]):>11}  "
+                  f"{fmt(report['test'][k, fixed]):>15}  {fmt(report['test'][k, b]) + ' lr ' + format(args.lr[b], 'g'):>24}")
 
 
 def main(argv=None):
@@ -117,23 +196,18 @@ def main(argv=None):
     args = parse_args(argv)
     if args.json:
         check_writable(args.json)
-    anml.load_model(args.model)  # fail on a bad checkpoint before the data is loaded
+    model = anml.load_model(args.model, args.device)  # fails on a bad checkpoint before the data is loaded
     model_sha256 = sha256_of(args.model)
     sampler = OmniSampler(args.data_root, download=not args.no_download, seed=args.seed)
+    seeds = anml.run_seeds(args.seed, args.runs) + anml.run_seeds(args.seed, args.selection_runs, selection=True)
     start = time.perf_counter()
-    results = anml.meta_test(args.model, sampler, num_classes=args.classes, train_examples=args.train_examples,
-                             lrs=args.lr, runs=args.runs, device=args.device, seed=args.seed,
-                             fast=not args.seed_loop, progress=True)
+    results = anml.meta_test(model, sampler, num_classes=args.classes, train_examples=args.train_examples,
+                             lrs=args.lr, runs=seeds, device=args.device, fast=not args.seed_loop, progress=True)
     seconds = time.perf_counter() - start
-    several = len(args.lr) > 1
-    for l, lr in enumerate(args.lr):
-        print("\n".join(summary_lines(args.classes, lr, results["test"][l], results["train"][l], several)))
-    if several:
-        best = int(np.argmax(results["test"].mean(1)))
-        test = results["test"][best]
-        print(f"Best lr {args.lr[best]:g}: Classes {args.classes} Accuracy {test.mean():.2f} (std {test.std():.2f})")
+    report, selection = split_runs(results, args.runs)
+    print_results(args, report, selection)
     if args.json:
-        write_json_atomic(report(args, argv, results, model_sha256, seconds), args.json)
+        write_json_atomic(build_report(args, argv, report, selection, model_sha256, seconds), args.json)
 
 
 if __name__ == "__main__":

@@ -46,13 +46,18 @@ class OmniSampler:
 
     def sample_test_indices(self, num_tasks, train_examples=15):
         """Draw a meta-test episode as indices: (classes [N], train_idx [N, train_examples],
-        test_idx [N, 20 - train_examples]); N distinct evaluation classes, drawer indices 0..19."""
+        test_idx [N, 20 - train_examples]); N distinct evaluation classes, drawer indices 0..19.
+
+        The classes are the first N of a random order of all evaluation classes, and each class's
+        split is drawn after them in that order: from the same generator state, the episode of N
+        classes is the first N classes of the episode of any larger N (a 600-class run passes
+        through the 10-, 50-, ... class runs on its way, which `meta_test` uses)."""
         num_classes = len(self.evaluation)
         if not 1 <= num_tasks <= num_classes:
             raise ValueError(f"num_tasks must be in 1..{num_classes}, got {num_tasks}")
         if not 1 <= train_examples <= IMAGES_PER_CLASS - 1:
             raise ValueError(f"train_examples must be in 1..{IMAGES_PER_CLASS - 1}, got {train_examples}")
-        classes = self.rng.choice(num_classes, size=num_tasks, replace=False)
+        classes = self.rng.permutation(num_classes)[:num_tasks]
         splits = [train_test_split(np.arange(IMAGES_PER_CLASS), train_size=train_examples,
                                    random_state=int(self.rng.integers(2**31 - 1))) for _ in classes]
         train_idx = np.stack([tr for tr, _ in splits])

@@ -147,3 +147,14 @@ def test_unreadable_png(tmp_path, cache_dir):
     with pytest.raises(DataError, match=r"images_(background|evaluation).zip: cannot read image"):
         load_omniglot(tmp_path, download=False, cache_dir=cache_dir)
     assert not list(cache_dir.glob("*.tmp"))
+
+
+def test_smaller_episode_is_the_first_classes_of_a_larger_one(sampler):
+    """From the same generator state, N classes are the first N of any larger draw, with the same splits."""
+    draws = {}
+    for n in (10, 600):
+        sampler.rng = np.random.default_rng(31)
+        draws[n] = sampler.sample_test_indices(n)
+    for small, large in zip(draws[10], draws[600]):
+        np.testing.assert_array_equal(small, large[:10])
+    assert len(set(draws[600][0].tolist())) == 600

@@ -169,15 +169,45 @@ def test_eval_lr_sweep_and_json(one_lr, omniglot_root, checkpoint, tmp_path):
 
     report = json.loads(out.read_text())
     assert report["model_sha256"] == hashlib.sha256(checkpoint.read_bytes()).hexdigest()
-    assert (report["classes"], report["runs"], report["seed"], report["device"]) == (5, 2, 0, "cpu")
+    assert (report["classes"], report["runs"], report["seed"], report["device"]) == ([5], 2, 0, "cpu")
+    assert report["report_run_seeds"] == [[0, 0], [0, 1]] and report["selection_run_seeds"] == []
     assert "eval_omni.py" in report["command"] and "--json" in report["command"]
-    assert [r["lr"] for r in report["results"]] == [0.001, 0.0005]
-    for r in report["results"]:
+    (row,) = report["rows"]
+    assert [r["lr"] for r in row["per_lr"]] == [0.001, 0.0005]
+    for r in row["per_lr"]:
+        assert r["selection"] is None
+        r = r["report"]
         assert len(r["test"]) == len(r["train"]) == 2
         assert all(0 <= a <= 1 for a in r["test"] + r["train"])
         assert r["test_mean"] == pytest.approx(np.mean(r["test"]))
-    best_mean = max(np.mean(r["test"]) for r in report["results"])
+    best_mean = max(np.mean(r["report"]["test"]) for r in row["per_lr"])
     assert float(best[3]) == pytest.approx(best_mean, abs=0.005)
+    assert row["best_on_reported_runs"]["test_mean"] == best_mean
+    assert row["chosen_on_selection_runs"] is None and row["fixed_lr"] is None
+
+
+def test_eval_chooses_rates_on_selection_runs(omniglot_root, checkpoint, tmp_path):
+    """Several class counts and selection runs: each row's rate is the best on the selection runs,
+    the reported numbers come from the other runs, and each row equals a run with that count alone."""
+    out = tmp_path / "table.json"
+    lrs = [0.03, 0.01, 0.003]
+    proc = evaluate(omniglot_root, checkpoint, "-c", 6, 2, "-r", 2, "--selection-runs", 2, "-l", *lrs, "--json", out)
+    assert_ok(proc)
+    report = json.loads(out.read_text())
+    assert report["classes"] == [2, 6] and report["selection_run_seeds"] == [[0, 0, 1], [0, 1, 1]]
+    for row in report["rows"]:
+        selection_means = [r["selection"]["test_mean"] for r in row["per_lr"]]
+        chosen = row["chosen_on_selection_runs"]
+        assert chosen["lr"] == lrs[int(np.argmax(selection_means))]
+        assert chosen["test"] == row["per_lr"][lrs.index(chosen["lr"])]["report"]["test"]
+        assert row["fixed_lr"]["lr"] == report["fixed_lr"]
+    fixed_means = [np.mean([row["per_lr"][l]["selection"]["test_mean"] for row in report["rows"]]) for l in range(3)]
+    assert report["fixed_lr"] == lrs[int(np.argmax(fixed_means))]
+    assert proc.stdout.count("Chosen lr") == 2 and "rates chosen on 2 other runs" in proc.stdout
+    alone = evaluate(omniglot_root, checkpoint, "-c", 2, "-r", 2, "-l", *lrs)
+    assert_ok(alone)
+    assert [l for l in alone.stdout.splitlines() if l.startswith("Classes")] == \
+        [l for l in proc.stdout.splitlines() if l.startswith("Classes 2 ")]
 
 
 def test_seed_loop_matches_fast_path(omniglot_root, checkpoint, tmp_path):
@@ -189,7 +219,7 @@ def test_seed_loop_matches_fast_path(omniglot_root, checkpoint, tmp_path):
         proc = evaluate(omniglot_root, checkpoint, "-c", 3, "-r", 2, "-l", 0.03, "--seed", 7, "--json", out, *flags)
         assert_ok(proc)
         reports.append(json.loads(out.read_text()))
-    fast, loop = (r["results"][0] for r in reports)
+    fast, loop = (r["rows"][0]["per_lr"][0]["report"] for r in reports)
     assert [r["fast"] for r in reports] == [True, False]
     assert max(fast["test"]) > 0
     np.testing.assert_allclose(loop["test"], fast["test"], atol=1e-6)
@@ -214,6 +244,8 @@ BAD_INPUTS = {  # id: (script, argv, text expected on stderr, skip)
     "eval-lr-0": ("eval_omni.py", [*NOT_READ, "-l", "0.001", "0", *CHEAP], "argument -l/--lr", False),
     "eval-lr-negative": ("eval_omni.py", [*NOT_READ, "-l", "-0.001", *CHEAP], "argument -l/--lr", False),
     "runs-0": ("eval_omni.py", [*NOT_READ, "-r", "0", *CHEAP], "argument -r/--runs", False),
+    "selection-one-lr": ("eval_omni.py", [*NOT_READ, "--selection-runs", "3", *CHEAP], "give several with --lr", False),
+    "classes-one-bad": ("eval_omni.py", [*NOT_READ, "-c", "10", "700", *CHEAP], "--classes must be in 1..659", False),
     "eval-cuda": ("eval_omni.py", [*NOT_READ, "-d", "cuda", *CHEAP], "CUDA is not available", NO_CUDA),
     "eval-no-data": ("eval_omni.py", ["-m", "{model}", *CHEAP], "Omniglot not found in", False),
     "eval-corrupt-zip": ("eval_omni.py", ["-m", "{model}", "--data-root", "{corrupt}"], "not a readable zip", False),
