@@ -10,7 +10,6 @@ one warm-up.
 """
 import argparse
 import json
-import platform
 import resource
 import statistics
 import subprocess
@@ -21,8 +20,10 @@ import time
 import torch
 
 import anml
-from datasets import OmniSampler
-from model import ANML
+from checkpoints import checkpoint_path, run_name, save_atomic
+from cli import add_common_args, check_device, device_name, positive_int, run_cli
+from datasets import NUM_EVALUATION, OmniSampler
+from model import ANML, check_sizes
 
 
 def synchronize(device):
@@ -32,17 +33,11 @@ def synchronize(device):
 
 def time_meta_iterations(args, backend):
     """Median seconds of one meta-training iteration with the given backend."""
-    sampler = OmniSampler(args.data_root, seed=0)
+    sampler = OmniSampler(args.data_root, download=not args.no_download, seed=0)
     torch.manual_seed(0)
     model = ANML(args.rln, args.nm, args.mask).to(args.device)
     inner_opt, outer_opt = anml.make_optimizers(model, 0.1, 1e-3, capturable=backend == "graph")
-    if backend == "graph":
-        step = anml.GraphedMetaStep(model, inner_opt, outer_opt, sampler)
-        run = lambda: step(*sampler.sample_train_indices())
-    else:
-        def run():
-            train_data, cls, (ims, labels) = sampler.sample_train(device=args.device)
-            anml.meta_step(model, inner_opt, outer_opt, train_data, cls, ims, labels, backend=backend)
+    run = anml.meta_stepper(backend, model, inner_opt, outer_opt, sampler, args.device)
     times = []
     for i in range(args.iters + 1):
         synchronize(args.device)
@@ -55,11 +50,11 @@ def time_meta_iterations(args, backend):
 
 def time_meta_test(args, fast):
     """Seconds of one --classes meta-test run (test-train and test-test) on a random checkpoint."""
-    sampler = OmniSampler(args.data_root, seed=0)
+    sampler = OmniSampler(args.data_root, download=not args.no_download, seed=0)
     torch.manual_seed(0)
     with tempfile.TemporaryDirectory() as tmp:
-        path = f"{tmp}/{args.rln}_{args.nm}_{args.mask}_ANML-0.pth"
-        anml.save_atomic(ANML(args.rln, args.nm, args.mask).state_dict(), path)
+        path = checkpoint_path(tmp, run_name(args.rln, args.nm, args.mask), 0)
+        save_atomic(ANML(args.rln, args.nm, args.mask).state_dict(), path)
         synchronize(args.device)
         start = time.perf_counter()
         anml.meta_test(path, sampler, num_classes=args.classes, lrs=[1e-3], runs=1, device=args.device,
@@ -88,36 +83,43 @@ def run_case(args):
     print(json.dumps({"seconds": seconds, "peak_mib": peak_memory_mib(args.device)}))
 
 
-def device_name(device):
-    if torch.device(device).type == "cuda":
-        return torch.cuda.get_device_name()
-    return f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rln", type=positive_int, default=256, help="RLN channels (%(default)s)")
+    parser.add_argument("--nm", type=positive_int, default=112, help="NM channels (%(default)s)")
+    parser.add_argument("--mask", type=positive_int, default=2304, help="NM gate size, 9 x --rln (%(default)s)")
+    parser.add_argument("--iters", type=positive_int, default=3, help="timed meta-iterations per backend (%(default)s)")
+    parser.add_argument("--classes", type=int, default=600, help="classes of the meta-test run (%(default)s)")
+    parser.add_argument("--only", choices=("iteration", "meta-test"), help="run one of the two comparisons")
+    parser.add_argument("--case", choices=CASES, help=argparse.SUPPRESS)
+    add_common_args(parser)
+    args = parser.parse_args(argv)
+    check_device(parser, args.device)
+    try:
+        check_sizes(args.rln, args.nm, args.mask)
+    except ValueError as e:
+        parser.error(str(e))
+    if not 1 <= args.classes <= NUM_EVALUATION:
+        parser.error(f"--classes must be in 1..{NUM_EVALUATION} (Omniglot's evaluation classes), got {args.classes}")
+    return args
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--rln", type=int, default=256)
-    parser.add_argument("--nm", type=int, default=112)
-    parser.add_argument("--mask", type=int, default=2304)
-    parser.add_argument("--iters", type=int, default=3, help="timed meta-iterations per backend")
-    parser.add_argument("--classes", type=int, default=600, help="classes of the meta-test run")
-    parser.add_argument("-d", "--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--data-root", default=None)
-    parser.add_argument("--only", choices=("iteration", "meta-test"), help="run one of the two comparisons")
-    parser.add_argument("--case", choices=CASES, help=argparse.SUPPRESS)
-    args = parser.parse_args()
+    args = parse_args()
     if args.case:
         return run_case(args)
     cases = [c for c in CASES if (c != "iteration-graph" or args.device == "cuda")
              and (args.only is None or c.startswith(args.only))]
-    print(f"device: {device_name(args.device)}, torch {torch.__version__}, "
+    OmniSampler(args.data_root, download=not args.no_download)  # data errors here, once, not per case
+    print(f"device: {device_name(args.device)}, {torch.get_num_threads()} threads, torch {torch.__version__}, "
           f"network {args.rln}/{args.nm}/{args.mask}, meta-test {args.classes} classes")
     results = {}
     for case in cases:
         cmd = [sys.executable, __file__, "--case", case] + sys.argv[1:]
         out = subprocess.run(cmd, capture_output=True, text=True)
         if out.returncode != 0:
-            sys.exit(f"{case} failed:\n{out.stderr}")
+            last = (out.stderr.strip().splitlines() or ["no output"])[-1]
+            raise ValueError(f"case {case} failed (exit {out.returncode}): {last}")
         results[case] = json.loads(out.stdout.strip().splitlines()[-1])
     baseline = {"iteration": results.get("iteration-higher"), "meta-test": results.get("meta-test-seed")}
     print(f"{'case':<18} {'time':>10} {'vs seed style':>14} {'peak memory':>12}")
@@ -127,4 +129,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

@@ -7,23 +7,21 @@ Every run learns `--classes` new classes in sequence (a fresh last layer over th
 NM, one Adam step per training image), then is tested on each class's held-out images.
 """
 import argparse
-import hashlib
 import json
 import os
-import platform
 import shlex
 import sys
 import time
 from pathlib import Path
 
-import numpy as np
-import sklearn
 import torch
 
 import anml
 from datasets import NUM_EVALUATION, OmniSampler
 from datasets.omniglot import IMAGES_PER_CLASS
-from train_omni import add_common_args, check_device, non_negative_int, positive_float, positive_int, run_cli
+from atomic import write_atomic
+from cli import (add_common_args, check_device, device_name, non_negative_int, positive_float, positive_int, run_cli,
+                 sha256_of, versions)
 
 
 def parse_args(argv=None):
@@ -63,25 +61,6 @@ def parse_args(argv=None):
     return args
 
 
-def sha256_of(path):
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def device_name(device):
-    """The GPU's name, or the CPU's model name where Linux tells it."""
-    if torch.device(device).type == "cuda":
-        return torch.cuda.get_device_name(device)
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        return platform.processor() or platform.machine() or "cpu"
-
-
 def summary_lines(classes, lr, test, train, several):
     """The seed's two lines (mean and std over runs), with ` lr {lr}` appended when sweeping."""
     tail = f" lr {lr:g}" if several else ""
@@ -91,7 +70,7 @@ def summary_lines(classes, lr, test, train, several):
 
 def write_json_atomic(obj, path):
     """json.dump beside path, then rename it into place (anml.write_atomic)."""
-    anml.write_atomic(path, lambda tmp: tmp.write_text(json.dumps(obj, indent=1) + "\n"))
+    write_atomic(path, lambda tmp: tmp.write_text(json.dumps(obj, indent=1) + "\n"))
 
 
 def check_writable(path):
@@ -151,11 +130,6 @@ def build_report(args, argv, report, selection, model_sha256, seconds):
         "fixed_lr": None if fixed is None else args.lr[fixed],
         "rows": rows,
     }
-
-
-def versions():
-    return {"python": platform.python_version(), "torch": torch.__version__, "numpy": np.__version__,
-            "scikit-learn": sklearn.__version__}
 
 
 def split_runs(results, runs):

@@ -9,7 +9,6 @@ import hashlib
 import io
 import json
 import os
-import tempfile
 import urllib.error
 import urllib.request
 import warnings
@@ -20,6 +19,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 from tqdm import tqdm
+
+from atomic import write_atomic
 
 SPLITS = ("images_background", "images_evaluation")
 NUM_BACKGROUND = 964
@@ -64,27 +65,35 @@ def find_sources(root):
 
 # ----------------------------------------------------------------------------- download
 
+PROVIDE_IT = ("or download images_background.zip and images_evaluation.zip yourself into a folder and "
+              "pass --data-root DIR (or set OMNIGLOT_ROOT=DIR)")
+
+
 def _download_one(url, dest, md5, progress):
     """Stream url into a temporary file beside dest, check its MD5, then move it into place."""
-    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part")
-    try:
+    written = False
+
+    def fetch(tmp):
+        nonlocal written
         digest = hashlib.md5()
-        with os.fdopen(fd, "wb") as f, urllib.request.urlopen(url, timeout=60) as r:
+        with urllib.request.urlopen(url, timeout=60) as r, open(tmp, "wb") as f:
             total = int(r.headers.get("Content-Length") or 0) or None
             with tqdm(total=total, unit="B", unit_scale=True, desc=dest.name, disable=not progress) as bar:
                 while chunk := r.read(1 << 20):
+                    written = True
                     f.write(chunk)
                     digest.update(chunk)
                     bar.update(len(chunk))
         if digest.hexdigest() != md5:
             raise DataError(f"download of {url} was corrupted (md5 {digest.hexdigest()}, expected {md5}); "
-                            f"the file was removed, try again")
-        os.replace(tmp, dest)
+                            f"the file was removed: try again, {PROVIDE_IT}")
+
+    try:
+        write_atomic(dest, fetch)
     except (OSError, urllib.error.URLError) as e:  # HTTPError, timeouts and disk errors included
-        raise DataError(f"could not download {url} to {dest}: {e}; the partial file was removed") from e
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+        partial = "; the partial file was removed" if written else ""
+        raise DataError(f"could not download {url} to {dest}: {e}{partial}. Check the connection and run "
+                        f"again, {PROVIDE_IT}") from e
 
 
 def download_omniglot(root=None, base_url=None, md5s=None, progress=True):
@@ -226,15 +235,10 @@ def load_omniglot(root=None, im_size=28, download=True, cache_dir=None):
     if arrays is None:
         arrays = _preprocess(sources, im_size)
         try:
-            cache.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=cache.parent, prefix=f".{cache.name}.", suffix=".tmp")
-            try:
-                with os.fdopen(fd, "wb") as f:
+            def save(tmp):
+                with open(tmp, "wb") as f:  # a file object: np.savez would add .npz to a name
                     np.savez(f, **arrays)
-                os.replace(tmp, cache)
-            finally:
-                if os.path.exists(tmp):
-                    os.remove(tmp)
+            write_atomic(cache, save)
         except OSError as e:
             warnings.warn(f"could not write the Omniglot cache {cache}: {e}")
     return tuple(arrays[s].astype(np.float32) / np.float32(255) for s in SPLITS)

@@ -3,7 +3,9 @@ import os
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -37,3 +39,31 @@ def sampler(omniglot_root, cache_dir):
     """OmniSampler(seed=0) on the real data; the one-time preprocessing is paid once per session."""
     from datasets import OmniSampler
     return OmniSampler(omniglot_root, seed=0, cache_dir=cache_dir)
+
+
+INNER_LR = 0.1
+
+
+def flat(model):
+    """Every parameter of `model`, detached, in one vector."""
+    return torch.cat([p.detach().flatten() for p in model.parameters()])
+
+
+@pytest.fixture(scope="session")
+def small_checkpoint(sampler, tmp_path_factory):
+    """A small ANML meta-trained for a few iterations on real data (fast backend)."""
+    import anml
+    from checkpoints import save_atomic
+    from model import ANML
+    torch.manual_seed(0)
+    model = ANML(8, 4, 72)
+    inner_opt, outer_opt = anml.make_optimizers(model, INNER_LR, 1e-3)
+    sampler.rng = np.random.default_rng(0)
+    for _ in range(10):
+        train_data, cls, (valid_ims, valid_labels) = sampler.sample_train()
+        anml.meta_step(model, inner_opt, outer_opt, train_data, cls, valid_ims, valid_labels, "func")
+    path = tmp_path_factory.mktemp("ckpt") / "8_4_72_ANML-9.pth"
+    save_atomic(model.state_dict(), path)
+    return path
+
+

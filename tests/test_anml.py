@@ -1,4 +1,4 @@
-"""Meta-training and meta-testing mathematics, checked against independent computations."""
+"""The meta-gradient (`anml.meta_step`, `higher` and functional), checked against independent computations."""
 import copy
 
 import numpy as np
@@ -8,9 +8,9 @@ import torch.nn.functional as F
 from torch.func import functional_call
 
 import anml
+import functional
+from conftest import INNER_LR, flat
 from model import ANML
-
-INNER_LR = 0.1
 
 
 def real_batch(sampler, dtype=torch.float64, remember_size=64):
@@ -18,10 +18,6 @@ def real_batch(sampler, dtype=torch.float64, remember_size=64):
     train_data, train_class, (valid_ims, valid_labels) = sampler.sample_train(remember_size=remember_size)
     train_data = [(im.to(dtype), label) for im, label in train_data]
     return train_data, train_class, valid_ims.to(dtype), valid_labels
-
-
-def flat(model):
-    return torch.cat([p.detach().flatten() for p in model.parameters()])
 
 
 def unrolled_loss(model, params, train_data, valid_ims, valid_labels, create_graph=True):
@@ -68,7 +64,7 @@ def tiny():
 def outer_chunk(request, monkeypatch):
     """The func backend's outer backward both ways: in chunks (the CPU default) and whole (GPU)."""
     if request.param == "whole":
-        monkeypatch.setattr(anml, "OUTER_CHUNK", {})
+        monkeypatch.setattr(functional, "OUTER_CHUNK", {})
     return request.param
 
 
@@ -177,173 +173,3 @@ def test_lobotomize_changes_exactly_one_row():
     big = torch.nn.Linear(2304, 1000)
     anml.lobotomize(big, 0)
     assert big.weight[0].std().item() == pytest.approx((2 / 2304) ** 0.5, rel=0.1)  # Kaiming normal
-
-
-@pytest.fixture(scope="module")
-def small_checkpoint(sampler, tmp_path_factory):
-    """A small ANML meta-trained for a few iterations on real data (fast backend)."""
-    torch.manual_seed(0)
-    model = ANML(8, 4, 72)
-    inner_opt, outer_opt = anml.make_optimizers(model, INNER_LR, 1e-3)
-    sampler.rng = np.random.default_rng(0)
-    for _ in range(10):
-        train_data, cls, (valid_ims, valid_labels) = sampler.sample_train()
-        anml.meta_step(model, inner_opt, outer_opt, train_data, cls, valid_ims, valid_labels, "func")
-    path = tmp_path_factory.mktemp("ckpt") / "8_4_72_ANML-9.pth"
-    anml.save_atomic(model.state_dict(), path)
-    return path
-
-
-def test_fast_meta_test_equals_seed_loop(small_checkpoint, sampler):
-    kwargs = dict(num_classes=8, train_examples=15, lrs=(1e-3, 3e-4), runs=2, seed=4, progress=False)
-    fast = anml.meta_test(small_checkpoint, sampler, fast=True, **kwargs)
-    slow = anml.meta_test(small_checkpoint, sampler, fast=False, **kwargs)
-    np.testing.assert_array_equal(fast["test"], slow["test"])
-    np.testing.assert_array_equal(fast["train"], slow["train"])
-    assert fast["test"].shape == (1, 2, 2)  # [class counts, lrs, runs]
-    assert fast["train"][0, 0].mean() > 0.05  # it learned: a guess among 1000 outputs scores 0.001
-
-
-def test_several_class_counts_equal_separate_runs(small_checkpoint, sampler):
-    """A run scored after the first 3, 6 and 8 classes of its sequence gives what separate runs with
-    3, 6 and 8 classes give (fast path), and the seed's loop run separately for each count agrees."""
-    kwargs = dict(train_examples=15, lrs=(1e-3, 3e-4), runs=2, seed=4, progress=False)
-    nested = anml.meta_test(small_checkpoint, sampler, num_classes=[8, 3, 6], **kwargs)
-    assert nested["test"].shape == (3, 2, 2)
-    for k, n in enumerate([3, 6, 8]):
-        alone = anml.meta_test(small_checkpoint, sampler, num_classes=n, **kwargs)
-        np.testing.assert_array_equal(nested["test"][k], alone["test"][0])
-        np.testing.assert_array_equal(nested["train"][k], alone["train"][0])
-    loop = anml.meta_test(small_checkpoint, sampler, num_classes=[3, 6, 8], fast=False, **kwargs)
-    np.testing.assert_array_equal(nested["test"], loop["test"])
-    np.testing.assert_array_equal(nested["train"], loop["train"])
-    assert not np.array_equal(nested["test"][0], nested["test"][2])  # 3 and 8 classes score differently
-
-
-def test_test_train_fast_equals_seed_loop(small_checkpoint, sampler):
-    accs = {}
-    for fast in (True, False):
-        sampler.rng = np.random.default_rng(9)
-        accs[fast] = anml.test_train(small_checkpoint, sampler, num_classes=6, lr=1e-3, quiet=True,
-                                     fast=fast, generator=torch.Generator().manual_seed(2))
-    assert accs[True].shape == (6,)
-    np.testing.assert_array_equal(accs[True], accs[False])
-
-
-def test_vectorised_grid_equals_separate_runs(small_checkpoint, sampler):
-    model = anml.load_model(small_checkpoint)
-    features = anml.FeatureBank(model, sampler.evaluation)
-    runs, inits = [], []
-    for r in range(3):
-        sampler.rng, generator = anml.run_generators(1, r)
-        anml.reset_last_layer(model, generator)
-        inits.append(model.fc.weight.detach().clone())
-        runs.append(anml.MetaTestRun(*sampler.sample_test_indices(5, 15)))
-    lrs = [1e-3, 5e-4]
-    grid = anml.sequential_fit(features, runs, torch.stack(inits), model.fc.bias, lrs, counts=[2, 5])
-    for r in range(3):
-        for l, lr in enumerate(lrs):
-            one = anml.sequential_fit(features, [runs[r]], inits[r][None], model.fc.bias, [lr], counts=[2, 5])
-            np.testing.assert_array_equal(one["test"][:, 0, 0], grid["test"][:, l, r])
-            np.testing.assert_array_equal(one["train"][:, 0, 0], grid["train"][:, l, r])
-    assert len({tuple(run.classes) for run in runs}) == 3
-
-
-def test_graph_gathers_the_samplers_batch(sampler):
-    """The CUDA graph's on-device gather gives `sample_train`'s batch for the same indices (on CPU)."""
-    sampler.rng = np.random.default_rng(5)
-    train_data, cls, (valid_ims, valid_labels) = sampler.sample_train()
-    sampler.rng = np.random.default_rng(5)
-    index_cls, remember = sampler.sample_train_indices()
-    assert index_cls == cls
-    train_ims, train_labels, g_valid_ims, g_valid_labels = anml.gather_train_batch(
-        sampler.background.flatten(0, 1), 20, torch.tensor(cls), torch.as_tensor(remember))
-    assert torch.equal(train_ims, torch.cat([im for im, _ in train_data]))
-    assert torch.equal(train_labels, torch.cat([label for _, label in train_data]))
-    assert torch.equal(g_valid_ims, valid_ims) and torch.equal(g_valid_labels, valid_labels)
-
-
-def test_graphed_step_logic_equals_meta_step_on_cpu(sampler):
-    """GraphedMetaStep without CUDA runs its steps eagerly: warm-up, undoing the warm-up, the
-    on-device gather and the step itself must give exactly what meta_step gives."""
-    torch.manual_seed(0)
-    base = ANML(4, 3, 36).double()
-    images = sampler.background.flatten(0, 1).double()
-    results = {}
-    for graphed in (False, True):
-        model = copy.deepcopy(base)
-        inner_opt, outer_opt = anml.make_optimizers(model, INNER_LR, 1e-3)
-        if graphed:
-            step = anml.GraphedMetaStep(model, inner_opt, outer_opt, sampler)
-        sampler.rng = np.random.default_rng(8)
-        torch.manual_seed(1)
-        for _ in range(3):
-            cls, remember = sampler.sample_train_indices()
-            if graphed:
-                step(cls, remember)
-            else:
-                train_ims, train_labels, valid_ims, valid_labels = anml.gather_train_batch(
-                    images, 20, torch.tensor(cls), torch.as_tensor(remember))
-                train_data = [(train_ims[i:i + 1], train_labels[i:i + 1]) for i in range(20)]
-                anml.meta_step(model, inner_opt, outer_opt, train_data, cls, valid_ims, valid_labels, "func")
-        results[graphed] = flat(model)
-    assert not torch.equal(results[False], flat(base))
-    torch.testing.assert_close(results[True], results[False], rtol=1e-12, atol=0)
-
-
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_graphed_step_equals_eager_on_cuda(sampler):
-    torch.manual_seed(0)
-    base = ANML(16, 8, 144).cuda()
-    results = {}
-    for graphed in (False, True):
-        model = copy.deepcopy(base)
-        inner_opt, outer_opt = anml.make_optimizers(model, INNER_LR, 1e-3, capturable=True)
-        step = anml.GraphedMetaStep(model, inner_opt, outer_opt, sampler) if graphed else None
-        rng = np.random.default_rng(0)
-        torch.cuda.manual_seed(1)
-        for _ in range(3):
-            cls = int(rng.integers(sampler.background.shape[0]))
-            remember = rng.choice(sampler.background.shape[0] * 20, 64, replace=False)
-            if graphed:
-                step(cls, remember)
-            else:
-                images = sampler.background.flatten(0, 1)
-                train_data = [(images[cls * 20 + i:cls * 20 + i + 1].cuda(), torch.tensor([cls]).cuda())
-                              for i in range(20)]
-                labels = torch.cat([torch.full((20,), cls), torch.as_tensor(remember) // 20]).cuda()
-                valid_ims = torch.cat([images[cls * 20:(cls + 1) * 20], images[remember]]).cuda()
-                anml.meta_step(model, inner_opt, outer_opt, train_data, cls, valid_ims, labels, "func")
-        results[graphed] = flat(model)
-    torch.testing.assert_close(results[True], results[False], rtol=1e-4, atol=1e-5)
-
-
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_graphed_meta_test_equals_cpu(small_checkpoint, sampler):
-    kwargs = dict(num_classes=[5, 20], lrs=(1e-3, 5e-4), runs=2, seed=3, progress=False)
-    gpu = anml.meta_test(small_checkpoint, sampler, device="cuda", **kwargs)
-    cpu = anml.meta_test(small_checkpoint, sampler, device="cpu", **kwargs)
-    np.testing.assert_allclose(gpu["test"], cpu["test"], atol=0.02)
-    np.testing.assert_allclose(gpu["train"], cpu["train"], atol=0.02)
-
-
-def test_half_then_resume_equals_one_run(sampler, tmp_path):
-    """N iterations straight = N/2, then a resume for the other N/2: bit-identical on the CPU,
-    and the CSV log holds the same losses and accuracies, each iteration once."""
-    def run(out_dir, its, resume=None):
-        sampler.rng = np.random.default_rng(1)  # what OmniSampler(seed=1) starts from
-        return anml.train(4, 3, 36, its=its, sampler=sampler, out_dir=out_dir, seed=1, quiet=True,
-                          resume=resume)
-
-    _, stopped = run(tmp_path / "straight", 4)
-    assert stopped is None
-    run(tmp_path / "split", 2)
-    run(tmp_path / "split", 4, resume="latest")
-    load = lambda d: torch.load(d / "4_3_36_ANML-3.pth", weights_only=True)
-    straight, split = load(tmp_path / "straight"), load(tmp_path / "split")
-    assert all(torch.equal(straight[k], split[k]) for k in straight)
-    logs = [np.loadtxt(d / "4_3_36_train_log.csv", delimiter=",", skiprows=1)
-            for d in (tmp_path / "straight", tmp_path / "split")]
-    np.testing.assert_array_equal(logs[0][:, :3], logs[1][:, :3])
-    assert logs[0][:, 0].tolist() == [0, 1, 2, 3]
-    assert [p.name for p in (tmp_path / "split").glob("*_resume.pt")] == ["4_3_36_ANML-3_resume.pt"]
