@@ -79,11 +79,15 @@ def _download_one(url, dest, md5, progress):
         with urllib.request.urlopen(url, timeout=60) as r, open(tmp, "wb") as f:
             total = int(r.headers.get("Content-Length") or 0) or None
             with tqdm(total=total, unit="B", unit_scale=True, desc=dest.name, disable=not progress) as bar:
+                received = 0
                 while chunk := r.read(1 << 20):
                     written = True
                     f.write(chunk)
                     digest.update(chunk)
                     bar.update(len(chunk))
+                    received += len(chunk)
+        if total and received < total:
+            raise ConnectionError(f"the connection closed after {received} of {total} bytes")
         if digest.hexdigest() != md5:
             raise DataError(f"download of {url} was corrupted (md5 {digest.hexdigest()}, expected {md5}); "
                             f"the file was removed: try again, {PROVIDE_IT}")

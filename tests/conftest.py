@@ -11,14 +11,39 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 
+def has_zips(root):
+    return all((Path(root) / f"{split}.zip").is_file() for split in ("images_background", "images_evaluation"))
+
+
+def find_omniglot():
+    """A folder with the two Omniglot zips, found as the scripts find the data: $OMNIGLOT_ROOT,
+    ../shared/omniglot beside the repository, the user cache (~/.cache/higherANML/omniglot); else
+    downloaded into the user cache, unless $HIGHERANML_NO_DOWNLOAD is set. Raises DataError."""
+    from datasets import DataError, download_omniglot
+    from datasets.omniglot import resolve_data_root
+    user_cache = resolve_data_root(None) if not os.environ.get("OMNIGLOT_ROOT") else None
+    candidates = [os.environ.get("OMNIGLOT_ROOT"), REPO.parent / "shared" / "omniglot", user_cache]
+    for root in filter(None, candidates):
+        if has_zips(root):
+            return Path(root)
+    if os.environ.get("HIGHERANML_NO_DOWNLOAD"):
+        raise DataError("HIGHERANML_NO_DOWNLOAD is set")
+    if user_cache is None:
+        raise DataError(f"OMNIGLOT_ROOT={os.environ['OMNIGLOT_ROOT']} does not hold the two zips")
+    download_omniglot(user_cache)
+    return user_cache
+
+
 @pytest.fixture(scope="session")
 def omniglot_root():
-    """The Omniglot data root: $OMNIGLOT_ROOT, else ../shared/omniglot beside the repository."""
-    root = Path(os.environ.get("OMNIGLOT_ROOT") or REPO.parent / "shared" / "omniglot")
-    if not (root / "images_background.zip").is_file() or not (root / "images_evaluation.zip").is_file():
-        pytest.fail(f"Omniglot not found in {root}: set OMNIGLOT_ROOT to a folder holding "
-                    f"images_background.zip and images_evaluation.zip")
-    return root
+    """The Omniglot data root of the whole session; without data the session stops with one message."""
+    from datasets import DataError
+    try:
+        return find_omniglot()
+    except DataError as e:
+        pytest.exit(f"The tests need Omniglot and none could be found or downloaded ({e}). Put "
+                    f"images_background.zip and images_evaluation.zip in a folder and set OMNIGLOT_ROOT to it.",
+                    returncode=4)
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -4,6 +4,7 @@ import shutil
 import threading
 from functools import partial
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 
 import pytest
 
@@ -14,8 +15,21 @@ ZIPS = [f"{s}.zip" for s in SPLITS]
 
 
 class QuietHandler(SimpleHTTPRequestHandler):
+    """Serves the folder; under /truncated/ it announces a whole file but sends half and hangs up."""
+
     def log_message(self, *args):
         pass
+
+    def do_GET(self):
+        if not self.path.startswith("/truncated/"):
+            return super().do_GET()
+        data = (Path(self.directory) / self.path.rsplit("/", 1)[1]).read_bytes()
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data[:len(data) // 2])
+        self.wfile.flush()
+        self.close_connection = True
 
 
 @pytest.fixture(scope="module")
@@ -49,10 +63,21 @@ def test_wrong_md5(tmp_path, served):
     assert list(tmp_path.iterdir()) == []
 
 
-def test_not_found(tmp_path, served):
+def test_not_found_says_what_to_do_instead(tmp_path, served):
     url, md5s = served
-    with pytest.raises(DataError, match="404"):
+    with pytest.raises(DataError, match="404") as failure:
         download_omniglot(tmp_path, base_url=url + "/missing", md5s=md5s, progress=False)
+    assert list(tmp_path.iterdir()) == []
+    message = str(failure.value)
+    assert "--data-root" in message and "OMNIGLOT_ROOT" in message
+    assert "partial file" not in message  # nothing was written, so nothing was removed
+
+
+def test_broken_transfer_removes_the_partial_file(tmp_path, served):
+    url, md5s = served
+    with pytest.raises(DataError, match="could not download") as failure:
+        download_omniglot(tmp_path, base_url=url + "/truncated", md5s=md5s, progress=False)
+    assert "the partial file was removed" in str(failure.value) and "--data-root" in str(failure.value)
     assert list(tmp_path.iterdir()) == []
 
 
