@@ -1,5 +1,6 @@
 """Shared pytest fixtures: the real Omniglot copy, a per-session cache and a seeded OmniSampler."""
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -92,3 +93,19 @@ def small_checkpoint(sampler, tmp_path_factory):
     return path
 
 
+
+
+def script_env(**extra):
+    """The environment of a script run by a test: one thread (tiny nets gain nothing from two, and two
+    threads per process on 2 shared cores stall)."""
+    return {**os.environ, "OMP_NUM_THREADS": "1", **extra}
+
+
+def command(script, *args):
+    return [sys.executable, script, *map(str, args)]
+
+
+def run(script, *args, env=None):
+    """Run one of the project's scripts as a user would, from the repository's root."""
+    return subprocess.run(command(script, *args), cwd=REPO, env=env or script_env(),
+                          capture_output=True, text=True, timeout=600)

@@ -2,6 +2,7 @@
 import pytest
 import torch
 
+from checkpoints import load_model
 from model import ANML, sizes_from_state_dict
 
 SEED_KEYS = {f"{net}.convBlock{i}.{layer}.{kind}" for net in ("nm", "rln") for i in (1, 2, 3)
@@ -49,10 +50,24 @@ def test_conv_block_is_conv_norm_relu_pool():
     assert not ANML(4, 3, 36).rln.convBlock3.pooling
 
 
-def test_a_seed_format_checkpoint_loads_strictly(full, tmp_path):
-    torch.save(full.state_dict(), tmp_path / "256_112_2304_ANML-29999.pth")
-    model = ANML(256, 112, 2304)
-    model.load_state_dict(torch.load(tmp_path / "256_112_2304_ANML-29999.pth", weights_only=True), strict=True)
+def test_a_seed_format_checkpoint_loads_strictly(tmp_path):
+    """A bare state_dict built from the seed's key list and shapes alone (not from our model) loads
+    with strict=True, and every value arrives where its name says."""
+    shapes = {"fc.weight": (1000, 2304), "fc.bias": (1000,), "nm.fc.weight": (2304, 1008), "nm.fc.bias": (2304,)}
+    for net, chs in (("rln", 256), ("nm", 112)):
+        for i in (1, 2, 3):
+            p = f"{net}.convBlock{i}."
+            shapes.update({p + "conv.weight": (chs, 1 if i == 1 else chs, 3, 3), p + "conv.bias": (chs,),
+                           p + "norm.weight": (chs,), p + "norm.bias": (chs,)})
+    assert set(shapes) == SEED_KEYS
+    generator = torch.Generator().manual_seed(0)
+    seed_state = {k: torch.randn(shape, generator=generator) for k, shape in shapes.items()}
+    path = tmp_path / "256_112_2304_ANML-29999.pth"
+    torch.save(seed_state, path)
+    model = load_model(path)
+    assert sizes_from_state_dict(model.state_dict()) == (256, 112, 2304)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, seed_state[k]), k
 
 
 @pytest.mark.parametrize("sizes", [(256, 112, 2000), (4, 3, 37), (0, 3, 0)])

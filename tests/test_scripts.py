@@ -4,40 +4,24 @@ Tiny networks (RLN 4, NM 3, mask 36) and few classes keep this file fast; the Om
 is paid once, through $HIGHERANML_CACHE (set by conftest's session `cache_dir` fixture)."""
 import hashlib
 import json
-import os
 import re
 import shutil
 import signal
 import subprocess
-import sys
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
+import matplotlib.pyplot as plt
 import numpy as np
 import pytest
 import torch
 
+from conftest import REPO, command, run, script_env
 from model import ANML
 
-REPO = Path(__file__).resolve().parents[1]
 TINY = ["--rln", "4", "--nm", "3", "--mask", "36"]
 NUMBER = r"(\d+\.\d\d)"
 ACCURACY = rf"Classes (\d+) Accuracy {NUMBER} \(std {NUMBER}\)"
 TRAIN_ACCURACY = rf"Classes (\d+) Train accuracy {NUMBER} \(std {NUMBER}\)"
-
-
-def script_env(**extra):
-    # One thread: tiny nets gain nothing from two, and two threads per process on 2 shared cores stall.
-    return {**os.environ, "OMP_NUM_THREADS": "1", **extra}
-
-
-def command(script, *args):
-    return [sys.executable, script, *map(str, args)]
-
-
-def run(script, *args, env=None):
-    return subprocess.run(command(script, *args), cwd=REPO, env=env or script_env(),
-                          capture_output=True, text=True, timeout=600)
 
 
 def train(root, out_dir, *args):
@@ -208,6 +192,22 @@ def test_eval_chooses_rates_on_selection_runs(omniglot_root, checkpoint, tmp_pat
     assert_ok(alone)
     assert [l for l in alone.stdout.splitlines() if l.startswith("Classes")] == \
         [l for l in proc.stdout.splitlines() if l.startswith("Classes 2 ")]
+
+
+def test_plot_results_draws_both_pictures(omniglot_root, trained, tmp_path):
+    """plot_results.py on a real (small) eval_omni.py --json file and a real training log."""
+    out = tmp_path / "table.json"
+    assert_ok(evaluate(omniglot_root, trained[1] / "4_3_36_ANML-2.pth", "-c", 2, 3, "-r", 2,
+                       "--selection-runs", 1, "-l", 0.03, 0.01, "--json", out))
+    proc = run("plot_results.py", "--results", out, "--log", trained[1] / "4_3_36_train_log.csv",
+               "--out-dir", tmp_path / "figures", "--smooth", 2)
+    assert_ok(proc)
+    for name in ("evaluation_results.png", "training_curve.png"):
+        image = plt.imread(tmp_path / "figures" / name)
+        assert image.shape[0] > 300 and image.shape[1] > 600 and image.std() > 0.01  # drawn, not blank
+    missing = run("plot_results.py", "--results", tmp_path / "none.json")
+    assert missing.returncode == 2 and missing.stderr.strip().splitlines() == [
+        f"error: results file not found: {tmp_path / 'none.json'} (make it with eval_omni.py --json)"]
 
 
 def test_seed_loop_matches_fast_path(omniglot_root, checkpoint, tmp_path):
