@@ -140,8 +140,8 @@ def train(rln, nm, mask, inner_lr=0.1, outer_lr=1e-3, its=30000, device="cpu", s
 
     The run holds a lock on its files in `out_dir` (ValueError if another process holds it), and
     refuses to start over an unfinished run there. A non-finite loss or weight (Diverged) or a
-    failed write (WriteError) stops it before anything bad is saved: the last resumable checkpoint
-    stays good.
+    failed write (WriteError, for any OSError) stops it before anything bad is saved: the last
+    resumable checkpoint stays good.
 
     Returns (the model, why it stopped early: None when it ran to `its`, else the signal's name
     or the time limit)."""
@@ -157,9 +157,9 @@ def train(rln, nm, mask, inner_lr=0.1, outer_lr=1e-3, its=30000, device="cpu", s
         except Diverged as e:
             raise Diverged(f"{e}; {last_good(out_dir, name)} (a smaller --outer-lr is a new run: "
                            f"another --out-dir)") from e
-        except WriteError as e:
-            raise WriteError(f"{e}; {last_good(out_dir, name)}: free some space, then continue with "
-                             f"--resume latest") from e
+        except OSError as e:  # a checkpoint or the log could not be written (WriteError, a full disk)
+            raise WriteError(f"{e}; {last_good(out_dir, name)}: free some space (or fix the folder), then "
+                             f"continue with --resume latest") from e
 
 
 def starting_state(resume, out_dir, name, config):
