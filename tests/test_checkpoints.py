@@ -39,7 +39,7 @@ import pytest
 
 import checkpoints
 from atomic import WriteError
-from checkpoints import Diverged, RunLock, TrainingLog, save_atomic
+from checkpoints import Diverged, TrainingLog, save_atomic
 
 NAME = "4_3_36"
 
