@@ -24,8 +24,8 @@ from tqdm import tqdm
 
 from atomic import WriteError
 from checkpoints import (Diverged, RunLock, StopSignal, TrainingLog, apply_training_state, check_config,
-                         check_finite_parameters, check_fresh_start, check_out_dir, checkpoint_path, clean_out_dir,
-                         cpu_state_dict, find_resumable, load_model, newest_resumable, notice,
+                         check_finite, check_finite_parameters, check_fresh_start, check_out_dir, checkpoint_path,
+                         clean_out_dir, cpu_state_dict, find_resumable, load_model, newest_resumable, notice,
                          read_training_state, restore_torch_rng, run_config, run_name, save_atomic,
                          save_training_state)
 from cuda_graphs import GraphedMetaStep
@@ -170,6 +170,7 @@ def starting_state(resume, out_dir, name, config):
         return None, None
     path = find_resumable(resume, out_dir, name)
     state = read_training_state(path)
+    check_finite(state["model"], path)
     check_config(state.get("config"), config, path)
     done, its = state["iteration"] + 1, config["epochs"]
     if done > its:

@@ -175,8 +175,9 @@ def test_nan_checkpoints_are_refused(sampler, tmp_path):
     state = weights(tmp_path / f"{NAME}_ANML-0_resume.pt")
     state["model"]["fc.weight"][0, 0] = float("nan")
     torch.save(state, tmp_path / f"{NAME}_ANML-0_resume.pt")
-    with pytest.raises(Diverged, match=r"non-finite weights \(NaN or inf in fc.weight\)"):
+    with pytest.raises(Diverged, match=r"non-finite weights \(NaN or inf in fc.weight\)") as error:
         run_tiny(sampler, tmp_path, 3, resume="latest")
+    assert "last good" not in str(error.value)  # that file is not good
     torch.save(state["model"], tmp_path / "nan.pth")
     with pytest.raises(ValueError, match="nan.pth holds non-finite weights"):
         anml.load_model(tmp_path / "nan.pth")
