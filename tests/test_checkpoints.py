@@ -113,7 +113,8 @@ def test_a_new_run_does_not_overwrite_an_unfinished_one(sampler, tmp_path):
     assert (tmp_path / "a" / f"{NAME}_train_log.csv").read_text() == log
     run_tiny(sampler, tmp_path / "a", 3, seed=7, resume="latest")
     run_tiny(sampler, tmp_path / "alone", 3, seed=7)
-    assert same_weights(weights(tmp_path / "a" / f"{NAME}_ANML-2.pth"), weights(tmp_path / "alone" / f"{NAME}_ANML-2.pth"))
+    last = f"{NAME}_ANML-2.pth"
+    assert same_weights(weights(tmp_path / "a" / last), weights(tmp_path / "alone" / last))
 
 
 def test_a_finished_run_may_be_repeated_with_the_same_flags(sampler, tmp_path, capsys):

@@ -397,5 +397,6 @@ def test_a_full_disk_is_one_error_and_the_run_resumes(trained, omniglot_root, sm
     assert not list(small_disk.glob(".*.tmp"))
     subprocess.run(["mount", "-o", "remount,size=4m", small_disk], check=True)
     assert_ok(train(omniglot_root, small_disk, "--seed", 1, "--resume", "latest"))
-    straight, resumed = load_checkpoint(trained[1] / "4_3_36_ANML-2.pth"), load_checkpoint(small_disk / "4_3_36_ANML-2.pth")
+    straight = load_checkpoint(trained[1] / "4_3_36_ANML-2.pth")
+    resumed = load_checkpoint(small_disk / "4_3_36_ANML-2.pth")
     assert all(torch.equal(straight[k], resumed[k]) for k in straight)
