@@ -165,7 +165,7 @@ def check_fresh_start(out_dir, name, config):
         notice(f"{out_dir} holds a finished run of {name} with the same flags: running it again, "
                f"overwriting its files")
         return
-    flags = f" ({format_flags(stored, FLAGS)})" if stored else ""
+    flags = f" ({format_flags(stored, [k for k in FLAGS if k in stored])})" if stored else ""
     raise ValueError(f"{out_dir} already holds a run of {name}{flags}, resumable after iteration {last}: "
                      f"continue it with --resume latest, or start a new run in another --out-dir")
 
