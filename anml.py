@@ -22,8 +22,12 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from checkpoints import (StopSignal, TrainingLog, checkpoint_path, cpu_state_dict, find_resumable, load_model,
-                         load_training_state, restore_torch_rng, run_name, save_atomic, save_training_state)
+from atomic import WriteError
+from checkpoints import (Diverged, RunLock, StopSignal, TrainingLog, apply_training_state, check_config,
+                         check_finite, check_finite_parameters, check_fresh_start, check_out_dir, checkpoint_path,
+                         clean_out_dir, cpu_state_dict, find_resumable, load_model, newest_resumable, notice,
+                         read_training_state, restore_torch_rng, run_config, run_name, save_atomic,
+                         save_training_state)
 from cuda_graphs import GraphedMetaStep
 from frozen_features import FeatureBank, MetaTestRun, sequential_fit
 from functional import accuracy, func_meta_loss
@@ -124,52 +128,117 @@ def meta_stepper(backend, model, inner_opt, outer_opt, sampler, device):
 
 def train(rln, nm, mask, inner_lr=0.1, outer_lr=1e-3, its=30000, device="cpu", sampler=None,
           out_dir="trained_anmls", seed=1, backend="auto", log_every=10, save_every=1000, quiet=False,
-          resume=None, time_limit=None):
+          resume=None, time_limit=None, save_minutes=5):
     """Meta-train an ANML for `its` iterations.
 
     Writes the seed's checkpoints `{out_dir}/{rln}_{nm}_{mask}_ANML-{it}.pth` (bare state_dicts)
-    every `save_every` iterations and at the last one, each with a resumable checkpoint beside
-    it (model, Adam, iteration, every RNG state), and a CSV log of every iteration. `resume`
-    (a path, or "latest") continues a run exactly; after `time_limit` seconds, or on
-    SIGINT/SIGTERM, it stops cleanly after the iteration in flight, writing a resumable checkpoint.
+    every `save_every` iterations and at the last one, a resumable checkpoint (model, Adam,
+    iteration, every RNG state, the flags) with each and every `save_minutes` minutes, and a CSV
+    log of every iteration. `resume` (a path, or "latest") continues a run exactly, with its own
+    flags (only `its` may change); after `time_limit` seconds, or on SIGINT/SIGTERM, it stops
+    cleanly after the iteration in flight, writing a resumable checkpoint.
+
+    The run holds a lock on its files in `out_dir` (ValueError if another process holds it), and
+    refuses to start over an unfinished run there. A non-finite loss or weight (Diverged) or a
+    failed write (WriteError, for any OSError) stops it before anything bad is saved: the last
+    resumable checkpoint stays good.
 
     Returns (the model, why it stopped early: None when it ran to `its`, else the signal's name
     or the time limit)."""
     out_dir, name = Path(out_dir), run_name(rln, nm, mask)
+    config = run_config(rln, nm, mask, inner_lr, outer_lr, seed, backend, its)
+    check_out_dir(out_dir)
+    with RunLock(out_dir, name):
+        clean_out_dir(out_dir)
+        state, path = starting_state(resume, out_dir, name, config)
+        try:
+            return train_locked(config, device, sampler, out_dir, state, path, log_every, save_every, quiet,
+                                time_limit, save_minutes)
+        except Diverged as e:
+            raise Diverged(f"{e}; {last_good(out_dir, name)} (a smaller --outer-lr is a new run: "
+                           f"another --out-dir)") from e
+        except OSError as e:  # a checkpoint or the log could not be written (WriteError, a full disk)
+            raise WriteError(f"{e}; {last_good(out_dir, name)}: free some space (or fix the folder), then "
+                             f"continue with --resume latest") from e
+
+
+def starting_state(resume, out_dir, name, config):
+    """(the resumable checkpoint's dict, its path) to continue from, checked against `config`,
+    or (None, None) for a new run (which must not overwrite another run in `out_dir`)."""
+    if resume is None:
+        check_fresh_start(out_dir, name, config)
+        return None, None
+    path = find_resumable(resume, out_dir, name)
+    state = read_training_state(path)
+    check_finite(state["model"], path)
+    check_config(state.get("config"), config, path)
+    done, its = state["iteration"] + 1, config["epochs"]
+    if done > its:
+        raise ValueError(f"{path} has already trained {done} iterations, more than --epochs {its}: nothing to "
+                         f"train (give --epochs {done} or more to continue it)")
+    return state, path
+
+
+def last_good(out_dir, name):
+    path = newest_resumable(out_dir, name)
+    return "no resumable checkpoint was written" if path is None else \
+        f"the last good resumable checkpoint is {path}"
+
+
+def train_locked(config, device, sampler, out_dir, state, state_path, log_every, save_every, quiet, time_limit,
+                 save_minutes):
+    """The training loop of `train`, once the run's files are locked and its start is checked."""
+    name, its = run_name(config["rln"], config["nm"], config["mask"]), config["epochs"]
     if sampler is None:
         from datasets import OmniSampler
-        sampler = OmniSampler(seed=seed)
-    torch.manual_seed(seed)
-    model = ANML(rln, nm, mask).to(device)
-    backend = resolve_backend(backend, device)
-    inner_opt, outer_opt = make_optimizers(model, inner_lr, outer_lr, capturable=backend == "graph")
+        sampler = OmniSampler(seed=config["seed"])
+    torch.manual_seed(config["seed"])
+    model = ANML(config["rln"], config["nm"], config["mask"]).to(device)
+    backend = resolve_backend(config["backend"], device)
+    inner_opt, outer_opt = make_optimizers(model, config["inner_lr"], config["outer_lr"],
+                                           capturable=backend == "graph")
     first, elapsed, rng = 0, 0.0, None
-    if resume is not None:
-        first, elapsed, rng = load_training_state(find_resumable(resume, out_dir, name), model, outer_opt, sampler)
+    if state is not None:
+        first, elapsed, rng = apply_training_state(state, state_path, model, outer_opt, sampler)
+    if first == its:
+        return finished_already(model, out_dir, name, its), None
     step = meta_stepper(backend, model, inner_opt, outer_opt, sampler, device)
     restore_torch_rng(rng)  # after the graph's warm-up, which draws from the CUDA generator
     log = TrainingLog(out_dir / f"{name}_train_log.csv", first)
     start = time.perf_counter()
     clock = lambda: time.perf_counter() - start
-    save = lambda it: save_training_state(out_dir, name, it, model, outer_opt, sampler, elapsed + clock())
+    last_save = 0.0
     with StopSignal(time_limit, clock) as stop:
         for it in tqdm(range(first, its), initial=first, total=its, disable=quiet, desc="meta-train"):
             loss, acc = step()
             log.add(it, loss, acc, elapsed + clock())
             if it % log_every == 0:
-                log.flush()
+                log.flush()  # raises Diverged on a non-finite loss
                 tqdm.write(f"{it}: {float(loss):.3f} | {float(acc):.3f} ({elapsed + clock():.1f}s)")
             milestone = it % save_every == 0 or it == its - 1
-            if milestone:
-                save_atomic(cpu_state_dict(model), checkpoint_path(out_dir, name, it))
-            if milestone or stop.requested():
+            timed = save_minutes is not None and clock() - last_save >= save_minutes * 60
+            if milestone or timed or stop.requested():
                 log.flush()
-                save(it)
+                if milestone:
+                    check_finite_parameters(model, it)
+                    save_atomic(cpu_state_dict(model), checkpoint_path(out_dir, name, it))
+                save_training_state(out_dir, name, it, model, outer_opt, sampler, elapsed + clock(), config)
+                last_save = clock()
             if stop.requested() and it < its - 1:
                 tqdm.write(f"stopped after iteration {it} ({stop.reason}); continue with --resume latest")
                 return model, stop.reason
     log.flush()
     return model, None
+
+
+def finished_already(model, out_dir, name, its):
+    """A resumed run that already trained `its` iterations: nothing to train; its last
+    checkpoint is written from the resumable one if it is missing (a run stopped there)."""
+    path = checkpoint_path(out_dir, name, its - 1)
+    if not path.is_file():
+        save_atomic(cpu_state_dict(model), path)
+    notice(f"nothing to train: the run has already trained its {its} iterations")
+    return model
 
 
 # ----------------------------------------------------------------------------- meta-testing

@@ -8,7 +8,6 @@ NM, one Adam step per training image), then is tested on each class's held-out i
 """
 import argparse
 import json
-import os
 import shlex
 import sys
 import time
@@ -19,7 +18,7 @@ import torch
 import anml
 from datasets import NUM_EVALUATION, OmniSampler
 from datasets.omniglot import IMAGES_PER_CLASS
-from atomic import write_atomic
+from atomic import probe_writable, write_atomic
 from cli import (add_common_args, check_device, device_name, non_negative_int, positive_float, positive_int, run_cli,
                  sha256_of, versions)
 
@@ -74,11 +73,15 @@ def write_json_atomic(obj, path):
 
 
 def check_writable(path):
-    """Fail now, not after a long evaluation, if the --json file cannot be written."""
-    folder = Path(path).parent
-    folder.mkdir(parents=True, exist_ok=True)
-    if not os.access(folder, os.W_OK):
-        raise ValueError(f"cannot write --json {path}: folder {folder} is not writable")
+    """Fail now, not after a long evaluation, if the --json file cannot be written: a folder
+    given as the file, or a folder where no file can be created (read-only, /proc)."""
+    path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"--json {path} is a folder: give a file name")
+    try:
+        probe_writable(path.parent)
+    except OSError as e:
+        raise ValueError(f"cannot write --json {path}: {e.strerror or e}") from None
 
 
 def stats(test, train, lr=None):

@@ -3,15 +3,16 @@
     python train_omni.py                                  # 256/112/2304, 30000 its, as the paper
     python train_omni.py --rln 4 --nm 3 --mask 36 --epochs 3 -d cpu   # a smoke test
 
-Checkpoints go to `{out_dir}/{rln}_{nm}_{mask}_ANML-{it}.pth` every 1000 iterations and at the last.
-Ctrl-C (or SIGTERM, or --time-limit) stops cleanly after the iteration in flight, leaving a resumable
-checkpoint: run the same command with `--resume latest` to continue exactly.
+Checkpoints go to `{out_dir}/{rln}_{nm}_{mask}_ANML-{it}.pth` every 1000 iterations and at the last,
+with a resumable checkpoint beside them and every --save-minutes. Ctrl-C (or SIGTERM, or --time-limit)
+stops cleanly after the iteration in flight, leaving a resumable checkpoint: run the same command with
+`--resume latest` to continue exactly. A run locks its files in --out-dir while it runs.
 """
 import argparse
 import sys
 
 import anml
-from checkpoints import checkpoint_path, run_name
+from checkpoints import RunLock, check_out_dir, checkpoint_path, run_name
 from cli import add_common_args, check_device, non_negative_int, positive_float, positive_int, run_cli
 from datasets import OmniSampler
 from model import check_sizes
@@ -35,7 +36,10 @@ def parse_args(argv=None):
                         help="auto (default): graphed func on CUDA, func on CPU; higher: the seed's reference")
     parser.add_argument("--resume", metavar="PATH|latest",
                         help="continue a stopped run exactly from its resumable checkpoint (latest: the newest "
-                             "in --out-dir); pass the same sizes, learning rates and seed")
+                             "in --out-dir); with the run's own flags (checked), --epochs may be raised")
+    parser.add_argument("--save-minutes", type=positive_float, default=5, metavar="MINUTES",
+                        help="also write a resumable checkpoint this often (%(default)s), so that a crash or a "
+                             "kill -9 loses minutes, not up to 1000 iterations")
     parser.add_argument("--time-limit", type=positive_float, metavar="SECONDS",
                         help="stop cleanly after the iteration in flight once this much time has passed")
     add_common_args(parser)
@@ -50,14 +54,18 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    sampler = OmniSampler(args.data_root, download=not args.no_download, seed=args.seed)
-    print(f"meta-training ANML {run_name(args.rln, args.nm, args.mask)} for {args.epochs} its on {args.device} "
-          f"(backend {args.backend}, seed {args.seed}) -> {args.out_dir}/", flush=True)
-    _, stopped = anml.train(args.rln, args.nm, args.mask, inner_lr=args.inner_lr, outer_lr=args.outer_lr,
-                            its=args.epochs, device=args.device, sampler=sampler, out_dir=args.out_dir,
-                            seed=args.seed, backend=args.backend, resume=args.resume, time_limit=args.time_limit)
-    if stopped is None:
-        print(f"done: {checkpoint_path(args.out_dir, run_name(args.rln, args.nm, args.mask), args.epochs - 1)}")
+    name = run_name(args.rln, args.nm, args.mask)
+    check_out_dir(args.out_dir)  # before the data is loaded: an unusable --out-dir or a run in it fail at once
+    with RunLock(args.out_dir, name):
+        sampler = OmniSampler(args.data_root, download=not args.no_download, seed=args.seed)
+        print(f"meta-training ANML {name} for {args.epochs} its on {args.device} "
+              f"(backend {args.backend}, seed {args.seed}) -> {args.out_dir}/", flush=True)
+        _, stopped = anml.train(args.rln, args.nm, args.mask, inner_lr=args.inner_lr, outer_lr=args.outer_lr,
+                                its=args.epochs, device=args.device, sampler=sampler, out_dir=args.out_dir,
+                                seed=args.seed, backend=args.backend, resume=args.resume,
+                                time_limit=args.time_limit, save_minutes=args.save_minutes)
+    if stopped is None:  # train() wrote this checkpoint (or found it, when nothing was left to train)
+        print(f"done: {checkpoint_path(args.out_dir, name, args.epochs - 1)}")
     elif stopped.startswith("time limit"):
         print("time limit reached: continue with the same command and --resume latest")
     else:  # train() turned Ctrl-C / SIGTERM into a clean stop after a resumable checkpoint

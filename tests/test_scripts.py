@@ -259,6 +259,15 @@ BAD_INPUTS = {  # id: (script, argv, text expected on stderr, skip)
     "resume-nothing": ("train_omni.py", [*TINY, "--data-root", "{omniglot}", "--out-dir", "{tmp}/no_run",
                                          "--resume", "latest"], "--resume latest: no", False),
     "train-corrupt-zip": ("train_omni.py", [*TINY, "--data-root", "{corrupt}"], "not a readable zip", False),
+    # issue 9: output paths are checked before any data is read (the data root here is empty)
+    "json-is-a-folder": ("eval_omni.py", ["-m", "{model}", "--json", "{tmp}", *CHEAP], "is a folder", False),
+    "json-in-proc": ("eval_omni.py", ["-m", "{model}", "--json", "/proc/anml.json", *CHEAP],
+                     "cannot write --json /proc/anml.json", False),
+    "out-dir-is-a-file": ("train_omni.py", [*TINY, "--out-dir", "{text}", *CHEAP], "is not a folder", False),
+    "out-dir-in-proc": ("train_omni.py", [*TINY, "--out-dir", "/proc/anml", *CHEAP], "cannot write to --out-dir",
+                        False),
+    "save-minutes-0": ("train_omni.py", ["--save-minutes", "0", *CHEAP], "argument --save-minutes", False),
+    "model-nan": ("eval_omni.py", ["-m", "{nan}"], "holds non-finite weights", False),
     "failed-download": ("train_omni.py", [*TINY, "--data-root", "{tmp}/download"], "could not download", False),
 }
 
@@ -279,7 +288,10 @@ def bad_input_files(tmp, omniglot_root):
     missing_keys = ANML(4, 3, 36).state_dict()
     del missing_keys["nm.fc.bias"]
     torch.save(missing_keys, tmp / "missing_keys.pth")
-    files = {name: tmp / f"{name}.pth" for name in ("text", "model", "reshaped", "missing_keys")}
+    nan = ANML(4, 3, 36).state_dict()
+    nan["rln.convBlock1.conv.weight"][0] = float("nan")
+    torch.save(nan, tmp / "nan.pth")
+    files = {name: tmp / f"{name}.pth" for name in ("text", "model", "reshaped", "missing_keys", "nan")}
     return {"tmp": tmp, "omniglot": omniglot_root, "empty": tmp / "empty", "corrupt": tmp / "corrupt", **files}
 
 
@@ -307,3 +319,84 @@ def test_bad_input_is_one_clear_error(bad_runs, case):
     assert "Traceback" not in proc.stderr, proc.stderr
     errors = [line for line in proc.stderr.splitlines() if re.match(r"(\S+\.py: )?error: ", line)]
     assert len(errors) == 1 and expected in errors[0], proc.stderr  # one line says what is wrong
+
+
+# ----------------------------------------------------------------------------- issue 9: never lose or mix a run
+
+def assert_one_error(proc, expected):
+    """Exit 2, no traceback, and exactly one `error:` line, which says `expected`."""
+    assert proc.returncode == 2, (proc.returncode, proc.stderr)
+    assert "Traceback" not in proc.stderr, proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if re.match(r"(\S+\.py: )?error: ", line)]
+    assert len(errors) == 1 and re.search(expected, errors[0]), proc.stderr
+    return errors[0]
+
+
+def test_a_second_run_in_the_folder_is_refused_while_the_first_runs(omniglot_root, tmp_path):
+    """Case 1: run A holds the folder; run B (another seed) gets one error line naming A's pid, and
+    after A is stopped, B still may not start over A's unfinished run."""
+    first = subprocess.Popen(command("train_omni.py", *TINY, "--epochs", 100000, "-d", "cpu", "--seed", 7,
+                                     "--data-root", omniglot_root, "--out-dir", tmp_path),
+                             cwd=REPO, env=script_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert first.stdout.readline().startswith("meta-training")  # the lock is held from before this line
+        second = train(omniglot_root, tmp_path, "--seed", 8)
+        assert_one_error(second, rf"in use by another run of 4_3_36 \(pid {first.pid}, lock ")
+    finally:
+        first.send_signal(signal.SIGTERM)
+        _, err = first.communicate(timeout=120)
+    assert first.returncode == 130, err
+    log = (tmp_path / "4_3_36_train_log.csv").read_text()
+    assert_one_error(train(omniglot_root, tmp_path, "--seed", 8), "already holds a run of 4_3_36 .*--seed 7")
+    assert (tmp_path / "4_3_36_train_log.csv").read_text() == log and not (tmp_path / ".4_3_36.lock").exists()
+
+
+def test_resume_with_other_flags_or_fewer_epochs_is_refused(trained, omniglot_root, tmp_path):
+    """Cases 4 and 5, as the script reports them: one line, exit 2, nothing written."""
+    shutil.copytree(trained[1], tmp_path, dirs_exist_ok=True)
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    error = assert_one_error(train(omniglot_root, tmp_path, "--resume", "latest", "--seed", 99, "--outer-lr", 0.5),
+                             r"was trained with --outer-lr 0.001 --seed 1, not --outer-lr 0.5 --seed 99")
+    assert "another --out-dir" in error
+    assert_one_error(run("train_omni.py", *TINY, "--epochs", 2, "-d", "cpu", "--data-root", omniglot_root,
+                         "--out-dir", tmp_path, "--resume", "latest"), r"more than --epochs 2: nothing to train")
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+
+
+def test_a_diverging_run_is_an_error(omniglot_root, tmp_path):
+    """Case 3: --outer-lr 1e9 ends with one error line and exit 2, not "done"; nothing saved holds NaN."""
+    proc = run("train_omni.py", *TINY, "--epochs", 30, "-d", "cpu", "--data-root", omniglot_root,
+               "--out-dir", tmp_path, "--outer-lr", 1e9)
+    assert_one_error(proc, r"training diverged: .* the last good resumable checkpoint is .*_resume.pt")
+    assert "done" not in proc.stdout
+    for path in tmp_path.glob("*.pth"):
+        assert_ok(evaluate(omniglot_root, path, "-c", 2, "-r", 1))  # eval_omni refuses NaN (BAD_INPUTS)
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 900 KiB tmpfs (root only; skipped where it cannot be mounted): room for one tiny run's
+    first checkpoints, not for a second resumable checkpoint beside the first."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=900k", "tmpfs", disk], capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here (needs root)")
+    try:
+        yield disk
+    finally:
+        subprocess.run(["umount", disk], check=True)
+
+
+def test_a_full_disk_is_one_error_and_the_run_resumes(trained, omniglot_root, small_disk):
+    """Case 2 on a real full disk: one error line, exit 2, the last good resumable checkpoint kept,
+    no temporary file left; with room again, --resume latest ends where a straight run does."""
+    proc = train(omniglot_root, small_disk, "--seed", 1)
+    assert_one_error(proc, r"could not write .*4_3_36_ANML-2_resume.pt: .*; the last good resumable checkpoint "
+                           r"is .*4_3_36_ANML-0_resume.pt: free some space")
+    assert sorted(p.name for p in small_disk.glob("*_resume.pt")) == ["4_3_36_ANML-0_resume.pt"]
+    assert not list(small_disk.glob(".*.tmp"))
+    subprocess.run(["mount", "-o", "remount,size=4m", small_disk], check=True)
+    assert_ok(train(omniglot_root, small_disk, "--seed", 1, "--resume", "latest"))
+    straight = load_checkpoint(trained[1] / "4_3_36_ANML-2.pth")
+    resumed = load_checkpoint(small_disk / "4_3_36_ANML-2.pth")
+    assert all(torch.equal(straight[k], resumed[k]) for k in straight)
