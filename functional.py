@@ -23,6 +23,60 @@ def inner_sgd(inner_opt, model):
     return [n for n, p in model.named_parameters() if id(p) in ids], group["lr"]
 
 
+# ----------------------------------------------------------------------------- instance norm
+
+def spatial_sum(t):
+    """[N, C, H, W] -> [N, C, 1, 1] sums."""
+    return t.sum((2, 3), keepdim=True)
+
+def batch_sum(t):
+    """[N, C, 1, 1] -> [C], summed over the batch (a view, no operation, for a single image)."""
+    return t.flatten() if t.shape[0] == 1 else t.sum(0).flatten()
+
+class InstanceNorm(torch.autograd.Function):
+    """F.instance_norm with an affine weight and bias (no running statistics), in fewer operations.
+
+    Returns (y, xhat, rstd); `instance_norm` keeps y. xhat and rstd are outputs so that the backward,
+    written in differentiable operations of them, can itself be differentiated (the inner loop's
+    create_graph): their gradients come back into this Function's backward. Checked against
+    F.instance_norm with gradcheck and gradgradcheck (tests/test_functional.py)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, eps):
+        var, mean = torch.var_mean(x, (2, 3), keepdim=True, correction=0)
+        rstd = torch.rsqrt(var + eps)
+        xhat = (x - mean) * rstd
+        y = torch.addcmul(bias.view(-1, 1, 1), xhat, weight.view(-1, 1, 1))
+        ctx.save_for_backward(xhat, rstd, weight)
+        ctx.set_materialize_grads(False)
+        return y, xhat, rstd
+
+    @staticmethod
+    def backward(ctx, grad_y, grad_xhat, grad_rstd):
+        xhat, rstd, weight = ctx.saved_tensors
+        area, w = xhat.shape[2] * xhat.shape[3], weight.view(-1, 1, 1)
+        grad_weight = grad_bias = None
+        if grad_y is not None:
+            sum_y, sum_y_xhat = spatial_sum(grad_y), spatial_sum(grad_y * xhat)
+            grad_bias, grad_weight = batch_sum(sum_y), batch_sum(sum_y_xhat)
+            if grad_xhat is None and grad_rstd is None:  # the inner loop's case, in the fewest operations
+                centred = torch.sub(grad_y, torch.addcmul(sum_y, xhat, sum_y_xhat), alpha=1 / area)
+                return centred * (w * rstd), grad_weight, grad_bias, None
+            grad_xhat = grad_y * w if grad_xhat is None else torch.addcmul(grad_xhat, grad_y, w)
+        grad_x = None
+        if grad_xhat is not None:
+            projection = torch.addcmul(spatial_sum(grad_xhat), xhat, spatial_sum(grad_xhat * xhat))
+            grad_x = torch.sub(grad_xhat, projection, alpha=1 / area) * rstd
+        if grad_rstd is not None:  # d rstd / dx = -rstd^2 xhat / area
+            through_rstd = grad_rstd * rstd * rstd * (-1 / area)
+            grad_x = xhat * through_rstd if grad_x is None else torch.addcmul(grad_x, xhat, through_rstd)
+        return grad_x, grad_weight, grad_bias, None
+
+def instance_norm(x, weight, bias, eps=1e-5):
+    """F.instance_norm(x, weight=weight, bias=bias, eps=eps), twice differentiable, in few operations."""
+    return InstanceNorm.apply(x, weight, bias, eps)[0]
+
+
 # Conv biases that feed an InstanceNorm are removed by its mean subtraction: their gradient is
 # exactly zero and they do not change the output. The functional path skips them in the compute
 # (they stay in the model and the checkpoint) and gives them an explicit zero gradient.
@@ -38,7 +92,7 @@ def conv_blocks(params, prefix, x):
     for i, pool in ((1, True), (2, True), (3, False)):
         p = f"{prefix}.convBlock{i}."
         x = F.conv2d(x, params[p + "conv.weight"])  # bias skipped: see norm_fed_biases
-        x = F.instance_norm(x, weight=params[p + "norm.weight"], bias=params[p + "norm.bias"])
+        x = instance_norm(x, params[p + "norm.weight"], params[p + "norm.bias"])
         x = F.relu(F.max_pool2d(x, 2) if pool else x)
     return x.flatten(1)
 
