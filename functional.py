@@ -1,4 +1,4 @@
-"""The functional meta-gradient: the same mathematics as `higher`'s unroll, faster.
+"""The functional meta-gradient: the same mathematics as `higher`'s unroll, in fewer operations.
 
 The three conv blocks are written with `torch.nn.functional` over a dict of parameters, the inner
 loop is unrolled with plain autograd (`create_graph=True`), and the outer backward goes through it.
@@ -77,6 +77,8 @@ def instance_norm(x, weight, bias, eps=1e-5):
     return InstanceNorm.apply(x, weight, bias, eps)[0]
 
 
+# ----------------------------------------------------------------------------- the network
+
 # Conv biases that feed an InstanceNorm are removed by its mean subtraction: their gradient is
 # exactly zero and they do not change the output. The functional path skips them in the compute
 # (they stay in the model and the checkpoint) and gives them an explicit zero gradient.
@@ -96,55 +98,89 @@ def conv_blocks(params, prefix, x):
         x = F.relu(F.max_pool2d(x, 2) if pool else x)
     return x.flatten(1)
 
+def linear(x, weight, bias):
+    """F.linear, with a [1, out] bias for one input row, so that its gradient needs no reduction."""
+    return torch.addmm(bias.view(1, -1), x, weight.T)
+
 def gate(params, x):
     """NM output in (0, 1): computed once per batch, since the inner loop never adapts the NM."""
-    return torch.sigmoid(F.linear(conv_blocks(params, "nm", x), params["nm.fc.weight"], params["nm.fc.bias"]))
+    return torch.sigmoid(linear(conv_blocks(params, "nm", x), params["nm.fc.weight"], params["nm.fc.bias"]))
 
 class AdaptedLinear:
     """The last layer during the inner loop, without materialising its adapted weight.
 
     One inner SGD step changes the fc weight by -lr * g f^T, the outer product of the logits'
-    gradient g and the layer's input f (one image a step). So W_k = W_0 - lr * sum_j g_j f_j^T,
-    and W_k x = W_0 x - lr * G (F x): the same mathematics, without writing a new 1000 x 2304
-    matrix (and its gradient) at every step."""
+    gradient g and the layer's input f (one image a step). So W_k = W_0 + sum_j u_j f_j^T with
+    u_j = -lr g_j, and W_k x = W_0 x + U (F x): the same mathematics, without writing a new
+    1000 x 2304 matrix (and its gradient) at every step."""
 
-    def __init__(self, weight, lr):
-        self.weight, self.lr, self.g, self.f = weight, lr, [], []
+    def __init__(self, weight):
+        self.weight, self.u, self.f = weight, [], []
 
     def __call__(self, x, bias):
-        out = F.linear(x, self.weight, bias)
-        if self.g:
-            out = out - self.lr * (x @ torch.stack(self.f).T) @ torch.stack(self.g)
+        out = linear(x, self.weight, bias)
+        if self.u:
+            out = torch.addmm(out, x @ torch.stack(self.f).T, torch.stack(self.u))
         return out
 
-    def step(self, g, f):
-        self.g.append(g)
+    def step(self, u, f):
+        """Add the rank-one change u f^T (u = -lr times the logits' gradient)."""
+        self.u.append(u)
         self.f.append(f)
+
+
+# ----------------------------------------------------------------------------- the meta-gradient
+
+def flatten(params, names):
+    """The named tensors in one vector: the inner loop updates it with one operation a step."""
+    return torch.cat([params[n].flatten() for n in names])
+
+def unflatten(vector, params, names):
+    """Views of `vector` shaped like the named tensors (no copies)."""
+    pieces = vector.split([params[n].numel() for n in names])
+    return {n: piece.view_as(params[n]) for n, piece in zip(names, pieces)}
+
+def one_hot(labels, classes, like):
+    """[len(labels), classes] one-hot rows in `like`'s dtype: a comparison, with no range check that
+    would read a value back to the host (F.one_hot's may)."""
+    return (labels[:, None] == torch.arange(classes, device=labels.device)).to(like.dtype)
+
+def scaled_logit_gradients(out, lr_targets, lr):
+    """-lr times the cross-entropy's gradient at the logits, -lr (softmax(out) - onehot), in one
+    operation after the softmax (`lr_targets` = lr * onehot): the inner loss itself is never needed."""
+    return torch.sub(lr_targets, torch.softmax(out, 1), alpha=lr)
 
 def func_meta_loss(model, inner_opt, train_ims, train_labels, valid_ims, valid_labels):
     """Same mathematics as `anml.higher_meta_loss`, with a functional unroll and plain autograd: the
-    meta-gradient is left in the parameters' .grad; returns (loss, accuracy) tensors."""
+    meta-gradient is left in the parameters' .grad; returns (loss, accuracy) tensors.
+
+    The fast weights (RLN and fc bias) are one vector, updated with one addition a step; the inner
+    loss is never computed, only its gradient at the logits (softmax - onehot), written directly."""
     names, lr = inner_sgd(inner_opt, model)
     params = dict(model.named_parameters())
     masks = gate(params, torch.cat([train_ims, valid_ims]))
     train_masks, valid_masks = masks[:len(train_ims)], masks[len(train_ims):]
     adapt_fc = "fc.weight" in names
-    fc = AdaptedLinear(params["fc.weight"], lr)
-    fast = {n: params[n] for n in names if not n.endswith("conv.bias") and n != "fc.weight"}
-    features = lambda x, mask: conv_blocks({**params, **fast}, "rln", x) * mask
+    fc = AdaptedLinear(params["fc.weight"])
+    fast_names = [n for n in names if not n.endswith("conv.bias") and n != "fc.weight"]
+    fast = flatten(params, fast_names)
+    lr_targets = lr * one_hot(train_labels, params["fc.weight"].shape[0], fast)
     for i in range(len(train_ims)):
-        f = features(train_ims[i:i + 1], train_masks[i:i + 1])
-        out = fc(f, fast.get("fc.bias", params["fc.bias"]))
-        loss = F.cross_entropy(out, train_labels[i:i + 1])
-        *grads, g = torch.autograd.grad(loss, list(fast.values()) + [out], create_graph=True)
-        fast = {n: w - lr * grad for (n, w), grad in zip(fast.items(), grads)}
+        weights = {**params, **unflatten(fast, params, fast_names)}
+        f = conv_blocks(weights, "rln", train_ims[i:i + 1]) * train_masks[i:i + 1]
+        out = fc(f, weights["fc.bias"])
+        u = scaled_logit_gradients(out, lr_targets[i:i + 1], lr)
+        (step,) = torch.autograd.grad(out, fast, u, create_graph=True)
+        fast = fast + step
         if adapt_fc:
-            fc.step(g[0], f[0])
+            fc.step(u[0], f[0])
     chunk = OUTER_CHUNK.get(valid_ims.device.type)
     if chunk and chunk < len(valid_ims):
-        loss, out = outer_backward_in_chunks(params, fast, fc, valid_ims, valid_masks, valid_labels, chunk)
+        loss, out = outer_backward_in_chunks(params, fast_names, fast, fc, valid_ims, valid_masks,
+                                             valid_labels, chunk)
     else:
-        out = fc(features(valid_ims, valid_masks), fast.get("fc.bias", params["fc.bias"]))
+        weights = {**params, **unflatten(fast, params, fast_names)}
+        out = fc(conv_blocks(weights, "rln", valid_ims) * valid_masks, weights["fc.bias"])
         loss = F.cross_entropy(out, valid_labels)
         loss.backward()
     for p in norm_fed_biases(model):
@@ -157,22 +193,21 @@ def func_meta_loss(model, inner_opt, train_ims, train_labels, valid_ims, valid_l
 
 OUTER_CHUNK = {"cpu": 12}
 
-def outer_backward_in_chunks(params, fast, fc, valid_ims, valid_masks, valid_labels, chunk):
+def outer_backward_in_chunks(params, fast_names, fast, fc, valid_ims, valid_masks, valid_labels, chunk):
     """The outer loss's backward, a few images at a time (on the CPU, a chunk's 256 x 26 x 26
     activations stay in the cache): the graph is cut at what the outer forward reads from the
     inner loop (adapted weights, the last layer's rank-one terms, the NM's gates), each chunk's
     gradient is accumulated there, then one backward carries the sum through the inner loop."""
-    inputs = [*fast.values(), *fc.g, *fc.f, valid_masks]
+    inputs = [fast, *fc.u, *fc.f, valid_masks]
     cut = [t.detach().requires_grad_() for t in inputs]
-    n_fast, n_steps = len(fast), len(fc.g)
-    cut_fast = dict(zip(fast, cut[:n_fast]))
-    cut_fc = AdaptedLinear(fc.weight, fc.lr)
-    cut_fc.g, cut_fc.f = cut[n_fast:n_fast + n_steps], cut[n_fast + n_steps:n_fast + 2 * n_steps]
-    bias = cut_fast.get("fc.bias", params["fc.bias"])
+    n_steps = len(fc.u)
+    weights = {**params, **unflatten(cut[0], params, fast_names)}
+    cut_fc = AdaptedLinear(fc.weight)
+    cut_fc.u, cut_fc.f = cut[1:1 + n_steps], cut[1 + n_steps:1 + 2 * n_steps]
     outs, loss = [], 0.0
     for i in range(0, len(valid_ims), chunk):
-        feats = conv_blocks({**params, **cut_fast}, "rln", valid_ims[i:i + chunk]) * cut[-1][i:i + chunk]
-        out = cut_fc(feats, bias)
+        feats = conv_blocks(weights, "rln", valid_ims[i:i + chunk]) * cut[-1][i:i + chunk]
+        out = cut_fc(feats, weights["fc.bias"])
         part = F.cross_entropy(out, valid_labels[i:i + chunk], reduction="sum") / len(valid_ims)
         part.backward()  # into the cut tensors, and straight into the parameters read directly
         outs.append(out.detach())
