@@ -150,12 +150,16 @@ def scaled_logit_gradients(out, lr_targets, lr):
     operation after the softmax (`lr_targets` = lr * onehot): the inner loss itself is never needed."""
     return torch.sub(lr_targets, torch.softmax(out, 1), alpha=lr)
 
-def func_meta_loss(model, inner_opt, train_ims, train_labels, valid_ims, valid_labels):
+def func_meta_loss(model, inner_opt, train_ims, train_labels, valid_ims, valid_labels, first_order=False):
     """Same mathematics as `anml.higher_meta_loss`, with a functional unroll and plain autograd: the
     meta-gradient is left in the parameters' .grad; returns (loss, accuracy) tensors.
 
     The fast weights (RLN and fc bias) are one vector, updated with one addition a step; the inner
-    loss is never computed, only its gradient at the logits (softmax - onehot), written directly."""
+    loss is never computed, only its gradient at the logits (softmax - onehot), written directly.
+
+    `first_order=True` gives the first-order meta-gradient (FOMAML, the original ANML code's): the
+    inner gradients and the last layer's rank-one terms are constants, so the initial weights get
+    the outer loss's gradient at the adapted ones, and the NM gets gradient only through the outer pass."""
     names, lr = inner_sgd(inner_opt, model)
     params = dict(model.named_parameters())
     masks = gate(params, torch.cat([train_ims, valid_ims]))
@@ -170,7 +174,9 @@ def func_meta_loss(model, inner_opt, train_ims, train_labels, valid_ims, valid_l
         f = conv_blocks(weights, "rln", train_ims[i:i + 1]) * train_masks[i:i + 1]
         out = fc(f, weights["fc.bias"])
         u = scaled_logit_gradients(out, lr_targets[i:i + 1], lr)
-        (step,) = torch.autograd.grad(out, fast, u, create_graph=True)
+        if first_order:
+            u, f = u.detach(), f.detach()
+        (step,) = torch.autograd.grad(out, fast, u, create_graph=not first_order)
         fast = fast + step
         if adapt_fc:
             fc.step(u[0], f[0])
@@ -199,7 +205,7 @@ def outer_backward_in_chunks(params, fast_names, fast, fc, valid_ims, valid_mask
     inner loop (adapted weights, the last layer's rank-one terms, the NM's gates), each chunk's
     gradient is accumulated there, then one backward carries the sum through the inner loop."""
     inputs = [fast, *fc.u, *fc.f, valid_masks]
-    cut = [t.detach().requires_grad_() for t in inputs]
+    cut = [t.detach().requires_grad_(t.requires_grad) for t in inputs]  # first order: u, f are constants
     n_steps = len(fc.u)
     weights = {**params, **unflatten(cut[0], params, fast_names)}
     cut_fc = AdaptedLinear(fc.weight)
