@@ -63,14 +63,15 @@ class InstanceNorm(torch.autograd.Function):
                 centred = torch.sub(grad_y, torch.addcmul(sum_y, xhat, sum_y_xhat), alpha=1 / area)
                 return centred * (w * rstd), grad_weight, grad_bias, None
             grad_xhat = grad_y * w if grad_xhat is None else torch.addcmul(grad_xhat, grad_y, w)
-        grad_x = None
-        if grad_xhat is not None:
-            projection = torch.addcmul(spatial_sum(grad_xhat), xhat, spatial_sum(grad_xhat * xhat))
-            grad_x = torch.sub(grad_xhat, projection, alpha=1 / area) * rstd
-        if grad_rstd is not None:  # d rstd / dx = -rstd^2 xhat / area
-            through_rstd = grad_rstd * rstd * rstd * (-1 / area)
-            grad_x = xhat * through_rstd if grad_x is None else torch.addcmul(grad_x, xhat, through_rstd)
-        return grad_x, grad_weight, grad_bias, None
+        if grad_xhat is None and grad_rstd is None:
+            return None, grad_weight, grad_bias, None
+        if grad_xhat is None:  # only rstd's gradient: d rstd / dx = -rstd^2 xhat / area
+            return xhat * (grad_rstd * rstd * rstd * (-1 / area)), grad_weight, grad_bias, None
+        along_xhat = spatial_sum(grad_xhat * xhat)
+        if grad_rstd is not None:  # rstd's gradient takes the same form, folded in
+            along_xhat = torch.addcmul(along_xhat, grad_rstd, rstd)
+        projection = torch.addcmul(spatial_sum(grad_xhat), xhat, along_xhat)
+        return torch.sub(grad_xhat, projection, alpha=1 / area) * rstd, grad_weight, grad_bias, None
 
 def instance_norm(x, weight, bias, eps=1e-5):
     """F.instance_norm(x, weight=weight, bias=bias, eps=eps), twice differentiable, in few operations."""
