@@ -121,11 +121,13 @@ class AdaptedLinear:
     def __call__(self, x, bias):
         out = linear(x, self.weight, bias)
         if self.u:
-            out = torch.addmm(out, x @ torch.stack(self.f).T, torch.stack(self.u))
+            out = torch.addmm(out, x @ torch.cat(self.f).T, torch.cat(self.u))
         return out
 
     def step(self, u, f):
-        """Add the rank-one change u f^T (u = -lr times the logits' gradient)."""
+        """Add the rank-one change u^T f (rows [1, out] and [1, in]; u = -lr times the logits'
+        gradient): kept as rows, since concatenating them differentiates into views, where stacking
+        selected vectors would differentiate into zero-filled copies."""
         self.u.append(u)
         self.f.append(f)
 
@@ -180,7 +182,7 @@ def func_meta_loss(model, inner_opt, train_ims, train_labels, valid_ims, valid_l
         (step,) = torch.autograd.grad(out, fast, u, create_graph=not first_order)
         fast = fast + step
         if adapt_fc:
-            fc.step(u[0], f[0])
+            fc.step(u, f)
     chunk = OUTER_CHUNK.get(valid_ims.device.type)
     if chunk and chunk < len(valid_ims):
         loss, out = outer_backward_in_chunks(params, fast_names, fast, fc, valid_ims, valid_masks,
