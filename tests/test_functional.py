@@ -3,7 +3,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from functional import InstanceNorm, instance_norm
+from functional import InstanceNorm, instance_norm, relu
 
 
 def norm_inputs(batch, seed=0):
@@ -49,3 +49,18 @@ def test_instance_norm_passes_gradcheck_and_gradgradcheck(batch, norm):
     inputs = tuple(norm_inputs(batch, seed=2))
     assert torch.autograd.gradcheck(norm, inputs)
     assert torch.autograd.gradgradcheck(norm, inputs)
+
+
+def test_relu_equals_torchs_in_value_gradient_and_second_order():
+    x = torch.randn(2, 3, 4, 4, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    x = x.requires_grad_()
+    v = torch.randn(x.shape, dtype=x.dtype, generator=torch.Generator().manual_seed(4)).requires_grad_()
+    results = []
+    for f in (relu, F.relu):
+        y = f(x)
+        (gx,) = torch.autograd.grad(y, x, v, create_graph=True)
+        (gv,) = torch.autograd.grad((gx * x).sum(), v)
+        results.append((y, gx, gv))
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
+    assert (results[0][0] == 0).any() and (results[0][0] > 0).any()
