@@ -191,17 +191,17 @@ def func_meta_loss(model, inner_opt, train_ims, train_labels, valid_ims, valid_l
     names, lr = inner_sgd(inner_opt, model)
     params = dict(model.named_parameters())
     masks = gate(params, torch.cat([train_ims, valid_ims]))
-    train_masks, valid_masks = masks[:len(train_ims)], masks[len(train_ims):]
+    train_masks, valid_masks = masks.split([len(train_ims), len(valid_ims)])  # split: one cat backward
     adapt_fc = "fc.weight" in names
     fc = AdaptedLinear(params["fc.weight"])
     fast_names = [n for n in names if not n.endswith("conv.bias") and n != "fc.weight"]
     fast = flatten(params, fast_names)
     lr_targets = lr * one_hot(train_labels, params["fc.weight"].shape[0], fast)
-    for i in range(len(train_ims)):
+    for image, mask, lr_target in zip(train_ims.split(1), train_masks.split(1), lr_targets.split(1)):
         weights = {**params, **unflatten(fast, params, fast_names)}
-        f = conv_blocks(weights, "rln", train_ims[i:i + 1]) * train_masks[i:i + 1]
+        f = conv_blocks(weights, "rln", image) * mask
         out = fc(f, weights["fc.bias"])
-        u = scaled_logit_gradients(out, lr_targets[i:i + 1], lr)
+        u = scaled_logit_gradients(out, lr_target, lr)
         if first_order:
             u, f = u.detach(), f.detach()
         (step,) = torch.autograd.grad(out, fast, u, create_graph=not first_order)
