@@ -60,7 +60,7 @@ class InstanceNorm(torch.autograd.Function):
             sum_y, sum_y_xhat = spatial_sum(grad_y), spatial_sum(grad_y * xhat)
             grad_bias, grad_weight = batch_sum(sum_y), batch_sum(sum_y_xhat)
             if grad_xhat is None and grad_rstd is None:  # the inner loop's case, in the fewest operations
-                centred = torch.sub(grad_y, torch.addcmul(sum_y, xhat, sum_y_xhat), alpha=1 / area)
+                centred = torch.add(grad_y, torch.addcmul(sum_y, xhat, sum_y_xhat), alpha=-1 / area)  # add, not sub: no negation when differentiated
                 return centred * (w * rstd), grad_weight, grad_bias, None
             grad_xhat = grad_y * w if grad_xhat is None else torch.addcmul(grad_xhat, grad_y, w)
         if grad_xhat is None and grad_rstd is None:
@@ -176,7 +176,7 @@ def one_hot(labels, classes, like):
 def scaled_logit_gradients(out, lr_targets, lr):
     """-lr times the cross-entropy's gradient at the logits, -lr (softmax(out) - onehot), in one
     operation after the softmax (`lr_targets` = lr * onehot): the inner loss itself is never needed."""
-    return torch.sub(lr_targets, torch.softmax(out, 1), alpha=lr)
+    return torch.add(lr_targets, torch.softmax(out, 1), alpha=-lr)  # add: its backward has no negation
 
 def func_meta_loss(model, inner_opt, train_ims, train_labels, valid_ims, valid_labels, first_order=False):
     """Same mathematics as `anml.higher_meta_loss`, with a functional unroll and plain autograd: the
