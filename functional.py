@@ -36,33 +36,39 @@ def batch_sum(t):
 class InstanceNorm(torch.autograd.Function):
     """F.instance_norm with an affine weight and bias (no running statistics), in fewer operations.
 
-    Returns (y, xhat, rstd); `instance_norm` keeps y. xhat and rstd are outputs so that the backward,
-    written in differentiable operations of them, can itself be differentiated (the inner loop's
-    create_graph): their gradients come back into this Function's backward. Checked against
-    F.instance_norm with gradcheck and gradgradcheck (tests/test_functional.py)."""
+    Returns (y, xhat, rstd, scale = weight * rstd); `instance_norm` keeps y. The others are outputs
+    so that the backward, written in differentiable operations of them, can itself be differentiated
+    (the inner loop's create_graph): their gradients come back into this Function's backward.
+    Checked against F.instance_norm with gradcheck and gradgradcheck (tests/test_functional.py)."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, eps):
         n, c, h, w = x.shape  # each image's channels are one batch norm's channels: one operation
         xhat, _, rstd = torch.native_batch_norm(x.reshape(1, n * c, h, w), None, None, None, None, True, 0.0, eps)
         xhat, rstd = xhat.view(n, c, h, w), rstd.view(n, c, 1, 1)
+        scale = rstd * weight.view(-1, 1, 1)
         y = torch.addcmul(bias.view(-1, 1, 1), xhat, weight.view(-1, 1, 1))
-        ctx.save_for_backward(xhat, rstd, weight)
+        ctx.save_for_backward(xhat, rstd, scale, weight)
         ctx.set_materialize_grads(False)
-        return y, xhat, rstd
+        return y, xhat, rstd, scale
 
     @staticmethod
-    def backward(ctx, grad_y, grad_xhat, grad_rstd):
-        xhat, rstd, weight = ctx.saved_tensors
+    def backward(ctx, grad_y, grad_xhat, grad_rstd, grad_scale):
+        xhat, rstd, scale, weight = ctx.saved_tensors
         area, w = xhat.shape[2] * xhat.shape[3], weight.view(-1, 1, 1)
         grad_weight = grad_bias = None
         if grad_y is not None:
             sum_y, sum_y_xhat = spatial_sum(grad_y), spatial_sum(grad_y * xhat)
             grad_bias, grad_weight = batch_sum(sum_y), batch_sum(sum_y_xhat)
-            if grad_xhat is None and grad_rstd is None:  # the inner loop's case, in the fewest operations
-                centred = torch.add(grad_y, torch.addcmul(sum_y, xhat, sum_y_xhat), alpha=-1 / area)  # add, not sub: no negation when differentiated
-                return centred * (w * rstd), grad_weight, grad_bias, None
+            if grad_xhat is None and grad_rstd is None and grad_scale is None:  # the inner loop's case
+                # add with a negative alpha, not sub: differentiated, it needs no negation
+                centred = torch.add(grad_y, torch.addcmul(sum_y, xhat, sum_y_xhat), alpha=-1 / area)
+                return centred * scale, grad_weight, grad_bias, None
             grad_xhat = grad_y * w if grad_xhat is None else torch.addcmul(grad_xhat, grad_y, w)
+        if grad_scale is not None:  # scale = weight * rstd
+            through_scale = batch_sum(grad_scale * rstd)
+            grad_weight = through_scale if grad_weight is None else grad_weight + through_scale
+            grad_rstd = grad_scale * w if grad_rstd is None else torch.addcmul(grad_rstd, grad_scale, w)
         if grad_xhat is None and grad_rstd is None:
             return None, grad_weight, grad_bias, None
         if grad_xhat is None:  # only rstd's gradient: d rstd / dx = -rstd^2 xhat / area

@@ -39,7 +39,7 @@ def test_instance_norm_equals_torchs_in_value_gradient_and_second_order(batch):
 
 
 def all_outputs(x, weight, bias):
-    """(y, xhat, rstd): the outer backward sends gradients to all three."""
+    """(y, xhat, rstd, scale): the outer backward sends gradients to all of them."""
     return InstanceNorm.apply(x, weight, bias, 1e-5)
 
 
