@@ -94,13 +94,16 @@ def count_iteration_ops(args, backend):
     torch.manual_seed(0)
     model = ANML(args.rln, args.nm, args.mask)
     inner_opt, outer_opt = anml.make_optimizers(model, 0.1, 1e-3)
+
+    def next_iteration():  # the batch is drawn before counting
+        train_data, train_class, (valid_ims, valid_labels) = sampler.sample_train()
+        return lambda: anml.meta_step(model, inner_opt, outer_opt, train_data, train_class, valid_ims,
+                                      valid_labels, backend)
+
     saved, functional.OUTER_CHUNK = functional.OUTER_CHUNK, {}
     try:
-        for counted in (False, True):
-            train_data, train_class, (valid_ims, valid_labels) = sampler.sample_train()
-            step = lambda: anml.meta_step(model, inner_opt, outer_opt, train_data, train_class, valid_ims,
-                                          valid_labels, backend)
-            _, counts = count_ops(step) if counted else (step(), None)
+        next_iteration()()  # warm-up
+        _, counts = count_ops(next_iteration())
     finally:
         functional.OUTER_CHUNK = saved
     return counts
@@ -176,7 +179,7 @@ def main():
     print(f"{'case':<18} {'time':>10} {'vs seed style':>14} {'peak memory':>12}{ops_column}")
     for case, r in results.items():
         ratio = baseline[case.rsplit("-", 1)[0]]["seconds"] / r["seconds"]
-        ops = f" {r['ops'] if 'ops' in r else '-':>8}" if args.count_ops else ""
+        ops = f" {r.get('ops', '-'):>8}" if args.count_ops else ""
         print(f"{case:<18} {r['seconds'] * 1e3:>8.1f}ms {ratio:>13.1f}x {r['peak_mib']:>9.0f}MiB{ops}")
     for case, r in results.items():
         if "top_ops" in r:
