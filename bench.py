@@ -3,12 +3,14 @@
     python bench.py                       # full-size network on the default device
     python bench.py --device cuda         # adds the CUDA-graphed meta-iteration
     python bench.py --rln 4 --nm 3 --mask 36 --iters 1 --classes 5   # smoke test
+    python bench.py --only iteration --count-ops   # adds the ATen operations per iteration
 
 Each case runs in a fresh subprocess, so that its peak memory (CPU max RSS, or GPU
 max_memory_allocated) is its own. Times are medians over --iters timed repetitions after
 one warm-up.
 """
 import argparse
+import collections
 import json
 import resource
 import statistics
@@ -18,8 +20,10 @@ import tempfile
 import time
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import anml
+import functional
 from checkpoints import checkpoint_path, run_name, save_atomic
 from cli import add_common_args, check_device, device_name, positive_int, run_cli
 from datasets import NUM_EVALUATION, OmniSampler
@@ -63,6 +67,50 @@ def time_meta_test(args, fast):
         return time.perf_counter() - start
 
 
+class OpCounter(TorchDispatchMode):
+    """Counts the ATen operations dispatched inside it, by name; views (which launch no kernel) are left out."""
+
+    def __init__(self):
+        super().__init__()
+        self.counts = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if not func.is_view:
+            self.counts[func.overloadpacket.__name__] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def count_ops(fn):
+    """(fn(), Counter of the non-view ATen operations it dispatched, by name)."""
+    with OpCounter() as counter:
+        result = fn()
+    return result, counter.counts
+
+
+def count_iteration_ops(args, backend):
+    """Non-view ATen operations of one meta-iteration (forward, backward and Adam step, after one
+    warm-up iteration), counted on the CPU with the outer backward taken whole, as on CUDA."""
+    sampler = OmniSampler(args.data_root, download=not args.no_download, seed=0)
+    torch.manual_seed(0)
+    model = ANML(args.rln, args.nm, args.mask)
+    inner_opt, outer_opt = anml.make_optimizers(model, 0.1, 1e-3)
+
+    def next_iteration():  # the batch is drawn before counting
+        train_data, train_class, (valid_ims, valid_labels) = sampler.sample_train()
+        return lambda: anml.meta_step(model, inner_opt, outer_opt, train_data, train_class, valid_ims,
+                                      valid_labels, backend)
+
+    saved, functional.OUTER_CHUNK = functional.OUTER_CHUNK, {}
+    try:
+        next_iteration()()  # warm-up
+        _, counts = count_ops(next_iteration())
+    finally:
+        functional.OUTER_CHUNK = saved
+    return counts
+
+
+COUNTED = {"iteration-higher": "higher", "iteration-func": "func"}
+
 CASES = {
     "iteration-higher": lambda a: time_meta_iterations(a, "higher"),
     "iteration-func": lambda a: time_meta_iterations(a, "func"),
@@ -79,8 +127,11 @@ def peak_memory_mib(device):
 
 
 def run_case(args):
-    seconds = CASES[args.case](args)
-    print(json.dumps({"seconds": seconds, "peak_mib": peak_memory_mib(args.device)}))
+    result = {"seconds": CASES[args.case](args), "peak_mib": peak_memory_mib(args.device)}
+    if args.count_ops and args.case in COUNTED:
+        counts = count_iteration_ops(args, COUNTED[args.case])
+        result["ops"], result["top_ops"] = sum(counts.values()), counts.most_common(8)
+    print(json.dumps(result))
 
 
 def parse_args(argv=None):
@@ -91,6 +142,8 @@ def parse_args(argv=None):
     parser.add_argument("--iters", type=positive_int, default=3, help="timed meta-iterations per backend (%(default)s)")
     parser.add_argument("--classes", type=int, default=600, help="classes of the meta-test run (%(default)s)")
     parser.add_argument("--only", choices=("iteration", "meta-test"), help="run one of the two comparisons")
+    parser.add_argument("--count-ops", action="store_true",
+                        help="also count the ATen operations of one iteration (higher and func, on the CPU)")
     parser.add_argument("--case", choices=CASES, help=argparse.SUPPRESS)
     add_common_args(parser)
     args = parser.parse_args(argv)
@@ -122,10 +175,15 @@ def main():
             raise ValueError(f"case {case} failed (exit {out.returncode}): {last}")
         results[case] = json.loads(out.stdout.strip().splitlines()[-1])
     baseline = {"iteration": results.get("iteration-higher"), "meta-test": results.get("meta-test-seed")}
-    print(f"{'case':<18} {'time':>10} {'vs seed style':>14} {'peak memory':>12}")
+    ops_column = f" {'ops':>8}" if args.count_ops else ""
+    print(f"{'case':<18} {'time':>10} {'vs seed style':>14} {'peak memory':>12}{ops_column}")
     for case, r in results.items():
         ratio = baseline[case.rsplit("-", 1)[0]]["seconds"] / r["seconds"]
-        print(f"{case:<18} {r['seconds'] * 1e3:>8.1f}ms {ratio:>13.1f}x {r['peak_mib']:>9.0f}MiB")
+        ops = f" {r.get('ops', '-'):>8}" if args.count_ops else ""
+        print(f"{case:<18} {r['seconds'] * 1e3:>8.1f}ms {ratio:>13.1f}x {r['peak_mib']:>9.0f}MiB{ops}")
+    for case, r in results.items():
+        if "top_ops" in r:
+            print(f"most frequent ops, {case}: " + ", ".join(f"{name} {n}" for name, n in r["top_ops"]))
 
 
 if __name__ == "__main__":

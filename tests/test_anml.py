@@ -173,3 +173,53 @@ def test_lobotomize_changes_exactly_one_row():
     big = torch.nn.Linear(2304, 1000)
     anml.lobotomize(big, 0)
     assert big.weight[0].std().item() == pytest.approx((2 / 2304) ** 0.5, rel=0.1)  # Kaiming normal
+
+
+def first_order_reference_grads(model, batch):
+    """Independent first-order meta-gradient (FOMAML), by name: 20 SGD steps over rln + fc with
+    gradients taken without a graph, then the outer loss's gradient at the adapted weights, which is
+    the initial weights' (the NM, never adapted, gets only the outer pass's)."""
+    train_data, train_class, valid_ims, valid_labels = batch
+    anml.lobotomize(model.fc, train_class)
+    inner = [n for n, _ in model.named_parameters() if n.startswith(("rln.", "fc."))]
+    weights = {n: p.detach().clone() for n, p in model.named_parameters()}
+    for im, label in train_data:
+        leaves = {n: w.requires_grad_() if n in inner else w for n, w in weights.items()}
+        loss = F.cross_entropy(functional_call(model, leaves, (im,)), label)
+        grads = torch.autograd.grad(loss, [leaves[n] for n in inner], create_graph=False)
+        weights.update({n: (leaves[n] - INNER_LR * g).detach() for n, g in zip(inner, grads)})
+        weights = {n: w.detach() for n, w in weights.items()}
+    adapted = {n: w.requires_grad_() for n, w in weights.items()}
+    outer = F.cross_entropy(functional_call(model, adapted, (valid_ims,)), valid_labels)
+    return dict(zip(adapted, torch.autograd.grad(outer, list(adapted.values()))))
+
+
+def func_grads(model, batch, first_order):
+    """The meta-gradient that func_meta_loss leaves in .grad (after the lobotomy), by name."""
+    train_data, train_class, valid_ims, valid_labels = batch
+    anml.lobotomize(model.fc, train_class)
+    inner_opt = torch.optim.SGD(list(model.rln.parameters()) + list(model.fc.parameters()), lr=INNER_LR)
+    ims, labels = torch.cat([im for im, _ in train_data]), torch.cat([label for _, label in train_data])
+    functional.func_meta_loss(model, inner_opt, ims, labels, valid_ims, valid_labels, first_order=first_order)
+    return {n: p.grad.detach().clone() for n, p in model.named_parameters()}
+
+
+def test_first_order_equals_an_independent_first_order_unroll(tiny, sampler, outer_chunk):
+    """float64: first_order=True gives FOMAML's gradient for every parameter (the conv biases' true
+    gradient is zero; the reference's round-off there is far below atol), and it is not the
+    second-order meta-gradient."""
+    batch = real_batch(sampler)
+    torch.manual_seed(7)
+    reference = first_order_reference_grads(copy.deepcopy(tiny), batch)
+    torch.manual_seed(7)
+    first = func_grads(copy.deepcopy(tiny), batch, first_order=True)
+    torch.manual_seed(7)
+    second = func_grads(copy.deepcopy(tiny), batch, first_order=False)
+    assert set(first) == set(reference)
+    for n in reference:
+        torch.testing.assert_close(first[n], reference[n], rtol=1e-9, atol=1e-12)
+    assert first["nm.fc.weight"].norm() > 0 and first["rln.convBlock1.conv.weight"].norm() > 0
+    as_vector = lambda grads: torch.cat([g.flatten() for g in grads.values()])
+    assert (as_vector(first) - as_vector(second)).norm() > 1e-3 * as_vector(second).norm()
+    for n in ("nm.fc.weight", "rln.convBlock1.conv.weight", "fc.weight"):
+        assert (first[n] - second[n]).norm() > 1e-3 * second[n].norm(), n

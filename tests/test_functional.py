@@ -1,0 +1,68 @@
+"""The building blocks of the functional meta-gradient (`functional.py`), against PyTorch's own."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from functional import InstanceNorm, instance_norm, max_pool, relu
+
+
+def norm_inputs(batch, seed=0):
+    """float64 (x, weight, bias) of a [batch, 4, 5, 5] InstanceNorm, all requiring grad."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, 4, 5, 5, generator=g, dtype=torch.float64) * 3 + 1
+    weight = torch.rand(4, generator=g, dtype=torch.float64) + 0.5
+    bias = torch.randn(4, generator=g, dtype=torch.float64)
+    return [t.requires_grad_() for t in (x, weight, bias)]
+
+
+def value_and_two_orders(norm, inputs, seed=1):
+    """norm's output, its gradient for a random output gradient v (w.r.t. the inputs), and the
+    gradient of a random projection of that gradient w.r.t. x, weight and v: second order (the bias
+    has none: the gradient does not depend on it)."""
+    g = torch.Generator().manual_seed(seed)
+    y = norm(*inputs)
+    v = torch.randn(y.shape, generator=g, dtype=y.dtype).requires_grad_()
+    first = torch.autograd.grad(y, inputs, v, create_graph=True)
+    projection = sum((d * torch.randn(d.shape, generator=g, dtype=d.dtype)).sum() for d in first)
+    second = torch.autograd.grad(projection, inputs[:2] + [v])
+    return [y.detach()] + [d.detach() for d in first] + list(second)
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_instance_norm_equals_torchs_in_value_gradient_and_second_order(batch):
+    ours = value_and_two_orders(instance_norm, norm_inputs(batch))
+    torchs = value_and_two_orders(lambda x, w, b: F.instance_norm(x, weight=w, bias=b), norm_inputs(batch))
+    assert len(ours) == 7
+    for a, b in zip(ours, torchs):
+        assert b.abs().max() > 0
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+def all_outputs(x, weight, bias):
+    """(y, xhat, rstd, scale): the outer backward sends gradients to all of them."""
+    return InstanceNorm.apply(x, weight, bias, 1e-5)
+
+
+@pytest.mark.parametrize("norm", [instance_norm, all_outputs])
+@pytest.mark.parametrize("batch", [1, 3])
+def test_instance_norm_passes_gradcheck_and_gradgradcheck(batch, norm):
+    inputs = tuple(norm_inputs(batch, seed=2))
+    assert torch.autograd.gradcheck(norm, inputs)
+    assert torch.autograd.gradgradcheck(norm, inputs)
+
+
+@pytest.mark.parametrize("ours, torchs, size", [(relu, F.relu, 4), (max_pool, lambda x: F.max_pool2d(x, 2), 11)])
+def test_relu_and_max_pool_equal_torchs_in_value_gradient_and_second_order(ours, torchs, size):
+    """Equal bit for bit, on an odd size for the pool (its last row and column are dropped)."""
+    x = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    x = x.requires_grad_()
+    results = []
+    for f in (ours, torchs):
+        y = f(x)
+        v = torch.randn(y.shape, dtype=x.dtype, generator=torch.Generator().manual_seed(4)).requires_grad_()
+        (gx,) = torch.autograd.grad(y, x, v, create_graph=True)
+        (gv,) = torch.autograd.grad((gx * x).sum(), v)
+        results.append((y, gx, gv))
+    for a, b in zip(*results):
+        assert torch.equal(a, b) and a.abs().sum() > 0
+    assert (results[0][1] == 0).any()  # some inputs get no gradient
