@@ -25,7 +25,7 @@ from tqdm import tqdm
 from checkpoints import (StopSignal, TrainingLog, checkpoint_path, cpu_state_dict, find_resumable, load_model,
                          load_training_state, restore_torch_rng, run_name, save_atomic, save_training_state)
 from cuda_graphs import GraphedMetaStep
-from frozen_features import FeatureBank, MetaTestRun, sequential_fit
+from frozen_features import FeatureBank, MetaTestRun, iid_fit, iid_orders, ridge_fit, sequential_fit
 from functional import accuracy, func_meta_loss
 from model import ANML
 
@@ -248,9 +248,24 @@ def class_counts(num_classes):
     return sorted({int(n) for n in np.atleast_1d(num_classes)})
 
 
+METHODS = ("seq", "iid", "lstsq")  # the meta-test's last layer: in sequence, shuffled, closed form
+
+
+def shuffle_rng(entropy):
+    """The numpy generator of a run's i.i.d. shuffles: a child of the run's SeedSequence, so it is
+    independent of the classes, splits and initialisation that the run draws."""
+    return np.random.default_rng(np.random.SeedSequence(list(entropy)).spawn(1)[0])
+
+
 def meta_test(PATH, sampler, num_classes=10, train_examples=15, lrs=(1e-3,), runs=10, device="cpu",
-              seed=0, fast=True, progress=True):
-    """Meta-test runs for every learning rate and class count.
+              seed=0, fast=True, progress=True, method="seq", epochs_iid=1, ridges=(1.0,)):
+    """Meta-test runs for every learning rate (or ridge regulariser) and class count.
+
+    `method` says how the last layer learns the classes on the frozen features: "seq" (the seed's
+    one Adam step per image, class after class), "iid" (the same images and number of steps, or
+    `epochs_iid` times as many, with the N classes' images shuffled together: the oracle), or
+    "lstsq" (ridge least squares in closed form for each of `ridges`, which then play the role of
+    the learning rates). Every method sees the same runs: classes, splits and initialisation.
 
     `runs` is a count (run r draws from (seed, r)) or a list of SeedSequence entropies. Each run
     draws the same classes, splits and fc initialisation for every learning rate, so the rates are
@@ -261,6 +276,10 @@ def meta_test(PATH, sampler, num_classes=10, train_examples=15, lrs=(1e-3,), run
     Returns {"test": [K, L, R], "train": [K, L, R]} accuracies (K class counts in increasing order).
     With `fast`, the frozen features are computed once; on CUDA all L*R runs train at once, on the
     CPU one after the other (one last layer's Adam state nearly fits in the cache, a batch does not)."""
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}: choose one of {', '.join(METHODS)}")
+    if method != "seq" and not fast:
+        raise ValueError(f"the seed's loop is the sequential method: method {method!r} needs fast=True")
     counts = class_counts(num_classes)
     seeds = run_seeds(seed, runs) if isinstance(runs, int) else [list(e) for e in runs]
     model = load_model(PATH, device) if isinstance(PATH, (str, os.PathLike)) else PATH.to(device)
@@ -272,7 +291,7 @@ def meta_test(PATH, sampler, num_classes=10, train_examples=15, lrs=(1e-3,), run
         reset_last_layer(model, generator)
         inits.append(model.fc.weight.detach().clone())
         samples.append(MetaTestRun(*sampler.sample_test_indices(counts[-1], train_examples)))
-    R, L = len(seeds), len(lrs)
+    R, L = len(seeds), len(ridges if method == "lstsq" else lrs)
     results = {k: np.zeros((len(counts), L, R)) for k in ("test", "train")}
     if not fast:
         for r in tqdm(range(R), disable=not progress, desc="runs"):
@@ -289,16 +308,25 @@ def meta_test(PATH, sampler, num_classes=10, train_examples=15, lrs=(1e-3,), run
                 results["train"][k, l, r] = train_accuracy(model, train_tasks)
         return results
     features = FeatureBank(model, sampler.evaluation)
+    if method == "lstsq":
+        return ridge_fit(features, samples, list(ridges), counts)
     if torch.device(device).type == "cuda":
         batches = [(list(range(L)), list(range(R)))]
     else:
         batches = [([l], [r]) for r in range(R) for l in range(L)]
-    steps = counts[-1] * train_examples
+    if method == "iid":
+        orders = [iid_orders(shuffle_rng(entropy), counts, train_examples, epochs_iid) for entropy in seeds]
+        steps = sum(counts) * train_examples * epochs_iid
+    else:
+        steps = counts[-1] * train_examples
     with tqdm(total=steps * len(batches), disable=not progress, desc="test-train steps", unit="step",
               unit_scale=True, smoothing=0) as bar:
         for ls, rs in batches:
-            out = sequential_fit(features, [samples[r] for r in rs], torch.stack([inits[r] for r in rs]),
-                                 bias, [lrs[l] for l in ls], counts=counts, bar=bar)
+            args = (features, [samples[r] for r in rs], torch.stack([inits[r] for r in rs]), bias, [lrs[l] for l in ls])
+            if method == "iid":
+                out = iid_fit(*args, counts=counts, orders=[orders[r] for r in rs], bar=bar)
+            else:
+                out = sequential_fit(*args, counts=counts, bar=bar)
             for key in results:
                 results[key][np.ix_(range(len(counts)), ls, rs)] = out[key]
     return results
