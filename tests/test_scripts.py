@@ -260,6 +260,16 @@ BAD_INPUTS = {  # id: (script, argv, text expected on stderr, skip)
                                          "--resume", "latest"], "--resume latest: no", False),
     "train-corrupt-zip": ("train_omni.py", [*TINY, "--data-root", "{corrupt}"], "not a readable zip", False),
     "failed-download": ("train_omni.py", [*TINY, "--data-root", "{tmp}/download"], "could not download", False),
+    # issue 10: the meta-test methods' own flags
+    "lr-with-lstsq": ("eval_omni.py", [*NOT_READ, "--method", "lstsq", "-l", "0.01", *CHEAP], "takes --ridge", False),
+    "ridge-with-seq": ("eval_omni.py", [*NOT_READ, "--ridge", "1", *CHEAP], "--ridge is for --method lstsq", False),
+    "ridge-0": ("eval_omni.py", [*NOT_READ, "--method", "lstsq", "--ridge", "0", *CHEAP], "argument --ridge", False),
+    "epochs-iid-with-seq": ("eval_omni.py", [*NOT_READ, "--epochs-iid", "2", *CHEAP], "--epochs-iid is for --method iid", False),
+    "epochs-iid-0": ("eval_omni.py", [*NOT_READ, "--method", "iid", "--epochs-iid", "0", *CHEAP], "argument --epochs-iid", False),
+    "seed-loop-iid": ("eval_omni.py", [*NOT_READ, "--method", "iid", "--seed-loop", *CHEAP], "only runs --method seq", False),
+    "method-unknown": ("eval_omni.py", [*NOT_READ, "--method", "knn", *CHEAP], "argument --method", False),
+    "selection-one-ridge": ("eval_omni.py", [*NOT_READ, "--method", "lstsq", "--selection-runs", "2", *CHEAP],
+                            "give several with --ridge", False),
 }
 
 
@@ -307,3 +317,36 @@ def test_bad_input_is_one_clear_error(bad_runs, case):
     assert "Traceback" not in proc.stderr, proc.stderr
     errors = [line for line in proc.stderr.splitlines() if re.match(r"(\S+\.py: )?error: ", line)]
     assert len(errors) == 1 and expected in errors[0], proc.stderr  # one line says what is wrong
+
+
+# ----------------------------------------------------------------------------- eval_omni.py --method (issue 10)
+
+def test_eval_methods_share_runs_and_layout(omniglot_root, checkpoint, tmp_path):
+    """seq, iid and lstsq on the same runs: the same seeds and JSON layout with a "method" key; lstsq
+    chooses its ridge on the selection runs as seq chooses its rate; iid repeats exactly."""
+    reports = {}
+    flags = {"seq": ["-l", 0.03, 0.01], "iid": ["--method", "iid", "-l", 0.03, 0.01, "--epochs-iid", 2],
+             "lstsq": ["--method", "lstsq", "--ridge", 0.01, 1, 100]}
+    for method, extra in flags.items():
+        out = tmp_path / f"{method}.json"
+        proc = evaluate(omniglot_root, checkpoint, "-c", 2, 4, "-r", 2, "--selection-runs", 2, *extra, "--json", out)
+        assert_ok(proc)
+        reports[method] = json.loads(out.read_text())
+        assert reports[method]["method"] == method
+    assert reports["iid"]["epochs_iid"] == 2 and "epochs_iid" not in reports["seq"]
+    assert reports["lstsq"]["hyperparameter"] == "ridge" and reports["lstsq"]["ridges"] == [0.01, 1, 100]
+    assert "Chosen ridge" in proc.stdout and "Best ridge" in proc.stdout
+    for key in ("report_run_seeds", "selection_run_seeds", "classes", "train_examples"):
+        assert reports["seq"][key] == reports["iid"][key] == reports["lstsq"][key], key
+    for row in reports["lstsq"]["rows"]:
+        selection_means = [r["selection"]["test_mean"] for r in row["per_lr"]]
+        chosen = row["chosen_on_selection_runs"]
+        assert chosen["ridge"] == [0.01, 1, 100][int(np.argmax(selection_means))]
+        assert set(chosen) == set(reports["seq"]["rows"][0]["chosen_on_selection_runs"]) - {"lr"} | {"ridge"}
+    again = tmp_path / "again.json"
+    assert_ok(evaluate(omniglot_root, checkpoint, "-c", 2, 4, "-r", 2, "--selection-runs", 2, *flags["iid"],
+                       "--json", again))
+    assert json.loads(again.read_text())["rows"] == reports["iid"]["rows"]
+    seq_tests = [r["report"]["test"] for row in reports["seq"]["rows"] for r in row["per_lr"]]
+    iid_tests = [r["report"]["test"] for row in reports["iid"]["rows"] for r in row["per_lr"]]
+    assert seq_tests != iid_tests
