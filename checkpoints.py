@@ -15,10 +15,11 @@ def run_name(rln, nm, mask):
     return f"{rln}_{nm}_{mask}"
 
 
-def checkpoint_path(out_dir, name, it, resumable=False):
+def checkpoint_path(out_dir, name, it, resumable=False, kind="ANML"):
     """`{out_dir}/{name}_ANML-{it}.pth` (the seed's bare state_dict), or its resumable companion
-    `..._ANML-{it}_resume.pt`; `it="*"` gives the glob pattern of either."""
-    return Path(out_dir) / f"{name}_ANML-{it}{'_resume.pt' if resumable else '.pth'}"
+    `..._ANML-{it}_resume.pt`; `it="*"` gives the glob pattern of either. `kind` replaces "ANML"
+    for other trainings of the same network (pretrain_omni.py writes `_pretrain-`)."""
+    return Path(out_dir) / f"{name}_{kind}-{it}{'_resume.pt' if resumable else '.pth'}"
 
 
 def save_atomic(obj, path):
@@ -53,26 +54,26 @@ def load_model(path, device="cpu"):
         raise ValueError(f"{path} does not fit the ANML architecture: {reason}") from None
     return model.to(device)
 
-def find_resumable(resume, out_dir, name):
+def find_resumable(resume, out_dir, name, kind="ANML"):
     """The resumable checkpoint to continue from: a path, or "latest" (newest in `out_dir`)."""
     if resume != "latest":
         return Path(resume)
     iteration = lambda p: int(p.name.rsplit("-", 1)[1].removesuffix("_resume.pt"))
-    pattern = checkpoint_path(out_dir, name, "*", resumable=True)
+    pattern = checkpoint_path(out_dir, name, "*", resumable=True, kind=kind)
     found = sorted(pattern.parent.glob(pattern.name), key=iteration)
     if not found:
-        raise ValueError(f"--resume latest: no {name}_ANML-*_resume.pt in {out_dir}")
+        raise ValueError(f"--resume latest: no {name}_{kind}-*_resume.pt in {out_dir}")
     return found[-1]
 
-def save_training_state(out_dir, name, it, model, outer_opt, sampler, elapsed):
+def save_training_state(out_dir, name, it, model, outer_opt, sampler, elapsed, kind="ANML"):
     """Everything needed to continue after iteration `it` exactly; older ones are removed."""
     state = {"model": cpu_state_dict(model), "outer_opt": outer_opt.state_dict(), "iteration": it,
              "elapsed": elapsed, "rng": {"numpy": sampler.rng.bit_generator.state,
                                          "torch": torch.get_rng_state(),
                                          "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}}
-    path = checkpoint_path(out_dir, name, it, resumable=True)
+    path = checkpoint_path(out_dir, name, it, resumable=True, kind=kind)
     save_atomic(state, path)
-    for old in path.parent.glob(checkpoint_path(out_dir, name, "*", resumable=True).name):
+    for old in path.parent.glob(checkpoint_path(out_dir, name, "*", resumable=True, kind=kind).name):
         if old != path:
             old.unlink(missing_ok=True)
 

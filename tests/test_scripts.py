@@ -268,6 +268,12 @@ BAD_INPUTS = {  # id: (script, argv, text expected on stderr, skip)
     "epochs-iid-0": ("eval_omni.py", [*NOT_READ, "--method", "iid", "--epochs-iid", "0", *CHEAP], "argument --epochs-iid", False),
     "seed-loop-iid": ("eval_omni.py", [*NOT_READ, "--method", "iid", "--seed-loop", *CHEAP], "only runs --method seq", False),
     "method-unknown": ("eval_omni.py", [*NOT_READ, "--method", "knn", *CHEAP], "argument --method", False),
+    "pretrain-batch-0": ("pretrain_omni.py", ["--batch-size", "0", *CHEAP], "argument --batch-size", False),
+    "pretrain-mask": ("pretrain_omni.py", [*TINY[:4], "--mask", "35", *CHEAP], "--mask must be 36", False),
+    "pretrain-lr-0": ("pretrain_omni.py", ["--lr", "0", *CHEAP], "argument --lr", False),
+    "pretrain-no-data": ("pretrain_omni.py", [*TINY, *CHEAP], "Omniglot not found in", False),
+    "pretrain-resume-nothing": ("pretrain_omni.py", [*TINY, "--data-root", "{omniglot}", "--out-dir", "{tmp}/no_pre",
+                                                     "--resume", "latest"], "--resume latest: no 4_3_36_pretrain", False),
     "selection-one-ridge": ("eval_omni.py", [*NOT_READ, "--method", "lstsq", "--selection-runs", "2", *CHEAP],
                             "give several with --ridge", False),
 }
@@ -350,3 +356,53 @@ def test_eval_methods_share_runs_and_layout(omniglot_root, checkpoint, tmp_path)
     seq_tests = [r["report"]["test"] for row in reports["seq"]["rows"] for r in row["per_lr"]]
     iid_tests = [r["report"]["test"] for row in reports["iid"]["rows"] for r in row["per_lr"]]
     assert seq_tests != iid_tests
+
+
+# ----------------------------------------------------------------------------- pretrain_omni.py (issue 10)
+
+def pretrain(root, out_dir, *args):
+    return run("pretrain_omni.py", *TINY, "-d", "cpu", "--data-root", root, "--out-dir", out_dir, *args)
+
+
+def test_pretrain_resumes_exactly_and_evaluates(omniglot_root, tmp_path):
+    """2 epochs of 19 steps straight, and stopped after the first step then resumed, give the same
+    checkpoints and log; the checkpoint is the seed's format and eval_omni.py meta-tests it."""
+    flags = ["--epochs", 2, "--batch-size", 1024, "--lr", 0.01]
+    straight = pretrain(omniglot_root, tmp_path / "straight", *flags)
+    assert_ok(straight)
+    assert "pretraining 4_3_36 for 2 epochs of batch 1024" in straight.stdout
+    final = tmp_path / "straight" / "4_3_36_pretrain-1.pth"
+    assert f"done: {final}" in straight.stdout
+    stopped = pretrain(omniglot_root, tmp_path / "resumed", *flags, "--time-limit", 1e-3)
+    assert_ok(stopped)
+    assert "time limit reached" in stopped.stdout and not (tmp_path / "resumed" / final.name).exists()
+    assert_ok(pretrain(omniglot_root, tmp_path / "resumed", *flags, "--resume", "latest"))
+    for epoch in (0, 1):
+        a = load_checkpoint(tmp_path / "straight" / f"4_3_36_pretrain-{epoch}.pth")
+        b = load_checkpoint(tmp_path / "resumed" / f"4_3_36_pretrain-{epoch}.pth")
+        assert all(torch.equal(a[k], b[k]) for k in a), epoch
+    logs = [(tmp_path / d / "4_3_36_pretrain_log.csv").read_text().splitlines() for d in ("straight", "resumed")]
+    assert len(logs[0]) == 1 + 2 * 19
+    assert [l.split(",")[:3] for l in logs[0]] == [l.split(",")[:3] for l in logs[1]]
+    losses = [float(l.split(",")[1]) for l in logs[0][1:]]
+    assert np.mean(losses[-5:]) < np.mean(losses[:5])  # it learns
+    proc = evaluate(omniglot_root, final, "-c", 3, "-r", 1, "-l", 0.01)
+    assert_ok(proc)
+    accuracies(proc.stdout.splitlines()[0], ACCURACY, 3)
+
+
+def test_pretrain_init_only_is_the_training_start(omniglot_root, tmp_path):
+    """--init-only writes the network as torch.manual_seed(seed) initialises it (where train_omni.py
+    starts too), without reading the data; --lobotomize changes the training."""
+    proc = run("pretrain_omni.py", *TINY, "--init-only", "--seed", 1, "--out-dir", tmp_path,
+               "--data-root", tmp_path / "nothing", "--no-download")
+    assert_ok(proc)
+    init = load_checkpoint(tmp_path / "4_3_36_init.pth")
+    torch.manual_seed(1)
+    expected = ANML(4, 3, 36).state_dict()
+    assert all(torch.equal(init[k], expected[k]) for k in init)
+    flags = ["--epochs", 1, "--batch-size", 4096]
+    assert_ok(pretrain(omniglot_root, tmp_path / "plain", *flags))
+    assert_ok(pretrain(omniglot_root, tmp_path / "lobo", *flags, "--lobotomize"))
+    plain, lobo = (load_checkpoint(tmp_path / d / "4_3_36_pretrain-0.pth") for d in ("plain", "lobo"))
+    assert not torch.equal(plain["fc.weight"], lobo["fc.weight"])
