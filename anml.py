@@ -11,6 +11,7 @@ the same meta-gradient faster (`functional.py`), and "graph" replays it from a C
 the seed's loop; checkpoints and the run's state are in `checkpoints.py`.
 """
 import itertools
+import json
 import math
 import os
 import time
@@ -24,6 +25,7 @@ from tqdm import tqdm
 
 from checkpoints import (StopSignal, TrainingLog, checkpoint_path, cpu_state_dict, find_resumable, load_model,
                          load_training_state, restore_torch_rng, run_name, save_atomic, save_training_state)
+from atomic import write_atomic
 from cuda_graphs import GraphedMetaStep
 from frozen_features import FeatureBank, MetaTestRun, iid_fit, iid_orders, ridge_fit, sequential_fit
 from functional import accuracy, func_meta_loss
@@ -51,30 +53,39 @@ def lobotomize(layer, class_num):
 
 
 def meta_step(model, inner_opt, outer_opt, train_data, train_class, valid_ims, valid_labels,
-              backend="higher"):
+              backend="higher", first_order=False):
     """One ANML meta-training iteration; returns (outer loss, outer accuracy) as floats.
 
     Lobotomize the new class's fc row, take one differentiable inner step per (image, label)
     pair of `train_data`, then back-propagate the adapted model's loss on `valid_ims` through
     the whole unrolled loop (second order) and take one `outer_opt` step. `backend` is "higher"
-    or "func" ("auto" is "func" here: one iteration alone is not worth a CUDA graph)."""
+    or "func" ("auto" is "func" here: one iteration alone is not worth a CUDA graph). `first_order`
+    does not differentiate through the inner steps (the original ANML code's gradient; not "higher")."""
     lobotomize(model.fc, train_class)
-    loss, acc = meta_loss(model, inner_opt, train_data, valid_ims, valid_labels, backend)
+    loss, acc = meta_loss(model, inner_opt, train_data, valid_ims, valid_labels, backend, first_order)
     outer_opt.step()
     outer_opt.zero_grad()
     return loss.item(), acc.item()
 
 
-def meta_loss(model, inner_opt, train_data, valid_ims, valid_labels, backend):
+def meta_loss(model, inner_opt, train_data, valid_ims, valid_labels, backend, first_order=False):
     """The meta-gradient, left in the parameters' .grad; returns (loss, accuracy) tensors."""
     if backend == "higher":
+        check_first_order(backend, first_order)
         return higher_meta_loss(model, inner_opt, train_data, valid_ims, valid_labels)
     if backend in ("func", "auto"):
         ims = torch.cat([im for im, _ in train_data])
         labels = torch.cat([label for _, label in train_data])
-        return func_meta_loss(model, inner_opt, ims, labels, valid_ims, valid_labels)
+        return func_meta_loss(model, inner_opt, ims, labels, valid_ims, valid_labels, first_order=first_order)
     raise ValueError(f"meta_step: unknown backend {backend!r}: choose 'higher' or 'func' "
                      f"(the CUDA graph is `meta_stepper(backend='graph')`)")
+
+
+def check_first_order(backend, first_order):
+    """The first-order meta-gradient is implemented by the func and graph backends only."""
+    if first_order and backend == "higher":
+        raise ValueError("--first-order is implemented by the func and graph backends (--backend auto, func), "
+                         "not by higher, the second-order reference")
 
 
 def higher_meta_loss(model, inner_opt, train_data, valid_ims, valid_labels):
@@ -104,27 +115,30 @@ def resolve_backend(backend, device):
     return backend
 
 
-def meta_stepper(backend, model, inner_opt, outer_opt, sampler, device):
+def meta_stepper(backend, model, inner_opt, outer_opt, sampler, device, first_order=False):
     """The one place every backend is dispatched: a function that draws a meta-training episode
     from `sampler` and runs one iteration on it, returning (loss, accuracy) (device tensors with
     "graph": read them rarely). "graph" needs `outer_opt` made with capturable=True on CUDA."""
     backend = resolve_backend(backend, device)
+    check_first_order(backend, first_order)
     if backend == "graph":
         def iteration(train_class, train_ims, train_labels, valid_ims, valid_labels):
             lobotomize(model.fc, train_class)
-            return func_meta_loss(model, inner_opt, train_ims, train_labels, valid_ims, valid_labels)
+            return func_meta_loss(model, inner_opt, train_ims, train_labels, valid_ims, valid_labels,
+                                  first_order=first_order)
         graph = GraphedMetaStep(model, outer_opt, sampler, iteration)
         return lambda: graph(*sampler.sample_train_indices())
 
     def step():
         train_data, train_class, (valid_ims, valid_labels) = sampler.sample_train(device=device)
-        return meta_step(model, inner_opt, outer_opt, train_data, train_class, valid_ims, valid_labels, backend)
+        return meta_step(model, inner_opt, outer_opt, train_data, train_class, valid_ims, valid_labels, backend,
+                         first_order)
     return step
 
 
 def train(rln, nm, mask, inner_lr=0.1, outer_lr=1e-3, its=30000, device="cpu", sampler=None,
           out_dir="trained_anmls", seed=1, backend="auto", log_every=10, save_every=1000, quiet=False,
-          resume=None, time_limit=None):
+          resume=None, time_limit=None, first_order=False):
     """Meta-train an ANML for `its` iterations.
 
     Writes the seed's checkpoints `{out_dir}/{rln}_{nm}_{mask}_ANML-{it}.pth` (bare state_dicts)
@@ -134,7 +148,8 @@ def train(rln, nm, mask, inner_lr=0.1, outer_lr=1e-3, its=30000, device="cpu", s
     SIGINT/SIGTERM, it stops cleanly after the iteration in flight, writing a resumable checkpoint.
 
     Returns (the model, why it stopped early: None when it ran to `its`, else the signal's name
-    or the time limit)."""
+    or the time limit). `first_order` trains with the first-order meta-gradient; the run's settings
+    file `{out_dir}/{name}_settings.json` records it, and a resume with the other setting is refused."""
     out_dir, name = Path(out_dir), run_name(rln, nm, mask)
     if sampler is None:
         from datasets import OmniSampler
@@ -142,11 +157,15 @@ def train(rln, nm, mask, inner_lr=0.1, outer_lr=1e-3, its=30000, device="cpu", s
     torch.manual_seed(seed)
     model = ANML(rln, nm, mask).to(device)
     backend = resolve_backend(backend, device)
+    check_first_order(backend, first_order)
+    record_settings(out_dir / f"{name}_settings.json", resume is not None,
+                    {"first_order": first_order, "backend": backend, "inner_lr": inner_lr, "outer_lr": outer_lr,
+                     "seed": seed, "its": its})
     inner_opt, outer_opt = make_optimizers(model, inner_lr, outer_lr, capturable=backend == "graph")
     first, elapsed, rng = 0, 0.0, None
     if resume is not None:
         first, elapsed, rng = load_training_state(find_resumable(resume, out_dir, name), model, outer_opt, sampler)
-    step = meta_stepper(backend, model, inner_opt, outer_opt, sampler, device)
+    step = meta_stepper(backend, model, inner_opt, outer_opt, sampler, device, first_order)
     restore_torch_rng(rng)  # after the graph's warm-up, which draws from the CUDA generator
     log = TrainingLog(out_dir / f"{name}_train_log.csv", first)
     start = time.perf_counter()
@@ -170,6 +189,19 @@ def train(rln, nm, mask, inner_lr=0.1, outer_lr=1e-3, its=30000, device="cpu", s
                 return model, stop.reason
     log.flush()
     return model, None
+
+
+def record_settings(path, resuming, settings):
+    """Write the run's settings (JSON) beside its checkpoints; on a resume, refuse a different
+    meta-gradient (first- or second-order) from the one the run was started with."""
+    path = Path(path)
+    if resuming and path.is_file():
+        before = json.loads(path.read_text()).get("first_order", False)
+        if before != settings["first_order"]:
+            flag = "with" if before else "without"
+            raise ValueError(f"this run was started {flag} --first-order ({path}): resume it the same way")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_atomic(path, lambda tmp: tmp.write_text(json.dumps(settings, indent=1) + "\n"))
 
 
 # ----------------------------------------------------------------------------- meta-testing

@@ -67,9 +67,12 @@ class AdaptedLinear:
         self.g.append(g)
         self.f.append(f)
 
-def func_meta_loss(model, inner_opt, train_ims, train_labels, valid_ims, valid_labels):
+def func_meta_loss(model, inner_opt, train_ims, train_labels, valid_ims, valid_labels, first_order=False):
     """Same mathematics as `anml.higher_meta_loss`, with a functional unroll and plain autograd: the
-    meta-gradient is left in the parameters' .grad; returns (loss, accuracy) tensors."""
+    meta-gradient is left in the parameters' .grad; returns (loss, accuracy) tensors.
+
+    `first_order`: the inner steps are not differentiated (their gradients are constants), as the
+    original ANML code computed it."""
     names, lr = inner_sgd(inner_opt, model)
     params = dict(model.named_parameters())
     masks = gate(params, torch.cat([train_ims, valid_ims]))
@@ -82,10 +85,11 @@ def func_meta_loss(model, inner_opt, train_ims, train_labels, valid_ims, valid_l
         f = features(train_ims[i:i + 1], train_masks[i:i + 1])
         out = fc(f, fast.get("fc.bias", params["fc.bias"]))
         loss = F.cross_entropy(out, train_labels[i:i + 1])
-        *grads, g = torch.autograd.grad(loss, list(fast.values()) + [out], create_graph=True)
+        *grads, g = torch.autograd.grad(loss, list(fast.values()) + [out], create_graph=not first_order,
+                                        retain_graph=True)
         fast = {n: w - lr * grad for (n, w), grad in zip(fast.items(), grads)}
         if adapt_fc:
-            fc.step(g[0], f[0])
+            fc.step(g[0], f[0].detach() if first_order else f[0])
     chunk = OUTER_CHUNK.get(valid_ims.device.type)
     if chunk and chunk < len(valid_ims):
         loss, out = outer_backward_in_chunks(params, fast, fc, valid_ims, valid_masks, valid_labels, chunk)
@@ -123,6 +127,6 @@ def outer_backward_in_chunks(params, fast, fc, valid_ims, valid_masks, valid_lab
         part.backward()  # into the cut tensors, and straight into the parameters read directly
         outs.append(out.detach())
         loss += part.detach()
-    used = [(t, c.grad) for t, c in zip(inputs, cut) if c.grad is not None]
+    used = [(t, c.grad) for t, c in zip(inputs, cut) if c.grad is not None and t.requires_grad]
     torch.autograd.backward([t for t, _ in used], [g for _, g in used])
     return loss, torch.cat(outs)

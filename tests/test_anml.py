@@ -44,14 +44,14 @@ def reference_meta_grad(model, batch, create_graph=True):
     return start, grad
 
 
-def one_meta_step(model, batch, backend, outer="sgd", rng_seed=7):
+def one_meta_step(model, batch, backend, outer="sgd", rng_seed=7, first_order=False):
     train_data, train_class, valid_ims, valid_labels = batch
     inner_opt = torch.optim.SGD(list(model.rln.parameters()) + list(model.fc.parameters()), lr=INNER_LR)
     outer_opt = (torch.optim.SGD(model.parameters(), lr=1.0) if outer == "sgd"
                  else torch.optim.Adam(model.parameters(), lr=1e-3))
     torch.manual_seed(rng_seed)
     return anml.meta_step(model, inner_opt, outer_opt, train_data, train_class, valid_ims, valid_labels,
-                          backend=backend)
+                          backend=backend, first_order=first_order)
 
 
 @pytest.fixture(scope="module")
@@ -173,3 +173,44 @@ def test_lobotomize_changes_exactly_one_row():
     big = torch.nn.Linear(2304, 1000)
     anml.lobotomize(big, 0)
     assert big.weight[0].std().item() == pytest.approx((2 / 2304) ** 0.5, rel=0.1)  # Kaiming normal
+
+
+# ----------------------------------------------------------------------------- first order (issue 10)
+
+def test_first_order_is_the_independent_first_order_unroll(tiny, sampler, outer_chunk):
+    """float64, a real batch: --first-order moves the parameters by minus the gradient of an
+    independent unroll whose inner gradients are constants, which differs from the second-order one."""
+    batch = real_batch(sampler)
+    torch.manual_seed(7)
+    start, first_order = reference_meta_grad(copy.deepcopy(tiny), batch, create_graph=False)
+    torch.manual_seed(7)
+    _, second_order = reference_meta_grad(copy.deepcopy(tiny), batch)
+    model = copy.deepcopy(tiny)
+    one_meta_step(model, batch, "func", outer="sgd", first_order=True)
+    move = flat(model) - start
+    assert first_order.norm() > 0
+    torch.testing.assert_close(move, -first_order, rtol=1e-9, atol=1e-12)
+    assert (first_order - second_order).norm() > 1e-3 * second_order.norm()
+    second = copy.deepcopy(tiny)
+    one_meta_step(second, batch, "func", outer="sgd")
+    assert (flat(second) - flat(model)).norm() > 1e-3 * move.norm()
+
+
+def test_first_order_refused_by_higher(tiny, sampler):
+    batch = real_batch(sampler)
+    with pytest.raises(ValueError, match="--first-order is implemented by the func and graph backends"):
+        one_meta_step(copy.deepcopy(tiny), batch, "higher", first_order=True)
+    model = copy.deepcopy(tiny)
+    inner_opt, outer_opt = anml.make_optimizers(model, INNER_LR, 1e-3)
+    with pytest.raises(ValueError, match="not by higher"):
+        anml.meta_stepper("higher", model, inner_opt, outer_opt, sampler, "cpu", first_order=True)
+
+
+def test_first_order_train_records_and_refuses_a_mixed_resume(sampler, tmp_path):
+    """anml.train(first_order=True) records it in the run's settings file; a resume without it is refused."""
+    import json
+    model, stopped = anml.train(4, 3, 36, its=2, sampler=sampler, out_dir=tmp_path, quiet=True, first_order=True)
+    assert stopped is None
+    assert json.loads((tmp_path / "4_3_36_settings.json").read_text())["first_order"] is True
+    with pytest.raises(ValueError, match="started with --first-order"):
+        anml.train(4, 3, 36, its=3, sampler=sampler, out_dir=tmp_path, quiet=True, resume="latest")

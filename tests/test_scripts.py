@@ -268,6 +268,8 @@ BAD_INPUTS = {  # id: (script, argv, text expected on stderr, skip)
     "epochs-iid-0": ("eval_omni.py", [*NOT_READ, "--method", "iid", "--epochs-iid", "0", *CHEAP], "argument --epochs-iid", False),
     "seed-loop-iid": ("eval_omni.py", [*NOT_READ, "--method", "iid", "--seed-loop", *CHEAP], "only runs --method seq", False),
     "method-unknown": ("eval_omni.py", [*NOT_READ, "--method", "knn", *CHEAP], "argument --method", False),
+    "first-order-higher": ("train_omni.py", [*TINY, "--first-order", "--backend", "higher", "--data-root", "{omniglot}",
+                                             "--out-dir", "{tmp}/fo"], "not by higher", False),
     "pretrain-batch-0": ("pretrain_omni.py", ["--batch-size", "0", *CHEAP], "argument --batch-size", False),
     "pretrain-mask": ("pretrain_omni.py", [*TINY[:4], "--mask", "35", *CHEAP], "--mask must be 36", False),
     "pretrain-lr-0": ("pretrain_omni.py", ["--lr", "0", *CHEAP], "argument --lr", False),
@@ -406,3 +408,16 @@ def test_pretrain_init_only_is_the_training_start(omniglot_root, tmp_path):
     assert_ok(pretrain(omniglot_root, tmp_path / "lobo", *flags, "--lobotomize"))
     plain, lobo = (load_checkpoint(tmp_path / d / "4_3_36_pretrain-0.pth") for d in ("plain", "lobo"))
     assert not torch.equal(plain["fc.weight"], lobo["fc.weight"])
+
+
+# ----------------------------------------------------------------------------- train_omni.py --first-order (issue 10)
+
+def test_first_order_training_is_recorded_and_differs(trained, omniglot_root, tmp_path):
+    proc = train(omniglot_root, tmp_path, "--seed", 1, "--first-order")
+    assert_ok(proc)
+    assert "first-order" in proc.stdout.splitlines()[0]
+    assert json.loads((tmp_path / "4_3_36_settings.json").read_text())["first_order"] is True
+    assert json.loads((trained[1] / "4_3_36_settings.json").read_text())["first_order"] is False
+    assert load_checkpoint(tmp_path / "4_3_36_ANML-0.pth")  # the names are unchanged
+    first, second = load_checkpoint(tmp_path / "4_3_36_ANML-2.pth"), load_checkpoint(trained[1] / "4_3_36_ANML-2.pth")
+    assert not torch.equal(first["rln.convBlock1.conv.weight"], second["rln.convBlock1.conv.weight"])
