@@ -420,3 +420,47 @@ def test_first_order_training_is_recorded_and_differs(trained, omniglot_root, tm
     assert load_checkpoint(tmp_path / "4_3_36_ANML-0.pth")  # the names are unchanged
     first, second = load_checkpoint(tmp_path / "4_3_36_ANML-2.pth"), load_checkpoint(trained[1] / "4_3_36_ANML-2.pth")
     assert not torch.equal(first["rln.convBlock1.conv.weight"], second["rln.convBlock1.conv.weight"])
+
+
+# ----------------------------------------------------------------------------- comparisons (issue 10)
+
+def test_make_comparisons_at_tiny_scale(omniglot_root, checkpoint, tmp_path):
+    """results/make_comparisons.sh end to end with a tiny network: pretraining, the init checkpoint,
+    six evaluations on the same runs, and the picture (or the note that matplotlib is missing)."""
+    env = script_env(PY=sys.executable, DEVICE="cpu", ANML=str(checkpoint), SIZES=" ".join(TINY), NAME="4_3_36",
+                     EPOCHS="1", PRETRAIN_DIR=str(tmp_path / "pre"), OUT=str(tmp_path / "out"), RUNS="1", SEL="2",
+                     CLASSES="2 4", LRS="0.03 0.01", RIDGES="1 10")
+    proc = subprocess.run(["bash", "results/make_comparisons.sh", "--data-root", str(omniglot_root)], cwd=REPO,
+                          env=env, capture_output=True, text=True, timeout=900)
+    assert_ok(proc)
+    labels = ["anml_seq", "anml_iid", "anml_lstsq", "pretrain_seq", "pretrain_lstsq", "random_seq"]
+    reports = {label: json.loads((tmp_path / "out" / f"{label}.json").read_text()) for label in labels}
+    assert [r["method"] for r in reports.values()] == ["seq", "iid", "lstsq", "seq", "lstsq", "seq"]
+    assert reports["pretrain_seq"]["model"].endswith("4_3_36_pretrain-0.pth")
+    assert reports["random_seq"]["model"].endswith("4_3_36_init.pth")
+    assert len({json.dumps(r["report_run_seeds"]) for r in reports.values()}) == 1
+    assert all([row["classes"] for row in r["rows"]] == [2, 4] for r in reports.values())
+    picture = tmp_path / "out" / "comparisons.png"
+    assert picture.is_file() or "matplotlib is not installed" in proc.stdout
+    again = subprocess.run(["bash", "results/make_comparisons.sh", "--data-root", str(omniglot_root)], cwd=REPO,
+                           env=env, capture_output=True, text=True, timeout=900)
+    assert_ok(again)
+    assert "pretraining" not in again.stdout  # the finished pretraining is reused
+
+
+def test_plot_comparisons_reads_the_reports(tmp_path):
+    import plot_comparisons
+    row = lambda n, chosen: {"classes": n, "chosen_on_selection_runs": chosen,
+                             "best_on_reported_runs": {"test_mean": 0.5, "test_std": 0.1}}
+    (tmp_path / "a_seq.json").write_text(json.dumps({"rows": [row(10, {"test_mean": 0.9, "test_std": 0.05}),
+                                                              row(50, {"test_mean": 0.7, "test_std": 0.02})]}))
+    (tmp_path / "b_lstsq.json").write_text(json.dumps({"rows": [row(10, None)]}))
+    (tmp_path / "bad.json").write_text("{}")
+    curves = plot_comparisons.load_curves([tmp_path / "a_seq.json", tmp_path / "b_lstsq.json"])
+    assert curves["a_seq"] == ([10, 50], [0.9, 0.7], [0.05, 0.02], "chosen_on_selection_runs")
+    assert curves["b_lstsq"] == ([10], [0.5], [0.1], "best_on_reported_runs")
+    with pytest.raises(ValueError, match="not an eval_omni.py --json report"):
+        plot_comparisons.load_curves([tmp_path / "bad.json"])
+    pytest.importorskip("matplotlib", reason="matplotlib is not installed (the lead adds it)")
+    plot_comparisons.plot_comparisons(curves, tmp_path / "c.png")
+    assert (tmp_path / "c.png").stat().st_size > 1000
