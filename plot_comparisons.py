@@ -47,6 +47,9 @@ def plot_comparisons(curves, out, title="Omniglot meta-test: accuracy against cl
         note = "" if key == "chosen_on_selection_runs" else " (best on same runs)"
         ax.errorbar(classes, mean, yerr=std, marker="o", capsize=3, label=label + note)
     ax.set_xscale("log")
+    ticks = sorted({n for classes, *_ in curves.values() for n in classes})
+    ax.set_xticks(ticks, [str(n) for n in ticks])
+    ax.minorticks_off()
     ax.set_xlabel("classes learned")
     ax.set_ylabel("test accuracy")
     ax.set_ylim(0, 1)
