@@ -214,3 +214,33 @@ def test_first_order_train_records_and_refuses_a_mixed_resume(sampler, tmp_path)
     assert json.loads((tmp_path / "4_3_36_settings.json").read_text())["first_order"] is True
     with pytest.raises(ValueError, match="started with --first-order"):
         anml.train(4, 3, 36, its=3, sampler=sampler, out_dir=tmp_path, quiet=True, resume="latest")
+
+
+def test_first_order_graph_backend_logic_equals_func_on_cpu(sampler):
+    """meta_stepper("graph", first_order=True) runs the CUDA-graph step eagerly without CUDA: three
+    iterations equal three first-order `meta_step`s of the func backend on the same batches."""
+    from cuda_graphs import gather_train_batch
+    torch.manual_seed(0)
+    base = ANML(4, 3, 36).double()
+    images = sampler.background.flatten(0, 1).double()
+    results = {}
+    for backend in ("func", "graph"):
+        model = copy.deepcopy(base)
+        inner_opt, outer_opt = anml.make_optimizers(model, INNER_LR, 1e-3)
+        if backend == "graph":
+            step = anml.meta_stepper("graph", model, inner_opt, outer_opt, sampler, "cpu", first_order=True)
+        sampler.rng = np.random.default_rng(8)
+        torch.manual_seed(1)
+        for _ in range(3):
+            if backend == "graph":
+                step()
+            else:
+                cls, remember = sampler.sample_train_indices()
+                train_ims, train_labels, valid_ims, valid_labels = gather_train_batch(
+                    images, 20, torch.tensor(cls), torch.as_tensor(remember))
+                train_data = [(train_ims[i:i + 1], train_labels[i:i + 1]) for i in range(20)]
+                anml.meta_step(model, inner_opt, outer_opt, train_data, cls, valid_ims, valid_labels, "func",
+                               first_order=True)
+        results[backend] = flat(model)
+    assert not torch.equal(results["func"], flat(base))
+    torch.testing.assert_close(results["graph"], results["func"], rtol=1e-12, atol=0)

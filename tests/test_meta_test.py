@@ -159,3 +159,15 @@ def test_lstsq_meta_test(small_checkpoint, sampler):
         np.testing.assert_array_equal(both["test"][k], alone["test"][0])
     assert (both["train"][0, 0] == 1).all()
     assert ((both["test"] >= 0) & (both["test"] <= 1)).all() and both["test"].max() > 1 / 3
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("method", ["iid", "lstsq"])
+def test_other_methods_on_cuda_equal_cpu(small_checkpoint, sampler, method):
+    """The batched (CUDA-graphed for iid) GPU path against the CPU's, as for seq in test_cuda_graphs."""
+    kwargs = dict(num_classes=[5, 20], lrs=(1e-3, 5e-4), runs=2, seed=3, progress=False, method=method,
+                  ridges=(0.1, 10.0), epochs_iid=2)
+    gpu = anml.meta_test(small_checkpoint, sampler, device="cuda", **kwargs)
+    cpu = anml.meta_test(small_checkpoint, sampler, device="cpu", **kwargs)
+    np.testing.assert_allclose(gpu["test"], cpu["test"], atol=0.02)
+    np.testing.assert_allclose(gpu["train"], cpu["train"], atol=0.02)
