@@ -23,9 +23,9 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from atomic import write_atomic
 from checkpoints import (StopSignal, TrainingLog, checkpoint_path, cpu_state_dict, find_resumable, load_model,
                          load_training_state, restore_torch_rng, run_name, save_atomic, save_training_state)
-from atomic import write_atomic
 from cuda_graphs import GraphedMetaStep
 from frozen_features import FeatureBank, MetaTestRun, iid_fit, iid_orders, ridge_fit, sequential_fit
 from functional import accuracy, func_meta_loss
