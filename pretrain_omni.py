@@ -39,7 +39,7 @@ def parse_args(argv=None):
     parser.add_argument("--rln", type=positive_int, default=256, help="RLN channels (%(default)s)")
     parser.add_argument("--nm", type=positive_int, default=112, help="NM channels (%(default)s)")
     parser.add_argument("--mask", type=positive_int, default=2304, help="NM gate size, 9 x --rln (%(default)s)")
-    parser.add_argument("--epochs", type=positive_int, default=3,
+    parser.add_argument("--epochs", type=positive_int, default=6,
                         help="passes over the 19,280 background images (%(default)s)")
     parser.add_argument("--lr", type=positive_float, default=1e-3, help="Adam learning rate (%(default)s)")
     parser.add_argument("--batch-size", type=positive_int, default=128, help="images per step (%(default)s)")
