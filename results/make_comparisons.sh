@@ -25,7 +25,7 @@ RUNS=${RUNS:-10}                       # reported runs per row
 SEL=${SEL:-10}                         # selection runs per row (other seeds)
 CLASSES=${CLASSES:-"10 50 100 200 600"}
 LRS=${LRS:-"0.01 0.003 0.001 0.0008 0.0005 0.0003 0.0001"}
-RIDGES=${RIDGES:-"0.01 0.1 1 10 100 1000"}
+RIDGES=${RIDGES:-"0.01 0.1 1 10 100 1000 10000"}
 
 mkdir -p "$OUT"
 PRETRAINED="$PRETRAIN_DIR/${NAME}_pretrain-$((EPOCHS - 1)).pth"
