@@ -66,7 +66,7 @@ def test_vectorised_grid_equals_separate_runs(small_checkpoint, sampler):
 
 # ----------------------------------------------------------------------------- other methods: iid, lstsq
 
-from frozen_features import iid_fit, iid_orders, ridge_fit, ridge_solutions  # noqa: E402
+from frozen_features import iid_fit, iid_orders, ridge_solutions  # noqa: E402
 
 
 def sampled_runs(model, sampler, n_runs, n_classes, seed=1):
