@@ -9,7 +9,9 @@
 #
 # Extra arguments go to every script (data flags). Writes results/comparisons/{label}.json (one
 # file per network and method, with a "method" key) and results/comparisons/comparisons.png.
-# Re-running skips what is done: a finished pretraining is reused, a stopped one is resumed.
+# Re-running skips what is done: a finished pretraining and evaluations whose JSON exists are kept
+# (FORCE=1 redoes the evaluations), a stopped pretraining is resumed, so the work can be split into
+# calls of limited length (e.g. TIME_LIMIT=500 stops the pretraining cleanly after 500 s).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -35,7 +37,10 @@ RANDOM_INIT="$PRETRAIN_DIR/${NAME}_init.pth"
 if [ ! -f "$PRETRAINED" ]; then
     resume=()
     if ls "$PRETRAIN_DIR/${NAME}"_pretrain-*_resume.pt >/dev/null 2>&1; then resume=(--resume latest); fi
-    $PY pretrain_omni.py $SIZES --epochs "$EPOCHS" -d "$DEVICE" --out-dir "$PRETRAIN_DIR" "${resume[@]}" "$@"
+    limit=()
+    if [ -n "${TIME_LIMIT:-}" ]; then limit=(--time-limit "$TIME_LIMIT"); fi
+    $PY pretrain_omni.py $SIZES --epochs "$EPOCHS" -d "$DEVICE" --out-dir "$PRETRAIN_DIR" "${resume[@]}" "${limit[@]}" "$@"
+    if [ ! -f "$PRETRAINED" ]; then echo "pretraining stopped early: run this script again to resume it"; exit 0; fi
 fi
 
 # (b) the network at its initialisation (seed 1: where train_omni.py and pretrain_omni.py start)
@@ -45,6 +50,7 @@ $PY pretrain_omni.py $SIZES --init-only --seed 1 --out-dir "$PRETRAIN_DIR" "$@"
 evaluate() {  # label model method-flags...
     local label=$1 model=$2
     shift 2
+    if [ -f "$OUT/$label.json" ] && [ -z "${FORCE:-}" ]; then echo "== $label: done ($OUT/$label.json; FORCE=1 redoes it)"; return; fi
     echo "== $label"
     $PY eval_omni.py -m "$model" -d "$DEVICE" -c $CLASSES -r "$RUNS" --selection-runs "$SEL" \
         --json "$OUT/$label.json" "${@}" "${DATA_ARGS[@]}"

@@ -445,7 +445,8 @@ def test_make_comparisons_at_tiny_scale(omniglot_root, checkpoint, tmp_path):
     again = subprocess.run(["bash", "results/make_comparisons.sh", "--data-root", str(omniglot_root)], cwd=REPO,
                            env=env, capture_output=True, text=True, timeout=900)
     assert_ok(again)
-    assert "pretraining" not in again.stdout  # the finished pretraining is reused
+    assert "pretraining" not in again.stdout  # the finished pretraining is reused ...
+    assert again.stdout.count(": done (") == 6  # ... and so are the evaluations
 
 
 def test_plot_comparisons_reads_the_reports(tmp_path):
