@@ -29,7 +29,7 @@ from checkpoints import (Diverged, RunLock, StopSignal, TrainingLog, apply_train
                          read_training_state, restore_torch_rng, run_config, run_name, save_atomic,
                          save_training_state)
 from cuda_graphs import GraphedMetaStep
-from frozen_features import FeatureBank, MetaTestRun, sequential_fit
+from frozen_features import FeatureBank, MetaTestRun, iid_fit, iid_orders, ridge_fit, sequential_fit
 from functional import accuracy, func_meta_loss
 from model import ANML
 
@@ -55,30 +55,39 @@ def lobotomize(layer, class_num):
 
 
 def meta_step(model, inner_opt, outer_opt, train_data, train_class, valid_ims, valid_labels,
-              backend="higher"):
+              backend="higher", first_order=False):
     """One ANML meta-training iteration; returns (outer loss, outer accuracy) as floats.
 
     Lobotomize the new class's fc row, take one differentiable inner step per (image, label)
     pair of `train_data`, then back-propagate the adapted model's loss on `valid_ims` through
     the whole unrolled loop (second order) and take one `outer_opt` step. `backend` is "higher"
-    or "func" ("auto" is "func" here: one iteration alone is not worth a CUDA graph)."""
+    or "func" ("auto" is "func" here: one iteration alone is not worth a CUDA graph). `first_order`
+    does not differentiate through the inner steps (the original ANML code's gradient; not "higher")."""
     lobotomize(model.fc, train_class)
-    loss, acc = meta_loss(model, inner_opt, train_data, valid_ims, valid_labels, backend)
+    loss, acc = meta_loss(model, inner_opt, train_data, valid_ims, valid_labels, backend, first_order)
     outer_opt.step()
     outer_opt.zero_grad()
     return loss.item(), acc.item()
 
 
-def meta_loss(model, inner_opt, train_data, valid_ims, valid_labels, backend):
+def meta_loss(model, inner_opt, train_data, valid_ims, valid_labels, backend, first_order=False):
     """The meta-gradient, left in the parameters' .grad; returns (loss, accuracy) tensors."""
     if backend == "higher":
+        check_first_order(backend, first_order)
         return higher_meta_loss(model, inner_opt, train_data, valid_ims, valid_labels)
     if backend in ("func", "auto"):
         ims = torch.cat([im for im, _ in train_data])
         labels = torch.cat([label for _, label in train_data])
-        return func_meta_loss(model, inner_opt, ims, labels, valid_ims, valid_labels)
+        return func_meta_loss(model, inner_opt, ims, labels, valid_ims, valid_labels, first_order=first_order)
     raise ValueError(f"meta_step: unknown backend {backend!r}: choose 'higher' or 'func' "
                      f"(the CUDA graph is `meta_stepper(backend='graph')`)")
+
+
+def check_first_order(backend, first_order):
+    """The first-order meta-gradient is implemented by the func and graph backends only."""
+    if first_order and backend == "higher":
+        raise ValueError("--first-order is implemented by the func and graph backends (--backend auto, func), "
+                         "not by higher, the second-order reference")
 
 
 def higher_meta_loss(model, inner_opt, train_data, valid_ims, valid_labels):
@@ -108,27 +117,30 @@ def resolve_backend(backend, device):
     return backend
 
 
-def meta_stepper(backend, model, inner_opt, outer_opt, sampler, device):
+def meta_stepper(backend, model, inner_opt, outer_opt, sampler, device, first_order=False):
     """The one place every backend is dispatched: a function that draws a meta-training episode
     from `sampler` and runs one iteration on it, returning (loss, accuracy) (device tensors with
     "graph": read them rarely). "graph" needs `outer_opt` made with capturable=True on CUDA."""
     backend = resolve_backend(backend, device)
+    check_first_order(backend, first_order)
     if backend == "graph":
         def iteration(train_class, train_ims, train_labels, valid_ims, valid_labels):
             lobotomize(model.fc, train_class)
-            return func_meta_loss(model, inner_opt, train_ims, train_labels, valid_ims, valid_labels)
+            return func_meta_loss(model, inner_opt, train_ims, train_labels, valid_ims, valid_labels,
+                                  first_order=first_order)
         graph = GraphedMetaStep(model, outer_opt, sampler, iteration)
         return lambda: graph(*sampler.sample_train_indices())
 
     def step():
         train_data, train_class, (valid_ims, valid_labels) = sampler.sample_train(device=device)
-        return meta_step(model, inner_opt, outer_opt, train_data, train_class, valid_ims, valid_labels, backend)
+        return meta_step(model, inner_opt, outer_opt, train_data, train_class, valid_ims, valid_labels, backend,
+                         first_order)
     return step
 
 
 def train(rln, nm, mask, inner_lr=0.1, outer_lr=1e-3, its=30000, device="cpu", sampler=None,
           out_dir="trained_anmls", seed=1, backend="auto", log_every=10, save_every=1000, quiet=False,
-          resume=None, time_limit=None, save_minutes=5):
+          resume=None, time_limit=None, save_minutes=5, first_order=False):
     """Meta-train an ANML for `its` iterations.
 
     Writes the seed's checkpoints `{out_dir}/{rln}_{nm}_{mask}_ANML-{it}.pth` (bare state_dicts)
@@ -144,9 +156,11 @@ def train(rln, nm, mask, inner_lr=0.1, outer_lr=1e-3, its=30000, device="cpu", s
     resumable checkpoint stays good.
 
     Returns (the model, why it stopped early: None when it ran to `its`, else the signal's name
-    or the time limit)."""
+    or the time limit). `first_order` trains with the first-order meta-gradient (recorded with the
+    run's other flags: a resume with the other setting is refused)."""
     out_dir, name = Path(out_dir), run_name(rln, nm, mask)
-    config = run_config(rln, nm, mask, inner_lr, outer_lr, seed, backend, its)
+    config = run_config(rln, nm, mask, inner_lr, outer_lr, seed, backend, its, first_order)
+    check_first_order(resolve_backend(backend, device), first_order)
     check_out_dir(out_dir)
     with RunLock(out_dir, name):
         clean_out_dir(out_dir)
@@ -202,7 +216,7 @@ def train_locked(config, device, sampler, out_dir, state, state_path, log_every,
         first, elapsed, rng = apply_training_state(state, state_path, model, outer_opt, sampler)
     if first == its:
         return finished_already(model, out_dir, name, its), None
-    step = meta_stepper(backend, model, inner_opt, outer_opt, sampler, device)
+    step = meta_stepper(backend, model, inner_opt, outer_opt, sampler, device, config["first_order"])
     restore_torch_rng(rng)  # after the graph's warm-up, which draws from the CUDA generator
     log = TrainingLog(out_dir / f"{name}_train_log.csv", first)
     start = time.perf_counter()
@@ -317,9 +331,24 @@ def class_counts(num_classes):
     return sorted({int(n) for n in np.atleast_1d(num_classes)})
 
 
+METHODS = ("seq", "iid", "lstsq")  # the meta-test's last layer: in sequence, shuffled, closed form
+
+
+def shuffle_rng(entropy):
+    """The numpy generator of a run's i.i.d. shuffles: a child of the run's SeedSequence, so it is
+    independent of the classes, splits and initialisation that the run draws."""
+    return np.random.default_rng(np.random.SeedSequence(list(entropy)).spawn(1)[0])
+
+
 def meta_test(PATH, sampler, num_classes=10, train_examples=15, lrs=(1e-3,), runs=10, device="cpu",
-              seed=0, fast=True, progress=True):
-    """Meta-test runs for every learning rate and class count.
+              seed=0, fast=True, progress=True, method="seq", epochs_iid=1, ridges=(1.0,)):
+    """Meta-test runs for every learning rate (or ridge regulariser) and class count.
+
+    `method` says how the last layer learns the classes on the frozen features: "seq" (the seed's
+    one Adam step per image, class after class), "iid" (the same images and number of steps, or
+    `epochs_iid` times as many, with the N classes' images shuffled together: the oracle), or
+    "lstsq" (ridge least squares in closed form for each of `ridges`, which then play the role of
+    the learning rates). Every method sees the same runs: classes, splits and initialisation.
 
     `runs` is a count (run r draws from (seed, r)) or a list of SeedSequence entropies. Each run
     draws the same classes, splits and fc initialisation for every learning rate, so the rates are
@@ -330,6 +359,10 @@ def meta_test(PATH, sampler, num_classes=10, train_examples=15, lrs=(1e-3,), run
     Returns {"test": [K, L, R], "train": [K, L, R]} accuracies (K class counts in increasing order).
     With `fast`, the frozen features are computed once; on CUDA all L*R runs train at once, on the
     CPU one after the other (one last layer's Adam state nearly fits in the cache, a batch does not)."""
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}: choose one of {', '.join(METHODS)}")
+    if method != "seq" and not fast:
+        raise ValueError(f"the seed's loop is the sequential method: method {method!r} needs fast=True")
     counts = class_counts(num_classes)
     seeds = run_seeds(seed, runs) if isinstance(runs, int) else [list(e) for e in runs]
     model = load_model(PATH, device) if isinstance(PATH, (str, os.PathLike)) else PATH.to(device)
@@ -341,7 +374,7 @@ def meta_test(PATH, sampler, num_classes=10, train_examples=15, lrs=(1e-3,), run
         reset_last_layer(model, generator)
         inits.append(model.fc.weight.detach().clone())
         samples.append(MetaTestRun(*sampler.sample_test_indices(counts[-1], train_examples)))
-    R, L = len(seeds), len(lrs)
+    R, L = len(seeds), len(ridges if method == "lstsq" else lrs)
     results = {k: np.zeros((len(counts), L, R)) for k in ("test", "train")}
     if not fast:
         for r in tqdm(range(R), disable=not progress, desc="runs"):
@@ -358,16 +391,25 @@ def meta_test(PATH, sampler, num_classes=10, train_examples=15, lrs=(1e-3,), run
                 results["train"][k, l, r] = train_accuracy(model, train_tasks)
         return results
     features = FeatureBank(model, sampler.evaluation)
+    if method == "lstsq":
+        return ridge_fit(features, samples, list(ridges), counts)
     if torch.device(device).type == "cuda":
         batches = [(list(range(L)), list(range(R)))]
     else:
         batches = [([l], [r]) for r in range(R) for l in range(L)]
-    steps = counts[-1] * train_examples
+    if method == "iid":
+        orders = [iid_orders(shuffle_rng(entropy), counts, train_examples, epochs_iid) for entropy in seeds]
+        steps = sum(counts) * train_examples * epochs_iid
+    else:
+        steps = counts[-1] * train_examples
     with tqdm(total=steps * len(batches), disable=not progress, desc="test-train steps", unit="step",
               unit_scale=True, smoothing=0) as bar:
         for ls, rs in batches:
-            out = sequential_fit(features, [samples[r] for r in rs], torch.stack([inits[r] for r in rs]),
-                                 bias, [lrs[l] for l in ls], counts=counts, bar=bar)
+            args = (features, [samples[r] for r in rs], torch.stack([inits[r] for r in rs]), bias, [lrs[l] for l in ls])
+            if method == "iid":
+                out = iid_fit(*args, counts=counts, orders=[orders[r] for r in rs], bar=bar)
+            else:
+                out = sequential_fit(*args, counts=counts, bar=bar)
             for key in results:
                 results[key][np.ix_(range(len(counts)), ls, rs)] = out[key]
     return results

@@ -16,7 +16,7 @@ from model import ANML, sizes_from_state_dict
 
 # The run's configuration as recorded in a resumable checkpoint, with the flag that sets each.
 FLAGS = {"rln": "--rln", "nm": "--nm", "mask": "--mask", "inner_lr": "--inner-lr", "outer_lr": "--outer-lr",
-         "seed": "--seed", "backend": "--backend", "epochs": "--epochs"}
+         "seed": "--seed", "backend": "--backend", "first_order": "--first-order", "epochs": "--epochs"}
 MAY_CHANGE_ON_RESUME = ("epochs",)  # a run may be continued further than first planned
 
 
@@ -34,10 +34,11 @@ def run_name(rln, nm, mask):
     return f"{rln}_{nm}_{mask}"
 
 
-def checkpoint_path(out_dir, name, it, resumable=False):
+def checkpoint_path(out_dir, name, it, resumable=False, kind="ANML"):
     """`{out_dir}/{name}_ANML-{it}.pth` (the seed's bare state_dict), or its resumable companion
-    `..._ANML-{it}_resume.pt`; `it="*"` gives the glob pattern of either."""
-    return Path(out_dir) / f"{name}_ANML-{it}{'_resume.pt' if resumable else '.pth'}"
+    `..._ANML-{it}_resume.pt`; `it="*"` gives the glob pattern of either. `kind` replaces "ANML"
+    for other trainings of the same network (pretrain_omni.py writes `_pretrain-`)."""
+    return Path(out_dir) / f"{name}_{kind}-{it}{'_resume.pt' if resumable else '.pth'}"
 
 
 def save_atomic(obj, path):
@@ -112,31 +113,34 @@ def resumable_iteration(path):
     return int(Path(path).name.rsplit("-", 1)[1].removesuffix("_resume.pt"))
 
 
-def newest_resumable(out_dir, name):
+def newest_resumable(out_dir, name, kind="ANML"):
     """The resumable checkpoint of run `name` in `out_dir` with the highest iteration, or None."""
-    pattern = checkpoint_path(out_dir, name, "*", resumable=True)
+    pattern = checkpoint_path(out_dir, name, "*", resumable=True, kind=kind)
     found = sorted(pattern.parent.glob(pattern.name), key=resumable_iteration)
     return found[-1] if found else None
 
 
-def find_resumable(resume, out_dir, name):
+def find_resumable(resume, out_dir, name, kind="ANML"):
     """The resumable checkpoint to continue from: a path, or "latest" (newest in `out_dir`)."""
     if resume != "latest":
         return Path(resume)
-    found = newest_resumable(out_dir, name)
+    found = newest_resumable(out_dir, name, kind)
     if found is None:
-        raise ValueError(f"--resume latest: no {name}_ANML-*_resume.pt in {out_dir}")
+        raise ValueError(f"--resume latest: no {name}_{kind}-*_resume.pt in {out_dir}")
     return found
 
 
-def run_config(rln, nm, mask, inner_lr, outer_lr, seed, backend, epochs):
+def run_config(rln, nm, mask, inner_lr, outer_lr, seed, backend, epochs, first_order=False):
     """The flags of a run, as its resumable checkpoints record them (`backend` as given)."""
     return {"rln": rln, "nm": nm, "mask": mask, "inner_lr": float(inner_lr), "outer_lr": float(outer_lr),
-            "seed": seed, "backend": backend, "epochs": epochs}
+            "seed": seed, "backend": backend, "first_order": bool(first_order), "epochs": epochs}
 
 
 def format_flags(config, keys):
-    return " ".join(f"{FLAGS[k]} {config[k]}" for k in keys)
+    """Flags as typed: `--seed 1`, and a switch by its presence (`--first-order` / `no --first-order`)."""
+    show = lambda k: (FLAGS[k] if config[k] else f"no {FLAGS[k]}") if isinstance(config[k], bool) \
+        else f"{FLAGS[k]} {config[k]}"
+    return " ".join(show(k) for k in keys)
 
 
 def check_config(stored, config, path):
@@ -170,7 +174,7 @@ def check_fresh_start(out_dir, name, config):
                      f"continue it with --resume latest, or start a new run in another --out-dir")
 
 
-def save_training_state(out_dir, name, it, model, outer_opt, sampler, elapsed, config=None):
+def save_training_state(out_dir, name, it, model, outer_opt, sampler, elapsed, config=None, kind="ANML"):
     """Everything needed to continue after iteration `it` exactly, with the run's flags; the
     older resumable checkpoints are removed only once this one is complete. Refuses (Diverged)
     to save non-finite weights. Returns the path written."""
@@ -179,9 +183,9 @@ def save_training_state(out_dir, name, it, model, outer_opt, sampler, elapsed, c
              "elapsed": elapsed, "config": config,
              "rng": {"numpy": sampler.rng.bit_generator.state, "torch": torch.get_rng_state(),
                      "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}}
-    path = checkpoint_path(out_dir, name, it, resumable=True)
+    path = checkpoint_path(out_dir, name, it, resumable=True, kind=kind)
     save_atomic(state, path)
-    for old in path.parent.glob(checkpoint_path(out_dir, name, "*", resumable=True).name):
+    for old in path.parent.glob(checkpoint_path(out_dir, name, "*", resumable=True, kind=kind).name):
         if old != path:
             old.unlink(missing_ok=True)
     return path

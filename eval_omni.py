@@ -2,9 +2,12 @@
 
     python eval_omni.py -m trained_anmls/256_112_2304_ANML-29999.pth -c 10 -l 0.00085 -r 10
     python eval_omni.py -m ... -c 600 -l 0.001 0.0008 0.0005 --json results.json   # an lr sweep
+    python eval_omni.py -m ... -c 10 600 --method lstsq --ridge 0.1 1 10 --selection-runs 10
 
 Every run learns `--classes` new classes in sequence (a fresh last layer over the frozen RLN and
-NM, one Adam step per training image), then is tested on each class's held-out images.
+NM, one Adam step per training image), then is tested on each class's held-out images. `--method
+iid` shuffles the classes' images together (the oracle), `--method lstsq` solves the last layer
+in closed form (ridge least squares); both on the same runs.
 """
 import argparse
 import json
@@ -29,8 +32,17 @@ def parse_args(argv=None):
     parser.add_argument("-c", "--classes", type=int, nargs="+", default=[10],
                         help=f"new classes to learn, 1..{NUM_EVALUATION} (%(default)s); several counts are "
                              f"scored along one sequence per run (the first N classes of it)")
-    parser.add_argument("-l", "--lr", type=positive_float, nargs="+", default=[1e-3],
-                        help="test-train Adam learning rate(s) (0.001); several are compared on the same runs")
+    parser.add_argument("--method", choices=anml.METHODS, default="seq",
+                        help="how the last layer learns: seq (the seed's: one Adam step per image, class after "
+                             "class), iid (the same images and steps, the classes shuffled together), lstsq "
+                             "(ridge least squares in closed form, argmax over the classes learned) (%(default)s)")
+    parser.add_argument("-l", "--lr", type=positive_float, nargs="+",
+                        help="test-train Adam learning rate(s) for seq and iid (0.001); several are compared on "
+                             "the same runs")
+    parser.add_argument("--ridge", type=positive_float, nargs="+",
+                        help="ridge regulariser(s) lambda for lstsq (1.0); several are compared and chosen as --lr")
+    parser.add_argument("--epochs-iid", type=positive_int,
+                        help="for iid: passes over the shuffled images, each a new shuffle (1: as many steps as seq)")
     parser.add_argument("-r", "--runs", type=positive_int, default=10,
                         help="repeats, each with new classes (%(default)s)")
     parser.add_argument("--selection-runs", type=non_negative_int, default=0,
@@ -50,8 +62,10 @@ def parse_args(argv=None):
     for n in args.classes:
         if not 1 <= n <= NUM_EVALUATION:
             parser.error(f"--classes must be in 1..{NUM_EVALUATION} (Omniglot's evaluation classes), got {n}")
-    if args.selection_runs and len(args.lr) < 2:
-        parser.error("--selection-runs chooses among learning rates: give several with --lr")
+    check_method_flags(parser, args)
+    if args.selection_runs and len(args.grid) < 2:
+        parser.error(f"--selection-runs chooses among {'regularisers' if args.hyper == 'ridge' else 'learning rates'}: "
+                     f"give several with --{args.hyper}")
     args.classes = anml.class_counts(args.classes)
     if not 1 <= args.train_examples <= IMAGES_PER_CLASS - 1:
         parser.error(f"--train-examples must be in 1..{IMAGES_PER_CLASS - 1} (each class has "
@@ -60,9 +74,26 @@ def parse_args(argv=None):
     return args
 
 
-def summary_lines(classes, lr, test, train, several):
-    """The seed's two lines (mean and std over runs), with ` lr {lr}` appended when sweeping."""
-    tail = f" lr {lr:g}" if several else ""
+def check_method_flags(parser, args):
+    """Each method's own flags, refused with another method; sets args.grid (the values to choose
+    among: learning rates, or ridge regularisers for lstsq) and args.hyper (their name)."""
+    lstsq = args.method == "lstsq"
+    if lstsq and args.lr:
+        parser.error("--lr is the Adam learning rate of seq and iid: --method lstsq takes --ridge")
+    if not lstsq and args.ridge:
+        parser.error(f"--ridge is for --method lstsq (--method {args.method} takes --lr)")
+    if args.epochs_iid and args.method != "iid":
+        parser.error(f"--epochs-iid is for --method iid, not {args.method}")
+    if args.seed_loop and args.method != "seq":
+        parser.error("--seed-loop is the seed's sequential loop: it only runs --method seq")
+    args.lr, args.ridge, args.epochs_iid = args.lr or [1e-3], args.ridge or [1.0], args.epochs_iid or 1
+    args.grid, args.hyper = (args.ridge, "ridge") if lstsq else (args.lr, "lr")
+
+
+def summary_lines(classes, lr, test, train, several, hyper="lr"):
+    """The seed's two lines (mean and std over runs), with ` lr {lr}` appended when sweeping
+    (` ridge {lambda}` for lstsq)."""
+    tail = f" {hyper} {lr:g}" if several else ""
     return [f"Classes {classes} Accuracy {test.mean():.2f} (std {test.std():.2f}){tail}",
             f"Classes {classes} Train accuracy {train.mean():.2f} (std {train.std():.2f}){tail}"]
 
@@ -84,9 +115,9 @@ def check_writable(path):
         raise ValueError(f"cannot write --json {path}: {e.strerror or e}") from None
 
 
-def stats(test, train, lr=None):
+def stats(test, train, lr=None, hyper="lr"):
     """Mean and std over runs of one learning rate's per-run accuracies, with the runs themselves."""
-    out = {} if lr is None else {"lr": lr}
+    out = {} if lr is None else {hyper: lr}
     return {**out, "test": test.tolist(), "train": train.tolist(),
             "test_mean": float(test.mean()), "test_std": float(test.std()),
             "train_mean": float(train.mean()), "train_std": float(train.std())}
@@ -108,13 +139,13 @@ def build_report(args, argv, report, selection, model_sha256, seconds):
     chosen, fixed, best = choose_lrs(report, selection)
     rows = []
     for k, n in enumerate(args.classes):
-        pick = lambda l: stats(report["test"][k, l], report["train"][k, l], args.lr[l])
+        pick = lambda l: stats(report["test"][k, l], report["train"][k, l], args.grid[l], args.hyper)
         rows.append({
             "classes": n,
-            "per_lr": [{"lr": lr, "report": stats(report["test"][k, l], report["train"][k, l]),
+            "per_lr": [{args.hyper: lr, "report": stats(report["test"][k, l], report["train"][k, l]),
                         "selection": None if selection is None else
                         stats(selection["test"][k, l], selection["train"][k, l])}
-                       for l, lr in enumerate(args.lr)],
+                       for l, lr in enumerate(args.grid)],
             "chosen_on_selection_runs": None if chosen is None else pick(chosen[k]),
             "fixed_lr": None if fixed is None else pick(fixed),
             "best_on_reported_runs": pick(best[k]),
@@ -125,12 +156,15 @@ def build_report(args, argv, report, selection, model_sha256, seconds):
         "model": str(args.model), "model_sha256": model_sha256,
         "device": args.device, "device_name": device_name(args.device), "threads": torch.get_num_threads(),
         "versions": versions(),
-        "classes": args.classes, "train_examples": args.train_examples, "lrs": args.lr,
+        "method": args.method, "hyperparameter": args.hyper,  # per_lr entries and choices hold it
+        **({"ridges": args.ridge} if args.hyper == "ridge" else {"lrs": args.lr}),
+        **({"epochs_iid": args.epochs_iid} if args.method == "iid" else {}),
+        "classes": args.classes, "train_examples": args.train_examples,
         "runs": args.runs, "selection_runs": args.selection_runs, "seed": args.seed,
         "report_run_seeds": anml.run_seeds(args.seed, args.runs),  # SeedSequence entropies
         "selection_run_seeds": anml.run_seeds(args.seed, args.selection_runs, selection=True),
         "fast": not args.seed_loop, "seconds": round(seconds, 3),
-        "fixed_lr": None if fixed is None else args.lr[fixed],
+        "fixed_lr": None if fixed is None else args.grid[fixed],
         "rows": rows,
     }
 
@@ -145,27 +179,29 @@ def split_runs(results, runs):
 def print_results(args, report, selection):
     """The seed's lines per class count and rate, the best rate's line, and with selection runs
     the chosen rate's line and a closing table."""
-    several = len(args.lr) > 1
+    grid, hyper = args.grid, args.hyper
+    several = len(grid) > 1
     chosen, fixed, best = choose_lrs(report, selection)
     for k, n in enumerate(args.classes):
-        for l, lr in enumerate(args.lr):
-            print("\n".join(summary_lines(n, lr, report["test"][k, l], report["train"][k, l], several)))
+        for l, lr in enumerate(grid):
+            print("\n".join(summary_lines(n, lr, report["test"][k, l], report["train"][k, l], several, hyper)))
         if several:
             test = report["test"][k, best[k]]
-            print(f"Best lr {args.lr[best[k]]:g}: Classes {n} Accuracy {test.mean():.2f} (std {test.std():.2f})")
+            print(f"Best {hyper} {grid[best[k]]:g}: Classes {n} Accuracy {test.mean():.2f} (std {test.std():.2f})")
         if chosen is not None:
             test, train = report["test"][k, chosen[k]], report["train"][k, chosen[k]]
-            print(f"Chosen lr {args.lr[chosen[k]]:g} on {args.selection_runs} selection runs: Classes {n} "
+            print(f"Chosen {hyper} {grid[chosen[k]]:g} on {args.selection_runs} selection runs: Classes {n} "
                   f"Accuracy {test.mean():.2f} (std {test.std():.2f}) Train accuracy {train.mean():.2f}")
     if chosen is not None:
-        print(f"\n{args.runs} reported runs per row; rates chosen on {args.selection_runs} other runs")
-        print(f"{'classes':>7}  {'chosen lr':>9}  {'test':>11}  {'train':>11}  "
-              f"{'fixed lr ' + format(args.lr[fixed], 'g'):>15}  {'best on the same runs':>24}")
+        what = "regularisers" if hyper == "ridge" else "rates"
+        print(f"\n{args.runs} reported runs per row ({args.method}); {what} chosen on {args.selection_runs} other runs")
+        print(f"{'classes':>7}  {'chosen ' + hyper:>12}  {'test':>11}  {'train':>11}  "
+              f"{'fixed ' + hyper + ' ' + format(grid[fixed], 'g'):>18}  {'best on the same runs':>27}")
         fmt = lambda a: f"{a.mean():.3f}±{a.std():.3f}"
         for k, n in enumerate(args.classes):
             c, b = chosen[k], best[k]
-            print(f"{n:>7}  {args.lr[c]:>9g}  {fmt(report['test'][k, c]):>11}  {fmt(report['train'][k, c]):>11}  "
-                  f"{fmt(report['test'][k, fixed]):>15}  {fmt(report['test'][k, b]) + ' lr ' + format(args.lr[b], 'g'):>24}")
+            print(f"{n:>7}  {grid[c]:>12g}  {fmt(report['test'][k, c]):>11}  {fmt(report['train'][k, c]):>11}  "
+                  f"{fmt(report['test'][k, fixed]):>18}  {fmt(report['test'][k, b]) + f' {hyper} ' + format(grid[b], 'g'):>27}")
 
 
 def main(argv=None):
@@ -179,7 +215,8 @@ def main(argv=None):
     seeds = anml.run_seeds(args.seed, args.runs) + anml.run_seeds(args.seed, args.selection_runs, selection=True)
     start = time.perf_counter()
     results = anml.meta_test(model, sampler, num_classes=args.classes, train_examples=args.train_examples,
-                             lrs=args.lr, runs=seeds, device=args.device, fast=not args.seed_loop, progress=True)
+                             lrs=args.lr, runs=seeds, device=args.device, fast=not args.seed_loop, progress=True,
+                             method=args.method, epochs_iid=args.epochs_iid, ridges=args.ridge)
     seconds = time.perf_counter() - start
     report, selection = split_runs(results, args.runs)
     print_results(args, report, selection)

@@ -52,46 +52,129 @@ def gather_sequence(features, run):
     return (feats[rows, train_idx].flatten(0, 1), labels.expand_as(train_idx).flatten(),
             feats[rows, test_idx].flatten(0, 1), labels.expand_as(test_idx).flatten())
 
+def stack_sequences(features, runs):
+    """Every run's training sequence and test set, stacked: train_x [R, T, D], train_y [R, T],
+    test_x [R, S, D], test_y [R, S] (class-major, the classes in the runs' order)."""
+    seqs = [gather_sequence(features, run) for run in runs]
+    return tuple(torch.stack([s[i] for s in seqs]) for i in range(4))
+
+class LastLayers:
+    """R runs x L learning rates as one batch of R*L last layers (model i = (lr i // R, run i % R)),
+    each starting from (`weights[r]`, `bias`) and taking one Adam step per image of its run's
+    sequence `train_x[r]` in order: batched matmuls and a fused Adam with one group per model."""
+
+    def __init__(self, weights, bias, lrs, train_x, train_y, chunk):
+        R, L = len(weights), len(lrs)
+        weights, bias = weights.detach(), bias.detach()
+        self.W = weights.repeat(L, 1, 1)
+        self.b = bias.expand(L * R, *bias.shape).clone()
+        self.W.grad, self.b.grad = torch.zeros_like(self.W), torch.zeros_like(self.b)
+        groups = [{"params": [self.W[i], self.b[i]], "lr": lrs[i // R]} for i in range(L * R)]
+        on_cuda = self.W.device.type == "cuda"
+        opt = torch.optim.Adam(groups, fused=True, capturable=on_cuda)
+        for i, g in enumerate(groups):  # the fused step reads the grads of the views
+            g["params"][0].grad, g["params"][1].grad = self.W.grad[i], self.b.grad[i]
+        models = torch.arange(L * R, device=self.W.device)
+        self.steps = ReplayedSteps(SequenceStep(self.W, self.b, train_x, train_y.repeat(L, 1), models, opt, L),
+                                   chunk, on_cuda)
+        self.L, self.R = L, R
+
+    def train_until(self, t, bar=None):
+        """Take the steps up to image `t` of the sequences (exclusive)."""
+        self.steps.advance(t - self.steps.done, bar)
+
+    def accuracy(self, x, y):
+        """Accuracy [L, R] on each run's rows x [R, n, D] with labels y [R, n], and per row [L, R, n]."""
+        Wl, bl = self.W.view(self.L, self.R, *self.W.shape[1:]), self.b.view(self.L, self.R, -1)
+        correct = torch.stack([predict(Wl[l], bl[l], x) == y for l in range(self.L)]).float()
+        return correct.mean(2).cpu().numpy(), correct
+
 def sequential_fit(features, runs, weights, bias, lrs, counts=None, bar=None):
     """Test-train then test-test of every (learning rate, run) pair at once, on frozen features.
 
     Each model is the last layer alone, starting from (`weights[r]`, `bias`), taking one Adam step
-    per training image in sequence, exactly the seed's loop with the frozen nets factored out.
-    The R runs x L learning rates are one batch of R*L models: batched matmuls and a fused
-    Adam with one parameter group per model. After the first N classes of the sequence, for each
-    N in `counts` (default: all of the runs' classes), every model is scored on those N classes'
-    test and training images. Returns accuracies [K, L, R], and the last count's test accuracy
-    per class [L, R, N]."""
-    seqs = [gather_sequence(features, run) for run in runs]
-    train_x = torch.stack([s[0] for s in seqs])  # [R, T, D]
-    train_y = torch.stack([s[1] for s in seqs])
-    test_x, test_y = torch.stack([s[2] for s in seqs]), torch.stack([s[3] for s in seqs])
-    R, L = len(runs), len(lrs)
+    per training image in sequence, exactly the seed's loop with the frozen nets factored out
+    (`LastLayers`). After the first N classes of the sequence, for each N in `counts` (default:
+    all of the runs' classes), every model is scored on those N classes' test and training
+    images. Returns accuracies [K, L, R], and the last count's test accuracy per class [L, R, N]."""
+    train_x, train_y, test_x, test_y = stack_sequences(features, runs)
     n_classes, n_train = runs[0].train_idx.shape
     n_test = runs[0].test_idx.shape[1]
     counts = counts or [n_classes]
-    weights, bias = weights.detach(), bias.detach()
-    W = weights.repeat(L, 1, 1)  # model i = (learning rate i // R, run i % R)
-    b = bias.expand(L * R, *bias.shape).clone()
-    W.grad, b.grad = torch.zeros_like(W), torch.zeros_like(b)
-    groups = [{"params": [W[i], b[i]], "lr": lrs[i // R]} for i in range(L * R)]
-    opt = torch.optim.Adam(groups, fused=True, capturable=W.device.type == "cuda")
-    for i, g in enumerate(groups):  # the fused step reads the grads of the views
-        g["params"][0].grad, g["params"][1].grad = W.grad[i], b.grad[i]
-    models = torch.arange(L * R, device=W.device)
-    steps = ReplayedSteps(SequenceStep(W, b, train_x, train_y.repeat(L, 1), models, opt, L), n_train,
-                          W.device.type == "cuda")
-    Wl, bl = W.view(L, R, *weights.shape[1:]), b.view(L, R, *bias.shape)
-    scores = {"test": np.zeros((len(counts), L, R)), "train": np.zeros((len(counts), L, R))}
+    layers = LastLayers(weights, bias, lrs, train_x, train_y, n_train)
+    scores = {"test": np.zeros((len(counts), len(lrs), len(runs))), "train": np.zeros((len(counts), len(lrs), len(runs)))}
     for k, n in enumerate(counts):
-        steps.advance(n * n_train - steps.done, bar)
-        for key, x, y in (("test", test_x[:, :n * n_test], test_y[:, :n * n_test]),
-                          ("train", train_x[:, :n * n_train], train_y[:, :n * n_train])):
-            correct = torch.stack([predict(Wl[l], bl[l], x) == y for l in range(L)]).float()  # [L, R, n]
-            scores[key][k] = correct.mean(2).cpu().numpy()
-            if key == "test":
-                scores["test_per_class"] = correct.view(L, R, n, n_test).mean(-1).cpu().numpy()
+        layers.train_until(n * n_train, bar)
+        scores["train"][k] = layers.accuracy(train_x[:, :n * n_train], train_y[:, :n * n_train])[0]
+        scores["test"][k], correct = layers.accuracy(test_x[:, :n * n_test], test_y[:, :n * n_test])
+        scores["test_per_class"] = correct.view(len(lrs), len(runs), n, n_test).mean(-1).cpu().numpy()
     return scores
+
+# ----------------------------------------------------------------------------- the i.i.d. oracle
+
+def iid_orders(rng, counts, n_train, epochs=1):
+    """For each class count N, the order in which the i.i.d. learner sees the N * n_train training
+    images of the first N classes (indices into the class-major sequence): `epochs` independent
+    shuffles one after the other, drawn from the numpy generator `rng` (count after count)."""
+    return [np.concatenate([rng.permutation(n * n_train) for _ in range(epochs)]) for n in counts]
+
+def iid_fit(features, runs, weights, bias, lrs, counts, orders, bar=None):
+    """The i.i.d. oracle of `sequential_fit`: the same images, initialisation and Adam steps (one an
+    image), but for each class count N a fresh last layer sees the first N classes' training images
+    shuffled together, in the order `orders[r][k]` (`iid_orders`; several epochs possible). There
+    is no nesting across counts: each count is its own training. Returns accuracies [K, L, R]."""
+    train_x, train_y, test_x, test_y = stack_sequences(features, runs)
+    n_train, n_test = runs[0].train_idx.shape[1], runs[0].test_idx.shape[1]
+    scores = {"test": np.zeros((len(counts), len(lrs), len(runs))), "train": np.zeros((len(counts), len(lrs), len(runs)))}
+    for k, n in enumerate(counts):
+        order = torch.as_tensor(np.stack([o[k] for o in orders]), device=train_x.device)  # [R, T]
+        rows = torch.arange(len(runs), device=train_x.device)[:, None]
+        layers = LastLayers(weights, bias, lrs, train_x[rows, order], train_y[rows, order], n_train)
+        layers.train_until(order.shape[1], bar)
+        scores["train"][k] = layers.accuracy(train_x[:, :n * n_train], train_y[:, :n * n_train])[0]
+        scores["test"][k] = layers.accuracy(test_x[:, :n * n_test], test_y[:, :n * n_test])[0]
+    return scores
+
+# ----------------------------------------------------------------------------- closed form
+
+def ridge_fit(features, runs, ridges, counts):
+    """The last layer in closed form: for each run, class count N and regulariser lambda, ridge least
+    squares from the first N classes' training features to one-hot targets over those N classes,
+    with an unpenalised intercept (features and targets centred). Predictions are the argmax over
+    the N fitted classes. No SGD, no initialisation. Returns accuracies [K, L, R] (L = ridges)."""
+    train_x, train_y, test_x, test_y = stack_sequences(features, runs)
+    n_train, n_test = runs[0].train_idx.shape[1], runs[0].test_idx.shape[1]
+    shape = (len(counts), len(ridges), len(runs))
+    scores = {"test": np.zeros(shape), "train": np.zeros(shape)}
+    for r in range(len(runs)):
+        for k, n in enumerate(counts):
+            x, y = train_x[r, :n * n_train].double(), position_labels(n, n_train, train_x.device)
+            weights, intercepts = ridge_solutions(x, torch.nn.functional.one_hot(y, n).double(), ridges)
+            for key, xs, ys in (("train", x, y),
+                                ("test", test_x[r, :n * n_test].double(), position_labels(n, n_test, train_x.device))):
+                predictions = (xs @ weights + intercepts[:, None]).argmax(2)  # [L, rows]
+                scores[key][k, :, r] = (predictions == ys).double().mean(1).cpu().numpy()
+    return scores
+
+def position_labels(n, per_class, device):
+    """Labels 0..n-1 (the classes' positions in the run), each repeated per_class times."""
+    return torch.arange(n, device=device).repeat_interleave(per_class)
+
+def ridge_solutions(x, y, ridges):
+    """argmin_W,b ||x W + b - y||^2 + lambda ||W||^2 for every lambda in `ridges`: W [L, D, C], b [L, C].
+
+    One eigendecomposition serves every lambda: of the D x D Gram matrix when there are more rows
+    than features, else of the n x n kernel matrix (the same solution, W = x^T (x x^T + lambda)^-1 y)."""
+    x_mean, y_mean = x.mean(0), y.mean(0)
+    xc, yc = x - x_mean, y - y_mean
+    lam = torch.as_tensor(ridges, dtype=x.dtype, device=x.device)[:, None]
+    if xc.shape[0] >= xc.shape[1]:
+        e, v = torch.linalg.eigh(xc.T @ xc)
+        weights = v @ ((v.T @ (xc.T @ yc)) / (e.clamp(min=0) + lam)[..., None])
+    else:
+        e, v = torch.linalg.eigh(xc @ xc.T)
+        weights = xc.T @ (v @ ((v.T @ yc) / (e.clamp(min=0) + lam)[..., None]))
+    return weights, y_mean - x_mean @ weights
 
 class SequenceStep:
     """One test-train step of every model, reading image `t` of the sequence from a device counter,

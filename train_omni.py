@@ -34,6 +34,9 @@ def parse_args(argv=None):
     parser.add_argument("--out-dir", default="trained_anmls", help="where checkpoints are written (%(default)s)")
     parser.add_argument("--backend", choices=anml.BACKENDS, default="auto",
                         help="auto (default): graphed func on CUDA, func on CPU; higher: the seed's reference")
+    parser.add_argument("--first-order", action="store_true",
+                        help="first-order meta-gradient: no differentiation through the inner steps (what the "
+                             "original ANML code computed); recorded in {out_dir}/{name}_settings.json")
     parser.add_argument("--resume", metavar="PATH|latest",
                         help="continue a stopped run exactly from its resumable checkpoint (latest: the newest "
                              "in --out-dir); with the run's own flags (checked), --epochs may be raised")
@@ -45,6 +48,8 @@ def parse_args(argv=None):
     add_common_args(parser)
     args = parser.parse_args(argv)
     check_device(parser, args.device)
+    if args.first_order and args.backend == "higher":
+        parser.error("--first-order is implemented by the func and graph backends, not by higher (the reference)")
     try:
         check_sizes(args.rln, args.nm, args.mask)
     except ValueError as e:
@@ -59,11 +64,13 @@ def main(argv=None):
     with RunLock(args.out_dir, name):
         sampler = OmniSampler(args.data_root, download=not args.no_download, seed=args.seed)
         print(f"meta-training ANML {name} for {args.epochs} its on {args.device} "
-              f"(backend {args.backend}, seed {args.seed}) -> {args.out_dir}/", flush=True)
+              f"(backend {args.backend}, seed {args.seed}{', first-order' if args.first_order else ''}) "
+              f"-> {args.out_dir}/", flush=True)
         _, stopped = anml.train(args.rln, args.nm, args.mask, inner_lr=args.inner_lr, outer_lr=args.outer_lr,
                                 its=args.epochs, device=args.device, sampler=sampler, out_dir=args.out_dir,
                                 seed=args.seed, backend=args.backend, resume=args.resume,
-                                time_limit=args.time_limit, save_minutes=args.save_minutes)
+                                time_limit=args.time_limit, save_minutes=args.save_minutes,
+                                first_order=args.first_order)
     if stopped is None:  # train() wrote this checkpoint (or found it, when nothing was left to train)
         print(f"done: {checkpoint_path(args.out_dir, name, args.epochs - 1)}")
     elif stopped.startswith("time limit"):

@@ -44,14 +44,14 @@ def reference_meta_grad(model, batch, create_graph=True):
     return start, grad
 
 
-def one_meta_step(model, batch, backend, outer="sgd", rng_seed=7):
+def one_meta_step(model, batch, backend, outer="sgd", rng_seed=7, first_order=False):
     train_data, train_class, valid_ims, valid_labels = batch
     inner_opt = torch.optim.SGD(list(model.rln.parameters()) + list(model.fc.parameters()), lr=INNER_LR)
     outer_opt = (torch.optim.SGD(model.parameters(), lr=1.0) if outer == "sgd"
                  else torch.optim.Adam(model.parameters(), lr=1e-3))
     torch.manual_seed(rng_seed)
     return anml.meta_step(model, inner_opt, outer_opt, train_data, train_class, valid_ims, valid_labels,
-                          backend=backend)
+                          backend=backend, first_order=first_order)
 
 
 @pytest.fixture(scope="module")
@@ -223,3 +223,74 @@ def test_first_order_equals_an_independent_first_order_unroll(tiny, sampler, out
     assert (as_vector(first) - as_vector(second)).norm() > 1e-3 * as_vector(second).norm()
     for n in ("nm.fc.weight", "rln.convBlock1.conv.weight", "fc.weight"):
         assert (first[n] - second[n]).norm() > 1e-3 * second[n].norm(), n
+
+
+# ----------------------------------------------------------------------------- first order (issue 10)
+
+def test_first_order_is_the_independent_first_order_unroll(tiny, sampler, outer_chunk):
+    """float64, a real batch: --first-order moves the parameters by minus the gradient of an
+    independent unroll whose inner gradients are constants, which differs from the second-order one."""
+    batch = real_batch(sampler)
+    torch.manual_seed(7)
+    start, first_order = reference_meta_grad(copy.deepcopy(tiny), batch, create_graph=False)
+    torch.manual_seed(7)
+    _, second_order = reference_meta_grad(copy.deepcopy(tiny), batch)
+    model = copy.deepcopy(tiny)
+    one_meta_step(model, batch, "func", outer="sgd", first_order=True)
+    move = flat(model) - start
+    assert first_order.norm() > 0
+    torch.testing.assert_close(move, -first_order, rtol=1e-9, atol=1e-12)
+    assert (first_order - second_order).norm() > 1e-3 * second_order.norm()
+    second = copy.deepcopy(tiny)
+    one_meta_step(second, batch, "func", outer="sgd")
+    assert (flat(second) - flat(model)).norm() > 1e-3 * move.norm()
+
+
+def test_first_order_refused_by_higher(tiny, sampler):
+    batch = real_batch(sampler)
+    with pytest.raises(ValueError, match="--first-order is implemented by the func and graph backends"):
+        one_meta_step(copy.deepcopy(tiny), batch, "higher", first_order=True)
+    model = copy.deepcopy(tiny)
+    inner_opt, outer_opt = anml.make_optimizers(model, INNER_LR, 1e-3)
+    with pytest.raises(ValueError, match="not by higher"):
+        anml.meta_stepper("higher", model, inner_opt, outer_opt, sampler, "cpu", first_order=True)
+
+
+def test_first_order_train_records_and_refuses_a_mixed_resume(sampler, tmp_path):
+    """anml.train(first_order=True) records it in the run's settings file; a resume without it is refused."""
+    import json
+    model, stopped = anml.train(4, 3, 36, its=2, sampler=sampler, out_dir=tmp_path, quiet=True, first_order=True)
+    assert stopped is None
+    assert json.loads((tmp_path / "4_3_36_settings.json").read_text())["first_order"] is True
+    with pytest.raises(ValueError, match="started with --first-order"):
+        anml.train(4, 3, 36, its=3, sampler=sampler, out_dir=tmp_path, quiet=True, resume="latest")
+
+
+def test_first_order_graph_backend_logic_equals_func_on_cpu(sampler):
+    """meta_stepper("graph", first_order=True) runs the CUDA-graph step eagerly without CUDA: three
+    iterations equal three first-order `meta_step`s of the func backend on the same batches."""
+    from cuda_graphs import gather_train_batch
+    torch.manual_seed(0)
+    base = ANML(4, 3, 36).double()
+    images = sampler.background.flatten(0, 1).double()
+    results = {}
+    for backend in ("func", "graph"):
+        model = copy.deepcopy(base)
+        inner_opt, outer_opt = anml.make_optimizers(model, INNER_LR, 1e-3)
+        if backend == "graph":
+            step = anml.meta_stepper("graph", model, inner_opt, outer_opt, sampler, "cpu", first_order=True)
+        sampler.rng = np.random.default_rng(8)
+        torch.manual_seed(1)
+        for _ in range(3):
+            if backend == "graph":
+                step()
+            else:
+                cls, remember = sampler.sample_train_indices()
+                train_ims, train_labels, valid_ims, valid_labels = gather_train_batch(
+                    images, 20, torch.tensor(cls), torch.as_tensor(remember))
+                train_data = [(train_ims[i:i + 1], train_labels[i:i + 1]) for i in range(20)]
+                anml.meta_step(model, inner_opt, outer_opt, train_data, cls, valid_ims, valid_labels, "func",
+                               first_order=True)
+        results[backend] = flat(model)
+    assert not torch.equal(results["func"], flat(base))
+    torch.testing.assert_close(results["graph"], results["func"], rtol=1e-12, atol=0)

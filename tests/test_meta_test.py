@@ -1,6 +1,7 @@
 """The meta-test: the frozen-feature path against the seed's loop, several class counts along one
 sequence, and the batched grid of runs and learning rates against separate runs."""
 import numpy as np
+import pytest
 import torch
 
 import anml
@@ -61,3 +62,112 @@ def test_vectorised_grid_equals_separate_runs(small_checkpoint, sampler):
             np.testing.assert_array_equal(one["test"][:, 0, 0], grid["test"][:, l, r])
             np.testing.assert_array_equal(one["train"][:, 0, 0], grid["train"][:, l, r])
     assert len({tuple(run.classes) for run in runs}) == 3
+
+
+# ----------------------------------------------------------------------------- other methods: iid, lstsq
+
+from frozen_features import iid_fit, iid_orders, ridge_solutions  # noqa: E402
+
+
+def sampled_runs(model, sampler, n_runs, n_classes, seed=1):
+    """Runs drawn as `meta_test` draws them, with their last-layer initialisations."""
+    runs, inits = [], []
+    for r in range(n_runs):
+        sampler.rng, generator = anml.run_generators(seed, r)
+        anml.reset_last_layer(model, generator)
+        inits.append(model.fc.weight.detach().clone())
+        runs.append(MetaTestRun(*sampler.sample_test_indices(n_classes, 15)))
+    return runs, torch.stack(inits)
+
+
+def test_iid_equals_the_seed_loop_on_shuffled_images(small_checkpoint, sampler):
+    """The i.i.d. oracle (2 epochs of shuffles) against the seed's full-network loop fed the same
+    images in the same shuffled order, one Adam step each."""
+    model = load_model(small_checkpoint)
+    runs, inits = sampled_runs(model, sampler, 1, 4)
+    (run,) = runs
+    orders = [iid_orders(np.random.default_rng(3), [4], 15, epochs=2)]
+    lr = 0.01
+    fast = iid_fit(FeatureBank(model, sampler.evaluation), runs, inits, model.fc.bias, [lr], [4], orders)
+    images = [(sampler.evaluation[c, i][None], torch.tensor([c])) for c, idx in zip(run.classes, run.train_idx)
+              for i in idx]
+    assert len(orders[0][0]) == 2 * len(images) and sorted(orders[0][0][:60]) == list(range(60))
+    with torch.no_grad():
+        model.fc.weight.copy_(inits[0])
+    model.rln.requires_grad_(False)
+    model.nm.requires_grad_(False)
+    anml.seed_style_fit(model, [[images[i] for i in orders[0][0]]], lr)
+    test_ims = sampler.evaluation[run.classes[:, None], run.test_idx].flatten(0, 1)
+    test_labels = torch.as_tensor(np.repeat(run.classes, 5))
+    test_acc = (anml.predict_in_batches(model, test_ims) == test_labels).float().mean().item()
+    train_acc = anml.train_accuracy(model, [images])
+    np.testing.assert_allclose(fast["test"][0, 0, 0], test_acc, atol=1e-6)
+    np.testing.assert_allclose(fast["train"][0, 0, 0], train_acc, atol=1e-6)
+    assert train_acc > 0.5  # it learned something: the comparison is not 0 == 0
+
+
+def test_iid_in_class_order_is_the_sequential_method(small_checkpoint, sampler):
+    """Unshuffled (class-major) orders make the i.i.d. machinery the sequential one, count by count;
+    shuffled, the same runs score differently (the order matters)."""
+    model = load_model(small_checkpoint)
+    runs, inits = sampled_runs(model, sampler, 2, 6)
+    features, lrs, counts = FeatureBank(model, sampler.evaluation), [0.01, 1e-3], [3, 6]
+    seq = sequential_fit(features, runs, inits, model.fc.bias, lrs, counts=counts)
+    in_order = [[np.arange(n * 15) for n in counts] for _ in runs]
+    same = iid_fit(features, runs, inits, model.fc.bias, lrs, counts, in_order)
+    np.testing.assert_array_equal(same["test"], seq["test"])
+    np.testing.assert_array_equal(same["train"], seq["train"])
+    shuffled = [iid_orders(np.random.default_rng(r), counts, 15) for r in range(2)]
+    iid = iid_fit(features, runs, inits, model.fc.bias, lrs, counts, shuffled)
+    assert not np.array_equal(iid["train"], seq["train"])
+
+
+def test_meta_test_iid_repeats_and_keeps_the_runs(small_checkpoint, sampler):
+    kwargs = dict(num_classes=[2, 5], lrs=(0.01,), runs=2, seed=3, progress=False)
+    iid = anml.meta_test(small_checkpoint, sampler, method="iid", **kwargs)
+    again = anml.meta_test(small_checkpoint, sampler, method="iid", **kwargs)
+    np.testing.assert_array_equal(iid["test"], again["test"])
+    assert iid["test"].shape == (2, 1, 2)
+    two = anml.meta_test(small_checkpoint, sampler, method="iid", epochs_iid=2, **kwargs)
+    assert not np.array_equal(two["train"], iid["train"])
+    with pytest.raises(ValueError, match="needs fast=True"):
+        anml.meta_test(small_checkpoint, sampler, method="iid", fast=False, **kwargs)
+
+
+@pytest.mark.parametrize("rows", [30, 100])  # fewer rows than features (kernel form), more (Gram form)
+def test_ridge_solutions_equal_sklearn(rows):
+    from sklearn.linear_model import Ridge
+    gen = torch.Generator().manual_seed(rows)
+    x = torch.rand(rows, 72, generator=gen, dtype=torch.float64)
+    y = torch.nn.functional.one_hot(torch.randint(4, (rows,), generator=gen), 4).double()
+    ridges = [1e-2, 1.0, 30.0]
+    weights, intercepts = ridge_solutions(x, y, ridges)
+    for l, lam in enumerate(ridges):
+        ref = Ridge(alpha=lam, fit_intercept=True, solver="cholesky").fit(x.numpy(), y.numpy())
+        np.testing.assert_allclose(weights[l].numpy(), ref.coef_.T, rtol=1e-6, atol=1e-9)
+        np.testing.assert_allclose(intercepts[l].numpy(), ref.intercept_, rtol=1e-6, atol=1e-9)
+
+
+def test_lstsq_meta_test(small_checkpoint, sampler):
+    """Closed form on the frozen features: several counts equal separate runs, a tiny ridge fits the
+    training images of 3 classes exactly (45 rows, 72 features), and the scores lie in [0, 1]."""
+    kwargs = dict(lrs=(1e-3,), runs=2, seed=5, progress=False, method="lstsq", ridges=(1e-6, 1.0, 100.0))
+    both = anml.meta_test(small_checkpoint, sampler, num_classes=[3, 8], **kwargs)
+    assert both["test"].shape == (2, 3, 2)
+    for k, n in enumerate([3, 8]):
+        alone = anml.meta_test(small_checkpoint, sampler, num_classes=n, **kwargs)
+        np.testing.assert_array_equal(both["test"][k], alone["test"][0])
+    assert (both["train"][0, 0] == 1).all()
+    assert ((both["test"] >= 0) & (both["test"] <= 1)).all() and both["test"].max() > 1 / 3
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("method", ["iid", "lstsq"])
+def test_other_methods_on_cuda_equal_cpu(small_checkpoint, sampler, method):
+    """The batched (CUDA-graphed for iid) GPU path against the CPU's, as for seq in test_cuda_graphs."""
+    kwargs = dict(num_classes=[5, 20], lrs=(1e-3, 5e-4), runs=2, seed=3, progress=False, method=method,
+                  ridges=(0.1, 10.0), epochs_iid=2)
+    gpu = anml.meta_test(small_checkpoint, sampler, device="cuda", **kwargs)
+    cpu = anml.meta_test(small_checkpoint, sampler, device="cpu", **kwargs)
+    np.testing.assert_allclose(gpu["test"], cpu["test"], atol=0.02)
+    np.testing.assert_allclose(gpu["train"], cpu["train"], atol=0.02)

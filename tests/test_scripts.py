@@ -8,6 +8,7 @@ import re
 import shutil
 import signal
 import subprocess
+import sys
 from concurrent.futures import ThreadPoolExecutor
 
 import matplotlib.pyplot as plt
@@ -269,6 +270,23 @@ BAD_INPUTS = {  # id: (script, argv, text expected on stderr, skip)
     "save-minutes-0": ("train_omni.py", ["--save-minutes", "0", *CHEAP], "argument --save-minutes", False),
     "model-nan": ("eval_omni.py", ["-m", "{nan}"], "holds non-finite weights", False),
     "failed-download": ("train_omni.py", [*TINY, "--data-root", "{tmp}/download"], "could not download", False),
+    # issue 10: the meta-test methods' own flags
+    "lr-with-lstsq": ("eval_omni.py", [*NOT_READ, "--method", "lstsq", "-l", "0.01", *CHEAP], "takes --ridge", False),
+    "ridge-with-seq": ("eval_omni.py", [*NOT_READ, "--ridge", "1", *CHEAP], "--ridge is for --method lstsq", False),
+    "ridge-0": ("eval_omni.py", [*NOT_READ, "--method", "lstsq", "--ridge", "0", *CHEAP], "argument --ridge", False),
+    "epochs-iid-with-seq": ("eval_omni.py", [*NOT_READ, "--epochs-iid", "2", *CHEAP], "--epochs-iid is for --method iid", False),
+    "epochs-iid-0": ("eval_omni.py", [*NOT_READ, "--method", "iid", "--epochs-iid", "0", *CHEAP], "argument --epochs-iid", False),
+    "seed-loop-iid": ("eval_omni.py", [*NOT_READ, "--method", "iid", "--seed-loop", *CHEAP], "only runs --method seq", False),
+    "method-unknown": ("eval_omni.py", [*NOT_READ, "--method", "knn", *CHEAP], "argument --method", False),
+    "first-order-higher": ("train_omni.py", [*TINY, "--first-order", "--backend", "higher", *CHEAP], "not by higher", False),
+    "pretrain-batch-0": ("pretrain_omni.py", ["--batch-size", "0", *CHEAP], "argument --batch-size", False),
+    "pretrain-mask": ("pretrain_omni.py", [*TINY[:4], "--mask", "35", *CHEAP], "--mask must be 36", False),
+    "pretrain-lr-0": ("pretrain_omni.py", ["--lr", "0", *CHEAP], "argument --lr", False),
+    "pretrain-no-data": ("pretrain_omni.py", [*TINY, *CHEAP], "Omniglot not found in", False),
+    "pretrain-resume-nothing": ("pretrain_omni.py", [*TINY, "--data-root", "{omniglot}", "--out-dir", "{tmp}/no_pre",
+                                                     "--resume", "latest"], "--resume latest: no 4_3_36_pretrain", False),
+    "selection-one-ridge": ("eval_omni.py", [*NOT_READ, "--method", "lstsq", "--selection-runs", "2", *CHEAP],
+                            "give several with --ridge", False),
 }
 
 
@@ -400,3 +418,144 @@ def test_a_full_disk_is_one_error_and_the_run_resumes(trained, omniglot_root, sm
     straight = load_checkpoint(trained[1] / "4_3_36_ANML-2.pth")
     resumed = load_checkpoint(small_disk / "4_3_36_ANML-2.pth")
     assert all(torch.equal(straight[k], resumed[k]) for k in straight)
+
+
+# ----------------------------------------------------------------------------- eval_omni.py --method (issue 10)
+
+def test_eval_methods_share_runs_and_layout(omniglot_root, checkpoint, tmp_path):
+    """seq, iid and lstsq on the same runs: the same seeds and JSON layout with a "method" key; lstsq
+    chooses its ridge on the selection runs as seq chooses its rate; iid repeats exactly."""
+    reports = {}
+    flags = {"seq": ["-l", 0.03, 0.01], "iid": ["--method", "iid", "-l", 0.03, 0.01, "--epochs-iid", 2],
+             "lstsq": ["--method", "lstsq", "--ridge", 0.01, 1, 100]}
+    for method, extra in flags.items():
+        out = tmp_path / f"{method}.json"
+        proc = evaluate(omniglot_root, checkpoint, "-c", 2, 4, "-r", 2, "--selection-runs", 2, *extra, "--json", out)
+        assert_ok(proc)
+        reports[method] = json.loads(out.read_text())
+        assert reports[method]["method"] == method
+    assert reports["iid"]["epochs_iid"] == 2 and "epochs_iid" not in reports["seq"]
+    assert reports["lstsq"]["hyperparameter"] == "ridge" and reports["lstsq"]["ridges"] == [0.01, 1, 100]
+    assert "Chosen ridge" in proc.stdout and "Best ridge" in proc.stdout
+    for key in ("report_run_seeds", "selection_run_seeds", "classes", "train_examples"):
+        assert reports["seq"][key] == reports["iid"][key] == reports["lstsq"][key], key
+    for row in reports["lstsq"]["rows"]:
+        selection_means = [r["selection"]["test_mean"] for r in row["per_lr"]]
+        chosen = row["chosen_on_selection_runs"]
+        assert chosen["ridge"] == [0.01, 1, 100][int(np.argmax(selection_means))]
+        assert set(chosen) == set(reports["seq"]["rows"][0]["chosen_on_selection_runs"]) - {"lr"} | {"ridge"}
+    again = tmp_path / "again.json"
+    assert_ok(evaluate(omniglot_root, checkpoint, "-c", 2, 4, "-r", 2, "--selection-runs", 2, *flags["iid"],
+                       "--json", again))
+    assert json.loads(again.read_text())["rows"] == reports["iid"]["rows"]
+    seq_tests = [r["report"]["test"] for row in reports["seq"]["rows"] for r in row["per_lr"]]
+    iid_tests = [r["report"]["test"] for row in reports["iid"]["rows"] for r in row["per_lr"]]
+    assert seq_tests != iid_tests
+
+
+# ----------------------------------------------------------------------------- pretrain_omni.py (issue 10)
+
+def pretrain(root, out_dir, *args):
+    return run("pretrain_omni.py", *TINY, "-d", "cpu", "--data-root", root, "--out-dir", out_dir, *args)
+
+
+def test_pretrain_resumes_exactly_and_evaluates(omniglot_root, tmp_path):
+    """2 epochs of 19 steps straight, and stopped after the first step then resumed, give the same
+    checkpoints and log; the checkpoint is the seed's format and eval_omni.py meta-tests it."""
+    flags = ["--epochs", 2, "--batch-size", 1024, "--lr", 0.01]
+    straight = pretrain(omniglot_root, tmp_path / "straight", *flags)
+    assert_ok(straight)
+    assert "pretraining 4_3_36 for 2 epochs of batch 1024" in straight.stdout
+    final = tmp_path / "straight" / "4_3_36_pretrain-1.pth"
+    assert f"done: {final}" in straight.stdout
+    stopped = pretrain(omniglot_root, tmp_path / "resumed", *flags, "--time-limit", 1e-3)
+    assert_ok(stopped)
+    assert "time limit reached" in stopped.stdout and not (tmp_path / "resumed" / final.name).exists()
+    assert_ok(pretrain(omniglot_root, tmp_path / "resumed", *flags, "--resume", "latest"))
+    for epoch in (0, 1):
+        a = load_checkpoint(tmp_path / "straight" / f"4_3_36_pretrain-{epoch}.pth")
+        b = load_checkpoint(tmp_path / "resumed" / f"4_3_36_pretrain-{epoch}.pth")
+        assert all(torch.equal(a[k], b[k]) for k in a), epoch
+    logs = [(tmp_path / d / "4_3_36_pretrain_log.csv").read_text().splitlines() for d in ("straight", "resumed")]
+    assert len(logs[0]) == 1 + 2 * 19
+    assert [l.split(",")[:3] for l in logs[0]] == [l.split(",")[:3] for l in logs[1]]
+    losses = [float(l.split(",")[1]) for l in logs[0][1:]]
+    assert np.mean(losses[-5:]) < np.mean(losses[:5])  # it learns
+    proc = evaluate(omniglot_root, final, "-c", 3, "-r", 1, "-l", 0.01)
+    assert_ok(proc)
+    accuracies(proc.stdout.splitlines()[0], ACCURACY, 3)
+
+
+def test_pretrain_init_only_is_the_training_start(omniglot_root, tmp_path):
+    """--init-only writes the network as torch.manual_seed(seed) initialises it (where train_omni.py
+    starts too), without reading the data; --lobotomize changes the training."""
+    proc = run("pretrain_omni.py", *TINY, "--init-only", "--seed", 1, "--out-dir", tmp_path,
+               "--data-root", tmp_path / "nothing", "--no-download")
+    assert_ok(proc)
+    init = load_checkpoint(tmp_path / "4_3_36_init.pth")
+    torch.manual_seed(1)
+    expected = ANML(4, 3, 36).state_dict()
+    assert all(torch.equal(init[k], expected[k]) for k in init)
+    flags = ["--epochs", 1, "--batch-size", 4096]
+    assert_ok(pretrain(omniglot_root, tmp_path / "plain", *flags))
+    assert_ok(pretrain(omniglot_root, tmp_path / "lobo", *flags, "--lobotomize"))
+    plain, lobo = (load_checkpoint(tmp_path / d / "4_3_36_pretrain-0.pth") for d in ("plain", "lobo"))
+    assert not torch.equal(plain["fc.weight"], lobo["fc.weight"])
+
+
+# ----------------------------------------------------------------------------- train_omni.py --first-order (issue 10)
+
+def test_first_order_training_is_recorded_and_differs(trained, omniglot_root, tmp_path):
+    proc = train(omniglot_root, tmp_path, "--seed", 1, "--first-order")
+    assert_ok(proc)
+    assert "first-order" in proc.stdout.splitlines()[0]
+    assert json.loads((tmp_path / "4_3_36_settings.json").read_text())["first_order"] is True
+    assert json.loads((trained[1] / "4_3_36_settings.json").read_text())["first_order"] is False
+    assert load_checkpoint(tmp_path / "4_3_36_ANML-0.pth")  # the names are unchanged
+    first, second = load_checkpoint(tmp_path / "4_3_36_ANML-2.pth"), load_checkpoint(trained[1] / "4_3_36_ANML-2.pth")
+    assert not torch.equal(first["rln.convBlock1.conv.weight"], second["rln.convBlock1.conv.weight"])
+
+
+# ----------------------------------------------------------------------------- comparisons (issue 10)
+
+def test_make_comparisons_at_tiny_scale(omniglot_root, checkpoint, tmp_path):
+    """results/make_comparisons.sh end to end with a tiny network: pretraining, the init checkpoint,
+    six evaluations on the same runs, and the picture (or the note that matplotlib is missing)."""
+    env = script_env(PY=sys.executable, DEVICE="cpu", ANML=str(checkpoint), SIZES=" ".join(TINY), NAME="4_3_36",
+                     EPOCHS="1", PRETRAIN_DIR=str(tmp_path / "pre"), OUT=str(tmp_path / "out"), RUNS="1", SEL="2",
+                     CLASSES="2 4", LRS="0.03 0.01", RIDGES="1 10")
+    proc = subprocess.run(["bash", "results/make_comparisons.sh", "--data-root", str(omniglot_root)], cwd=REPO,
+                          env=env, capture_output=True, text=True, timeout=900)
+    assert_ok(proc)
+    labels = ["anml_seq", "anml_iid", "anml_lstsq", "pretrain_seq", "pretrain_lstsq", "random_seq"]
+    reports = {label: json.loads((tmp_path / "out" / f"{label}.json").read_text()) for label in labels}
+    assert [r["method"] for r in reports.values()] == ["seq", "iid", "lstsq", "seq", "lstsq", "seq"]
+    assert reports["pretrain_seq"]["model"].endswith("4_3_36_pretrain-0.pth")
+    assert reports["random_seq"]["model"].endswith("4_3_36_init.pth")
+    assert len({json.dumps(r["report_run_seeds"]) for r in reports.values()}) == 1
+    assert all([row["classes"] for row in r["rows"]] == [2, 4] for r in reports.values())
+    picture = tmp_path / "out" / "comparisons.png"
+    assert picture.is_file() or "matplotlib is not installed" in proc.stdout
+    again = subprocess.run(["bash", "results/make_comparisons.sh", "--data-root", str(omniglot_root)], cwd=REPO,
+                           env=env, capture_output=True, text=True, timeout=900)
+    assert_ok(again)
+    assert "pretraining" not in again.stdout  # the finished pretraining is reused ...
+    assert again.stdout.count(": done (") == 6  # ... and so are the evaluations
+
+
+def test_plot_comparisons_reads_the_reports(tmp_path):
+    import plot_comparisons
+    row = lambda n, chosen: {"classes": n, "chosen_on_selection_runs": chosen,
+                             "best_on_reported_runs": {"test_mean": 0.5, "test_std": 0.1}}
+    (tmp_path / "a_seq.json").write_text(json.dumps({"rows": [row(10, {"test_mean": 0.9, "test_std": 0.05}),
+                                                              row(50, {"test_mean": 0.7, "test_std": 0.02})]}))
+    (tmp_path / "b_lstsq.json").write_text(json.dumps({"rows": [row(10, None)]}))
+    (tmp_path / "bad.json").write_text("{}")
+    curves = plot_comparisons.load_curves([tmp_path / "a_seq.json", tmp_path / "b_lstsq.json"])
+    assert curves["a_seq"] == ([10, 50], [0.9, 0.7], [0.05, 0.02], "chosen_on_selection_runs")
+    assert curves["b_lstsq"] == ([10], [0.5], [0.1], "best_on_reported_runs")
+    with pytest.raises(ValueError, match="not an eval_omni.py --json report"):
+        plot_comparisons.load_curves([tmp_path / "bad.json"])
+    pytest.importorskip("matplotlib", reason="matplotlib is not installed (the lead adds it)")
+    plot_comparisons.plot_comparisons(curves, tmp_path / "c.png")
+    assert (tmp_path / "c.png").stat().st_size > 1000
