@@ -257,12 +257,13 @@ def test_first_order_refused_by_higher(tiny, sampler):
 
 
 def test_first_order_train_records_and_refuses_a_mixed_resume(sampler, tmp_path):
-    """anml.train(first_order=True) records it in the run's settings file; a resume without it is refused."""
-    import json
+    """anml.train(first_order=True) records it with the run's flags in the resumable checkpoint; a
+    resume without it is refused."""
+    from checkpoints import newest_resumable, read_training_state
     model, stopped = anml.train(4, 3, 36, its=2, sampler=sampler, out_dir=tmp_path, quiet=True, first_order=True)
     assert stopped is None
-    assert json.loads((tmp_path / "4_3_36_settings.json").read_text())["first_order"] is True
-    with pytest.raises(ValueError, match="started with --first-order"):
+    assert read_training_state(newest_resumable(tmp_path, "4_3_36"))["config"]["first_order"] is True
+    with pytest.raises(ValueError, match="was trained with --first-order, not no --first-order"):
         anml.train(4, 3, 36, its=3, sampler=sampler, out_dir=tmp_path, quiet=True, resume="latest")
 
 

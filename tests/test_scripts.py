@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import torch
 
+from checkpoints import newest_resumable, read_training_state
 from conftest import REPO, command, run, script_env
 from model import ANML
 
@@ -509,8 +510,8 @@ def test_first_order_training_is_recorded_and_differs(trained, omniglot_root, tm
     proc = train(omniglot_root, tmp_path, "--seed", 1, "--first-order")
     assert_ok(proc)
     assert "first-order" in proc.stdout.splitlines()[0]
-    assert json.loads((tmp_path / "4_3_36_settings.json").read_text())["first_order"] is True
-    assert json.loads((trained[1] / "4_3_36_settings.json").read_text())["first_order"] is False
+    recorded = lambda d: read_training_state(newest_resumable(d, "4_3_36"))["config"]["first_order"]
+    assert recorded(tmp_path) is True and recorded(trained[1]) is False
     assert load_checkpoint(tmp_path / "4_3_36_ANML-0.pth")  # the names are unchanged
     first, second = load_checkpoint(tmp_path / "4_3_36_ANML-2.pth"), load_checkpoint(trained[1] / "4_3_36_ANML-2.pth")
     assert not torch.equal(first["rln.convBlock1.conv.weight"], second["rln.convBlock1.conv.weight"])

@@ -21,7 +21,8 @@ def recorded_sha256(name):
     pytest.fail(f"{name} is not listed in trained_anmls/SHA256SUMS")
 
 
-@pytest.mark.parametrize("name", [SHIPPED, "256_112_2304_train_log.csv"])
+@pytest.mark.parametrize("name", [SHIPPED, "256_112_2304_train_log.csv", "256_112_2304_pretrain-5.pth",
+                                  "256_112_2304_pretrain_log.csv"])
 def test_shipped_file_is_the_trained_one(name):
     data = (TRAINED / name).read_bytes()
     assert not data.startswith(b"version https://git-lfs"), f"{name} is a Git LFS pointer: run git lfs pull"
