@@ -105,9 +105,12 @@ def test_time_limit_then_resume_equals_one_run(trained, omniglot_root, tmp_path)
 
 
 def test_ctrl_c_exits_130_without_traceback(omniglot_root, tmp_path):
+    # As from a terminal: SIGINT handled by default even where pytest itself runs in the background
+    # of a non-interactive shell (which starts its children with SIGINT ignored).
     proc = subprocess.Popen(command("train_omni.py", *TINY, "--epochs", 100000, "-d", "cpu",
                                     "--data-root", omniglot_root, "--out-dir", tmp_path),
-                            cwd=REPO, env=script_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            cwd=REPO, env=script_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     assert proc.stdout.readline().startswith("meta-training")  # inside the script's error handling now
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=60)
