@@ -23,11 +23,10 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from atomic import WriteError
-from checkpoints import (Diverged, RunLock, StopSignal, TrainingLog, apply_training_state, check_config,
-                         check_finite, check_finite_parameters, check_fresh_start, check_out_dir, checkpoint_path,
-                         clean_out_dir, cpu_state_dict, find_resumable, load_model, newest_resumable, notice,
-                         read_training_state, restore_torch_rng, run_config, run_name, save_atomic,
-                         save_training_state)
+from checkpoints import (Diverged, RunLock, StopSignal, TrainingLog, apply_training_state, check_finite_parameters,
+                         check_out_dir, checkpoint_path, clean_out_dir, cpu_state_dict, finished_already, last_good,
+                         load_model, restore_torch_rng, run_config, run_name, save_atomic, save_training_state,
+                         starting_state)
 from cuda_graphs import GraphedMetaStep
 from frozen_features import FeatureBank, MetaTestRun, iid_fit, iid_orders, ridge_fit, sequential_fit
 from functional import accuracy, func_meta_loss
@@ -176,29 +175,6 @@ def train(rln, nm, mask, inner_lr=0.1, outer_lr=1e-3, its=30000, device="cpu", s
                              f"continue with --resume latest") from e
 
 
-def starting_state(resume, out_dir, name, config):
-    """(the resumable checkpoint's dict, its path) to continue from, checked against `config`,
-    or (None, None) for a new run (which must not overwrite another run in `out_dir`)."""
-    if resume is None:
-        check_fresh_start(out_dir, name, config)
-        return None, None
-    path = find_resumable(resume, out_dir, name)
-    state = read_training_state(path)
-    check_finite(state["model"], path)
-    check_config(state.get("config"), config, path)
-    done, its = state["iteration"] + 1, config["epochs"]
-    if done > its:
-        raise ValueError(f"{path} has already trained {done} iterations, more than --epochs {its}: nothing to "
-                         f"train (give --epochs {done} or more to continue it)")
-    return state, path
-
-
-def last_good(out_dir, name):
-    path = newest_resumable(out_dir, name)
-    return "no resumable checkpoint was written" if path is None else \
-        f"the last good resumable checkpoint is {path}"
-
-
 def train_locked(config, device, sampler, out_dir, state, state_path, log_every, save_every, quiet, time_limit,
                  save_minutes):
     """The training loop of `train`, once the run's files are locked and its start is checked."""
@@ -243,16 +219,6 @@ def train_locked(config, device, sampler, out_dir, state, state_path, log_every,
                 return model, stop.reason
     log.flush()
     return model, None
-
-
-def finished_already(model, out_dir, name, its):
-    """A resumed run that already trained `its` iterations: nothing to train; its last
-    checkpoint is written from the resumable one if it is missing (a run stopped there)."""
-    path = checkpoint_path(out_dir, name, its - 1)
-    if not path.is_file():
-        save_atomic(cpu_state_dict(model), path)
-    notice(f"nothing to train: the run has already trained its {its} iterations")
-    return model
 
 
 # ----------------------------------------------------------------------------- meta-testing

@@ -227,6 +227,39 @@ def load_training_state(path, model, outer_opt, sampler, config=None):
     return apply_training_state(state, path, model, outer_opt, sampler)
 
 
+def starting_state(resume, out_dir, name, config):
+    """(the resumable checkpoint's dict, its path) to continue from, checked against `config`,
+    or (None, None) for a new run (which must not overwrite another run in `out_dir`)."""
+    if resume is None:
+        check_fresh_start(out_dir, name, config)
+        return None, None
+    path = find_resumable(resume, out_dir, name)
+    state = read_training_state(path)
+    check_finite(state["model"], path)
+    check_config(state.get("config"), config, path)
+    done, its = state["iteration"] + 1, config["epochs"]
+    if done > its:
+        raise ValueError(f"{path} has already trained {done} iterations, more than --epochs {its}: nothing to "
+                         f"train (give --epochs {done} or more to continue it)")
+    return state, path
+
+
+def last_good(out_dir, name):
+    path = newest_resumable(out_dir, name)
+    return "no resumable checkpoint was written" if path is None else \
+        f"the last good resumable checkpoint is {path}"
+
+
+def finished_already(model, out_dir, name, its):
+    """A resumed run that already trained `its` iterations: nothing to train; its last
+    checkpoint is written from the resumable one if it is missing (a run stopped there)."""
+    path = checkpoint_path(out_dir, name, its - 1)
+    if not path.is_file():
+        save_atomic(cpu_state_dict(model), path)
+    notice(f"nothing to train: the run has already trained its {its} iterations")
+    return model
+
+
 def check_out_dir(out_dir):
     """Fail now, with one line, if checkpoints cannot be written to `out_dir`."""
     if Path(out_dir).exists() and not Path(out_dir).is_dir():
