@@ -25,9 +25,10 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import anml
 import functional
 from checkpoints import checkpoint_path, run_name, save_atomic
-from cli import add_common_args, check_device, device_name, positive_int, run_cli
+from cli import (add_common_args, add_size_args, check_device, check_size_args, device_name, positive_int,
+                 run_cli)
 from datasets import NUM_EVALUATION, OmniSampler
-from model import ANML, check_sizes
+from model import ANML
 
 
 def synchronize(device):
@@ -136,9 +137,7 @@ def run_case(args):
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--rln", type=positive_int, default=256, help="RLN channels (%(default)s)")
-    parser.add_argument("--nm", type=positive_int, default=112, help="NM channels (%(default)s)")
-    parser.add_argument("--mask", type=positive_int, default=2304, help="NM gate size, 9 x --rln (%(default)s)")
+    add_size_args(parser)
     parser.add_argument("--iters", type=positive_int, default=3, help="timed meta-iterations per backend (%(default)s)")
     parser.add_argument("--classes", type=int, default=600, help="classes of the meta-test run (%(default)s)")
     parser.add_argument("--only", choices=("iteration", "meta-test"), help="run one of the two comparisons")
@@ -148,10 +147,7 @@ def parse_args(argv=None):
     add_common_args(parser)
     args = parser.parse_args(argv)
     check_device(parser, args.device)
-    try:
-        check_sizes(args.rln, args.nm, args.mask)
-    except ValueError as e:
-        parser.error(str(e))
+    check_size_args(parser, args)
     if not 1 <= args.classes <= NUM_EVALUATION:
         parser.error(f"--classes must be in 1..{NUM_EVALUATION} (Omniglot's evaluation classes), got {args.classes}")
     return args

@@ -11,6 +11,7 @@ import sklearn
 import torch
 
 from datasets import DataError
+from model import check_sizes
 
 
 def positive_int(text):
@@ -47,6 +48,21 @@ def add_common_args(parser):
                              "(default: $OMNIGLOT_ROOT, else a per-user cache)")
     parser.add_argument("--no-download", action="store_true",
                         help="fail instead of downloading Omniglot when it is not in the data root")
+
+
+def add_size_args(parser):
+    """--rln, --nm and --mask, the network's sizes, with the paper's defaults."""
+    parser.add_argument("--rln", type=positive_int, default=256, help="RLN channels (%(default)s)")
+    parser.add_argument("--nm", type=positive_int, default=112, help="NM channels (%(default)s)")
+    parser.add_argument("--mask", type=positive_int, default=2304, help="NM gate size, 9 x --rln (%(default)s)")
+
+
+def check_size_args(parser, args):
+    """A usage error (one line, exit 2) for sizes that do not make an ANML."""
+    try:
+        check_sizes(args.rln, args.nm, args.mask)
+    except ValueError as e:
+        parser.error(str(e))
 
 
 def check_device(parser, device):

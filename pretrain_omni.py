@@ -27,18 +27,17 @@ from tqdm import tqdm
 import anml
 from checkpoints import (StopSignal, TrainingLog, checkpoint_path, cpu_state_dict, find_resumable,
                          load_training_state, restore_torch_rng, run_name, save_atomic, save_training_state)
-from cli import add_common_args, check_device, non_negative_int, positive_float, positive_int, run_cli
+from cli import (add_common_args, add_size_args, check_device, check_size_args, non_negative_int,
+                 positive_float, positive_int, run_cli)
 from datasets import OmniSampler
-from model import ANML, check_sizes
+from model import ANML
 
 KIND = "pretrain"  # checkpoint names: {rln}_{nm}_{mask}_pretrain-{epoch}.pth
 
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rln", type=positive_int, default=256, help="RLN channels (%(default)s)")
-    parser.add_argument("--nm", type=positive_int, default=112, help="NM channels (%(default)s)")
-    parser.add_argument("--mask", type=positive_int, default=2304, help="NM gate size, 9 x --rln (%(default)s)")
+    add_size_args(parser)
     parser.add_argument("--epochs", type=positive_int, default=6,
                         help="passes over the 19,280 background images (%(default)s)")
     parser.add_argument("--lr", type=positive_float, default=1e-3, help="Adam learning rate (%(default)s)")
@@ -59,10 +58,7 @@ def parse_args(argv=None):
     add_common_args(parser)
     args = parser.parse_args(argv)
     check_device(parser, args.device)
-    try:
-        check_sizes(args.rln, args.nm, args.mask)
-    except ValueError as e:
-        parser.error(str(e))
+    check_size_args(parser, args)
     return args
 
 

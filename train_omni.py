@@ -13,16 +13,14 @@ import sys
 
 import anml
 from checkpoints import RunLock, check_out_dir, checkpoint_path, run_name
-from cli import add_common_args, check_device, non_negative_int, positive_float, positive_int, run_cli
+from cli import (add_common_args, add_size_args, check_device, check_size_args, non_negative_int,
+                 positive_float, positive_int, run_cli)
 from datasets import OmniSampler
-from model import check_sizes
 
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rln", type=positive_int, default=256, help="RLN channels (%(default)s)")
-    parser.add_argument("--nm", type=positive_int, default=112, help="NM channels (%(default)s)")
-    parser.add_argument("--mask", type=positive_int, default=2304, help="NM gate size, 9 x --rln (%(default)s)")
+    add_size_args(parser)
     parser.add_argument("--epochs", type=positive_int, default=30000, help="meta-training iterations (%(default)s)")
     parser.add_argument("--inner-lr", type=positive_float, default=0.1,
                         help="inner-loop SGD learning rate (%(default)s)")
@@ -50,10 +48,7 @@ def parse_args(argv=None):
     check_device(parser, args.device)
     if args.first_order and args.backend == "higher":
         parser.error("--first-order is implemented by the func and graph backends, not by higher (the reference)")
-    try:
-        check_sizes(args.rln, args.nm, args.mask)
-    except ValueError as e:
-        parser.error(str(e))
+    check_size_args(parser, args)
     return args
 
 
