@@ -64,7 +64,7 @@ def plot_evaluation(report, path):
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
     ax.errorbar(classes, test, yerr=test_std, marker="o", capsize=3, label=f"{label} ({report['runs']} runs)")
     ax.errorbar(classes, train, yerr=train_std, marker="s", capsize=3, linestyle="--",
-                label="train accuracy (same runs, after the whole sequence)")
+                label="train accuracy (same runs, after learning the N classes)")
     seed = sorted(SEED_TABLE.items())
     ax.plot([n for n, _ in seed], [a for _, a in seed], marker="^", linestyle=":", color="grey",
             label="seed README's table (test)")
