@@ -37,6 +37,7 @@ BACKENDS = ("auto", "higher", "func", "graph")  # auto: graph on CUDA, func else
 
 # ----------------------------------------------------------------------------- meta-training
 
+
 def kaiming_std(weight):
     """The std of kaiming_normal_ (fan_in, gain sqrt(2)) for a [out, in] weight."""
     return math.sqrt(2.0 / weight.shape[1])
@@ -222,6 +223,7 @@ def train_locked(config, device, sampler, out_dir, state, state_path, log_every,
 
 
 # ----------------------------------------------------------------------------- meta-testing
+
 
 def reset_last_layer(model, generator=None):
     """Kaiming-normal re-initialisation of the whole fc weight (bias kept), as the seed does."""

@@ -62,6 +62,7 @@ def cpu_state_dict(model):
     """The seed's checkpoint: a bare state_dict, on the CPU so that it loads anywhere."""
     return {k: v.detach().cpu() for k, v in model.state_dict().items()}
 
+
 def load_model(path, device="cpu"):
     """An ANML built from a checkpoint, its sizes read from the tensors' shapes.
 
@@ -86,6 +87,7 @@ def load_model(path, device="cpu"):
         reason = " ".join(str(e).split())[:500]
         raise ValueError(f"{path} does not fit the ANML architecture: {reason}") from None
     return model.to(device)
+
 
 def non_finite(tensors):
     """The names of the floating-point tensors of a {name: tensor} dict holding a NaN or an infinity."""

@@ -17,6 +17,7 @@ def side_stream(enabled=True):
         yield
     torch.cuda.current_stream().wait_stream(stream)
 
+
 def gather_train_batch(images, per_class, train_class, remember):
     """`sample_train`'s batch, gathered on the device from the flattened background set
     [classes * per_class, 1, H, W] by index tensors: (train_ims, train_labels, valid_ims, valid_labels)."""
@@ -25,6 +26,7 @@ def gather_train_batch(images, per_class, train_class, remember):
     train_ims = images[train_idx]
     labels = torch.cat([train_idx, remember]) // per_class
     return train_ims, labels[:per_class], torch.cat([train_ims, images[remember]]), labels
+
 
 class GraphedMetaStep:
     """The whole meta-iteration (lobotomy, inner loop, outer loss, backward, Adam) in one CUDA graph.
@@ -89,6 +91,7 @@ class GraphedMetaStep:
         else:
             self.graph.replay()
         return self.loss, self.acc
+
 
 class ReplayedSteps:
     """Calls `step()` many times: eagerly on the CPU; on CUDA the first `chunk` calls eagerly on a

@@ -99,7 +99,7 @@ def summary_lines(classes, lr, test, train, several, hyper="lr"):
 
 
 def write_json_atomic(obj, path):
-    """json.dump beside path, then rename it into place (anml.write_atomic)."""
+    """json.dump beside path, then rename it into place (atomic.write_atomic)."""
     write_atomic(path, lambda tmp: tmp.write_text(json.dumps(obj, indent=1) + "\n"))
 
 

@@ -13,6 +13,7 @@ class MetaTestRun:
     def __init__(self, classes, train_idx, test_idx):
         self.classes, self.train_idx, self.test_idx = map(np.asarray, (classes, train_idx, test_idx))
 
+
 class FeatureBank:
     """RLN * NM features of evaluation images, computed once (both nets are frozen) on demand."""
 
@@ -41,6 +42,7 @@ class FeatureBank:
             self.done[chunk] = True
         return self.features[classes.to(self.device)]
 
+
 def gather_sequence(features, run):
     """The run's training sequence and test set as feature rows and labels (class-major order)."""
     feats = features(run.classes)  # [N, 20, D]
@@ -52,11 +54,13 @@ def gather_sequence(features, run):
     return (feats[rows, train_idx].flatten(0, 1), labels.expand_as(train_idx).flatten(),
             feats[rows, test_idx].flatten(0, 1), labels.expand_as(test_idx).flatten())
 
+
 def stack_sequences(features, runs):
     """Every run's training sequence and test set, stacked: train_x [R, T, D], train_y [R, T],
     test_x [R, S, D], test_y [R, S] (class-major, the classes in the runs' order)."""
     seqs = [gather_sequence(features, run) for run in runs]
     return tuple(torch.stack([s[i] for s in seqs]) for i in range(4))
+
 
 class LastLayers:
     """R runs x L learning rates as one batch of R*L last layers (model i = (lr i // R, run i % R)),
@@ -89,6 +93,7 @@ class LastLayers:
         correct = torch.stack([predict(Wl[l], bl[l], x) == y for l in range(self.L)]).float()
         return correct.mean(2).cpu().numpy(), correct
 
+
 def sequential_fit(features, runs, weights, bias, lrs, counts=None, bar=None):
     """Test-train then test-test of every (learning rate, run) pair at once, on frozen features.
 
@@ -112,11 +117,13 @@ def sequential_fit(features, runs, weights, bias, lrs, counts=None, bar=None):
 
 # ----------------------------------------------------------------------------- the i.i.d. oracle
 
+
 def iid_orders(rng, counts, n_train, epochs=1):
     """For each class count N, the order in which the i.i.d. learner sees the N * n_train training
     images of the first N classes (indices into the class-major sequence): `epochs` independent
     shuffles one after the other, drawn from the numpy generator `rng` (count after count)."""
     return [np.concatenate([rng.permutation(n * n_train) for _ in range(epochs)]) for n in counts]
+
 
 def iid_fit(features, runs, weights, bias, lrs, counts, orders, bar=None):
     """The i.i.d. oracle of `sequential_fit`: the same images, initialisation and Adam steps (one an
@@ -137,6 +144,7 @@ def iid_fit(features, runs, weights, bias, lrs, counts, orders, bar=None):
 
 # ----------------------------------------------------------------------------- closed form
 
+
 def ridge_fit(features, runs, ridges, counts):
     """The last layer in closed form: for each run, class count N and regulariser lambda, ridge least
     squares from the first N classes' training features to one-hot targets over those N classes,
@@ -156,9 +164,11 @@ def ridge_fit(features, runs, ridges, counts):
                 scores[key][k, :, r] = (predictions == ys).double().mean(1).cpu().numpy()
     return scores
 
+
 def position_labels(n, per_class, device):
     """Labels 0..n-1 (the classes' positions in the run), each repeated per_class times."""
     return torch.arange(n, device=device).repeat_interleave(per_class)
+
 
 def ridge_solutions(x, y, ridges):
     """argmin_W,b ||x W + b - y||^2 + lambda ||W||^2 for every lambda in `ridges`: W [L, D, C], b [L, C].
@@ -175,6 +185,7 @@ def ridge_solutions(x, y, ridges):
         e, v = torch.linalg.eigh(xc @ xc.T)
         weights = xc.T @ (v @ ((v.T @ yc) / (e.clamp(min=0) + lam)[..., None]))
     return weights, y_mean - x_mean @ weights
+
 
 class SequenceStep:
     """One test-train step of every model, reading image `t` of the sequence from a device counter,
@@ -201,11 +212,13 @@ def adam_step_on_image(W, b, x, y, models, opt):
         b.grad.copy_(p)
     opt.step()
 
+
 def last_layer_logits(W, b, x):
     """Logits [M, n, C] of M last layers (W [M, C, D], b [M, C]) on their feature rows [M, n, D].
 
     Computed as x W^T: for one row each, several times faster than the batched W x on the CPU."""
     return torch.baddbmm(b.unsqueeze(1), x, W.transpose(1, 2))
+
 
 def predict(W, b, x):
     """Class predictions [M, n] of M last layers on their feature rows [M, n, D]."""

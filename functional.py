@@ -25,13 +25,16 @@ def inner_sgd(inner_opt, model):
 
 # ----------------------------------------------------------------------------- instance norm
 
+
 def spatial_sum(t):
     """[N, C, H, W] -> [N, C, 1, 1] sums."""
     return t.sum((2, 3), keepdim=True)
 
+
 def batch_sum(t):
     """[N, C, 1, 1] -> [C], summed over the batch (a view, no operation, for a single image)."""
     return t.flatten() if t.shape[0] == 1 else t.sum(0).flatten()
+
 
 class InstanceNorm(torch.autograd.Function):
     """F.instance_norm with an affine weight and bias (no running statistics), in fewer operations.
@@ -79,6 +82,7 @@ class InstanceNorm(torch.autograd.Function):
         projection = torch.addcmul(spatial_sum(grad_xhat), xhat, along_xhat)
         return torch.sub(grad_xhat, projection, alpha=1 / area) * rstd, grad_weight, grad_bias, None
 
+
 def instance_norm(x, weight, bias, eps=1e-5):
     """F.instance_norm(x, weight=weight, bias=bias, eps=eps), twice differentiable, in few operations."""
     return InstanceNorm.apply(x, weight, bias, eps)[0]
@@ -90,8 +94,10 @@ def instance_norm(x, weight, bias, eps=1e-5):
 # exactly zero and they do not change the output. The functional path skips them in the compute
 # (they stay in the model and the checkpoint) and gives them an explicit zero gradient.
 
+
 def norm_fed_biases(model):
     return [p for n, p in model.named_parameters() if n.endswith("conv.bias")]
+
 
 def conv_blocks(params, prefix, x):
     """The three conv blocks of `model.py`, written functionally over a dict of parameters.
@@ -104,6 +110,7 @@ def conv_blocks(params, prefix, x):
         x = instance_norm(x, params[p + "norm.weight"], params[p + "norm.bias"])
         x = relu(max_pool(x) if pool else x)
     return x.flatten(1)
+
 
 class MaxPool(torch.autograd.Function):
     """F.max_pool2d(x, 2) whose backward scatters the gradient by the forward's indices (a constant),
@@ -121,22 +128,27 @@ class MaxPool(torch.autograd.Function):
         (indices,) = ctx.saved_tensors
         return F.max_unpool2d(grad, indices, 2, output_size=ctx.size)
 
+
 def max_pool(x):
     """F.max_pool2d(x, 2), in fewer operations when differentiated twice."""
     return MaxPool.apply(x)
+
 
 def relu(x):
     """F.relu as a product with its constant 0/1 mask: the same values and gradient, and its double
     backward has no zero gradient to build and add for the mask (the ReLU's second derivative is zero)."""
     return x * (x.detach() > 0)
 
+
 def linear(x, weight, bias):
     """F.linear, with a [1, out] bias for one input row, so that its gradient needs no reduction."""
     return torch.addmm(bias.view(1, -1), x, weight.T)
 
+
 def gate(params, x):
     """NM output in (0, 1): computed once per batch, since the inner loop never adapts the NM."""
     return torch.sigmoid(linear(conv_blocks(params, "nm", x), params["nm.fc.weight"], params["nm.fc.bias"]))
+
 
 class AdaptedLinear:
     """The last layer during the inner loop, without materialising its adapted weight.
@@ -165,24 +177,29 @@ class AdaptedLinear:
 
 # ----------------------------------------------------------------------------- the meta-gradient
 
+
 def flatten(params, names):
     """The named tensors in one vector: the inner loop updates it with one operation a step."""
     return torch.cat([params[n].flatten() for n in names])
+
 
 def unflatten(vector, params, names):
     """Views of `vector` shaped like the named tensors (no copies)."""
     pieces = vector.split([params[n].numel() for n in names])
     return {n: piece.view_as(params[n]) for n, piece in zip(names, pieces)}
 
+
 def one_hot(labels, classes, like):
     """[len(labels), classes] one-hot rows in `like`'s dtype: a comparison, with no range check that
     would read a value back to the host (F.one_hot's may)."""
     return (labels[:, None] == torch.arange(classes, device=labels.device)).to(like.dtype)
 
+
 def scaled_logit_gradients(out, lr_targets, lr):
     """-lr times the cross-entropy's gradient at the logits, -lr (softmax(out) - onehot), in one
     operation after the softmax (`lr_targets` = lr * onehot): the inner loss itself is never needed."""
     return torch.add(lr_targets, torch.softmax(out, 1), alpha=-lr)  # add: its backward has no negation
+
 
 def func_meta_loss(model, inner_opt, train_ims, train_labels, valid_ims, valid_labels, first_order=False):
     """Same mathematics as `anml.higher_meta_loss`, with a functional unroll and plain autograd: the
@@ -232,6 +249,7 @@ def func_meta_loss(model, inner_opt, train_ims, train_labels, valid_ims, valid_l
 # (on a GPU, large batches are what is fast). 12 measured best on a 2-core CPU (README, Speed).
 
 OUTER_CHUNK = {"cpu": 12}
+
 
 def outer_backward_in_chunks(params, fast_names, fast, fc, valid_ims, valid_masks, valid_labels, chunk):
     """The outer loss's backward, a few images at a time (on the CPU, a chunk's 256 x 26 x 26
