@@ -155,24 +155,25 @@ class AdaptedLinear:
 
     One inner SGD step changes the fc weight by -lr * g f^T, the outer product of the logits'
     gradient g and the layer's input f (one image a step). So W_k = W_0 + sum_j u_j f_j^T with
-    u_j = -lr g_j, and W_k x = W_0 x + U (F x): the same mathematics, without writing a new
+    u_j = -lr g_j, and W_k x = W_0 x + U^T (F x): the same mathematics, without writing a new
     1000 x 2304 matrix (and its gradient) at every step."""
 
     def __init__(self, weight):
-        self.weight, self.u, self.f = weight, [], []
+        self.weight, self.U, self.F = weight, None, None
 
     def __call__(self, x, bias):
         out = linear(x, self.weight, bias)
-        if self.u:
-            out = torch.addmm(out, x @ torch.cat(self.f).T, torch.cat(self.u))
+        if self.U is not None:
+            out = torch.addmm(out, x @ self.F.T, self.U)
         return out
 
     def step(self, u, f):
         """Add the rank-one change u^T f (rows [1, out] and [1, in]; u = -lr times the logits'
-        gradient): kept as rows, since concatenating them differentiates into views, where stacking
-        selected vectors would differentiate into zero-filled copies."""
-        self.u.append(u)
-        self.f.append(f)
+        gradient). U and F grow by one row, concatenated to the previous U and F: differentiated,
+        each step's U then receives one gradient for all its rows (one addition), where
+        concatenating every row afresh would add each row's gradient separately at every step."""
+        self.U = u if self.U is None else torch.cat([self.U, u])
+        self.F = f if self.F is None else torch.cat([self.F, f])
 
 
 # ----------------------------------------------------------------------------- the meta-gradient
@@ -256,12 +257,12 @@ def outer_backward_in_chunks(params, fast_names, fast, fc, valid_ims, valid_mask
     activations stay in the cache): the graph is cut at what the outer forward reads from the
     inner loop (adapted weights, the last layer's rank-one terms, the NM's gates), each chunk's
     gradient is accumulated there, then one backward carries the sum through the inner loop."""
-    inputs = [fast, *fc.u, *fc.f, valid_masks]
-    cut = [t.detach().requires_grad_(t.requires_grad) for t in inputs]  # first order: u, f are constants
-    n_steps = len(fc.u)
+    inputs = [t for t in (fast, fc.U, fc.F, valid_masks) if t is not None]
+    cut = [t.detach().requires_grad_(t.requires_grad) for t in inputs]  # first order: U, F are constants
     weights = {**params, **unflatten(cut[0], params, fast_names)}
     cut_fc = AdaptedLinear(fc.weight)
-    cut_fc.u, cut_fc.f = cut[1:1 + n_steps], cut[1 + n_steps:1 + 2 * n_steps]
+    if fc.U is not None:
+        cut_fc.U, cut_fc.F = cut[1], cut[2]
     outs, loss = [], 0.0
     for i in range(0, len(valid_ims), chunk):
         feats = conv_blocks(weights, "rln", valid_ims[i:i + chunk]) * cut[-1][i:i + chunk]
