@@ -3,7 +3,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from functional import InstanceNorm, instance_norm, max_pool, relu
+from functional import InstanceNorm, NormGrad, instance_norm, max_pool, relu
 
 
 def norm_inputs(batch, seed=0):
@@ -66,3 +66,19 @@ def test_relu_and_max_pool_equal_torchs_in_value_gradient_and_second_order(ours,
     for a, b in zip(*results):
         assert torch.equal(a, b) and a.abs().sum() > 0
     assert (results[0][1] == 0).any()  # some inputs get no gradient
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_norm_grad_hand_written_derivative_passes_gradcheck(batch):
+    """NormGrad (the inner loop's norm backward) against numerical derivatives of its forward, for
+    all three outputs (grad_x, grad_weight, grad_bias) w.r.t. grad_y, xhat and scale."""
+    g = torch.Generator().manual_seed(5)
+    grad_y, xhat = (torch.randn(batch, 4, 5, 5, generator=g, dtype=torch.float64) for _ in range(2))
+    scale = torch.rand(batch, 4, 1, 1, generator=g, dtype=torch.float64) + 0.5
+    inputs = tuple(t.requires_grad_() for t in (grad_y, xhat, scale))
+    assert torch.autograd.gradcheck(NormGrad.apply, inputs)
+    grad_x, _, _ = NormGrad.apply(*inputs)
+    v = torch.randn(grad_x.shape, generator=g, dtype=grad_x.dtype).requires_grad_()
+    (d_grad_y,) = torch.autograd.grad(grad_x, grad_y, v, create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable"):  # a third order is refused, not wrong
+        d_grad_y.sum().backward()
