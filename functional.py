@@ -36,88 +36,130 @@ def batch_sum(t):
     return t.flatten() if t.shape[0] == 1 else t.sum(0).flatten()
 
 
+def as_channels(t):
+    """[N, C, H, W] -> [1, N C, H, W]: each image's channels as one batch norm's channels (a view)."""
+    n, c, h, w = t.shape
+    return t.reshape(1, n * c, h, w)
+
+
+def norm_sums(g, stats):
+    """(S[g xhat], S[g]) as [N, C, 1, 1], S a spatial sum, in one operation: batch norm's backward
+    kernel with only its weight and bias gradients. `stats` = (x, mean, rstd, eps) of the forward."""
+    x, mean, rstd, eps = stats
+    _, sum_g_xhat, sum_g = torch.ops.aten.native_batch_norm_backward(
+        as_channels(g), as_channels(x), None, None, None, mean, rstd, True, eps, [False, True, True])
+    shape = (*g.shape[:2], 1, 1)
+    return sum_g_xhat.view(shape), sum_g.view(shape)
+
+
+def norm_projection(g, stats, sums=False):
+    """rstd (g - A S[g] - A xhat S[g xhat]), A = 1 / (H W): the gradient at x of an instance norm
+    without affine for the gradient g at xhat, in one operation (batch norm's backward kernel);
+    with `sums`, also (S[g xhat], S[g]) from the same operation."""
+    x, mean, rstd, eps = stats
+    grad_x, sum_g_xhat, sum_g = torch.ops.aten.native_batch_norm_backward(
+        as_channels(g), as_channels(x), None, None, None, mean, rstd, True, eps, [True, sums, sums])
+    if not sums:
+        return grad_x.view(g.shape)
+    shape = (*g.shape[:2], 1, 1)
+    return grad_x.view(g.shape), sum_g_xhat.view(shape), sum_g.view(shape)
+
+
 class InstanceNorm(torch.autograd.Function):
     """F.instance_norm with an affine weight and bias (no running statistics), in fewer operations.
 
     Returns (y, xhat, rstd, scale = weight * rstd); `instance_norm` keeps y. The others are outputs
-    so that the backward, written in differentiable operations of them, can itself be differentiated
-    (the inner loop's create_graph): their gradients come back into this Function's backward.
-    Checked against F.instance_norm with gradcheck and gradgradcheck (tests/test_functional.py)."""
+    so that the inner loop's backward (NormGrad, a Function of them) can be differentiated: their
+    gradients come back into this Function's backward. The norm is computed as a batch norm of one
+    image with N C channels, so that batch norm's kernels give the sums and projections of the
+    backward in one operation each. y is twice differentiable (the meta-gradient's need); the
+    gradient through the other outputs is once. Checked against F.instance_norm with gradcheck
+    and gradgradcheck (tests/test_functional.py)."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, eps):
-        n, c, h, w = x.shape  # each image's channels are one batch norm's channels: one operation
-        xhat, _, rstd = torch.native_batch_norm(x.reshape(1, n * c, h, w), None, None, None, None, True, 0.0, eps)
-        xhat, rstd = xhat.view(n, c, h, w), rstd.view(n, c, 1, 1)
-        scale = rstd * weight.view(-1, 1, 1)
+        xhat, mean, rstd = torch.native_batch_norm(as_channels(x), None, None, None, None, True, 0.0, eps)
+        xhat, rstd4 = xhat.view(x.shape), rstd.view(*x.shape[:2], 1, 1)
+        scale = rstd4 * weight.view(-1, 1, 1)
         y = torch.addcmul(bias.view(-1, 1, 1), xhat, weight.view(-1, 1, 1))
-        ctx.save_for_backward(xhat, rstd, scale, weight)
+        # rstd4 (an output) for the algebra below, which the gradgradcheck differentiates; rstd (the
+        # kernel's) for batch norm's kernels, whose derivative takes it as a constant
+        ctx.save_for_backward(x, mean, rstd, rstd4, xhat, scale, weight)
+        ctx.eps = eps
         ctx.set_materialize_grads(False)
-        return y, xhat, rstd, scale
+        return y, xhat, rstd4, scale
 
     @staticmethod
     def backward(ctx, grad_y, grad_xhat, grad_rstd, grad_scale):
-        xhat, rstd, scale, weight = ctx.saved_tensors
+        x, mean, rstd, rstd4, xhat, scale, weight = ctx.saved_tensors
+        stats = (x, mean, rstd, ctx.eps)
         area, w = xhat.shape[2] * xhat.shape[3], weight.view(-1, 1, 1)
         if grad_y is not None and grad_xhat is None and grad_rstd is None and grad_scale is None:
-            return (*NormGrad.apply(grad_y, xhat, scale), None)  # the inner loop's case
-        # The outer pass: gradients of y, of xhat and scale (from NormGrad), rarely of rstd.
+            return (*NormGrad.apply(grad_y, xhat, scale, weight, stats), None)  # the inner loop's case
+        # The outer pass: gradients of y, of xhat and scale (from NormGrad), rarely of rstd. Batch
+        # norm's kernels compute it, and PyTorch cannot differentiate their sums-only form.
+        if torch.is_grad_enabled():
+            raise RuntimeError("InstanceNorm: the gradient through xhat, rstd or scale can be taken once, "
+                               "not differentiated again (the meta-gradient's outer pass does not need it)")
         grad_bias = sum_for_weight = None
         if grad_y is not None:
-            grad_bias = batch_sum(spatial_sum(grad_y))
-            sum_for_weight = spatial_sum(grad_y * xhat)
+            sum_for_weight, sum_y = norm_sums(grad_y, stats)
+            grad_bias = batch_sum(sum_y)
             grad_xhat = grad_y * w if grad_xhat is None else torch.addcmul(grad_xhat, grad_y, w)
-        # scale = weight * rstd: weight gets grad_scale * rstd, and rstd's gradient times rstd,
-        # the form it enters below, is grad_scale * weight * rstd = grad_scale * scale
-        rstd_terms = [(grad_scale, scale)] if grad_scale is not None else []
-        if grad_rstd is not None:
-            rstd_terms.append((grad_rstd, rstd))
-        if grad_scale is not None:
-            sum_for_weight = grad_scale * rstd if sum_for_weight is None else \
-                torch.addcmul(sum_for_weight, grad_scale, rstd)
+        if grad_scale is not None:  # scale = weight * rstd
+            sum_for_weight = grad_scale * rstd4 if sum_for_weight is None else \
+                torch.addcmul(sum_for_weight, grad_scale, rstd4)
         grad_weight = None if sum_for_weight is None else batch_sum(sum_for_weight)
-        if grad_xhat is None and not rstd_terms:
-            return None, grad_weight, grad_bias, None
-        along_xhat = None if grad_xhat is None else spatial_sum(grad_xhat * xhat)
-        for grad, factor in rstd_terms:  # d rstd / dx = -rstd^2 xhat / area: the same form as xhat's
-            along_xhat = grad * factor if along_xhat is None else torch.addcmul(along_xhat, grad, factor)
-        if grad_xhat is None:
-            return xhat * (along_xhat * rstd * (-1 / area)), grad_weight, grad_bias, None
-        projection = torch.addcmul(spatial_sum(grad_xhat), xhat, along_xhat)
-        return torch.sub(grad_xhat, projection, alpha=1 / area) * rstd, grad_weight, grad_bias, None
+        # rstd's gradient k enters x's as -A rstd xhat k (d rstd / dx = -A rstd^2 xhat); through
+        # scale, k = grad_scale * weight, so rstd k = grad_scale * scale
+        rstd_k = None
+        if grad_scale is not None:
+            rstd_k = grad_scale * scale
+        if grad_rstd is not None:
+            rstd_k = grad_rstd * rstd4 if rstd_k is None else torch.addcmul(rstd_k, grad_rstd, rstd4)
+        grad_x = None if grad_xhat is None else norm_projection(grad_xhat, stats)
+        if rstd_k is not None:
+            rstd_k = rstd_k * rstd4
+            grad_x = xhat * (rstd_k * (-1 / area)) if grad_x is None else \
+                torch.addcmul(grad_x, xhat, rstd_k, value=-1 / area)
+        return grad_x, grad_weight, grad_bias, None
 
 
 class NormGrad(torch.autograd.Function):
     """The instance norm's backward for the inner loop, (grad_x, grad_weight, grad_bias) from grad_y,
-    with its own derivative written by hand: differentiating the seven operations of the backward
-    would take autograd about twenty operations, their gradients' sums included; this takes twelve.
+    with its own derivative written by hand: autograd would differentiate a backward written in
+    differentiable operations in about twenty operations, their gradients' sums included; this
+    takes eleven, and the backward itself two.
 
     With A = 1 / (H W), spatial sums S[.], s_y = S[gy] and s_yx = S[gy xhat]:
         centred = gy - A (s_y + xhat s_yx),  grad_x = scale centred,
         grad_weight = sum over images of s_yx,  grad_bias = sum over images of s_y.
+    `weight` and `stats` (x, mean, rstd, eps: the forward's) are constants here: they only let batch
+    norm's kernels compute what is written above; the derivative is taken w.r.t. gy, xhat and scale.
     Checked with gradcheck (tests/test_functional.py); it is not differentiable a third time."""
 
     @staticmethod
-    def forward(ctx, grad_y, xhat, scale):
-        area = xhat.shape[2] * xhat.shape[3]
-        sum_y, sum_y_xhat = spatial_sum(grad_y), spatial_sum(grad_y * xhat)
-        centred = torch.add(grad_y, torch.addcmul(sum_y, xhat, sum_y_xhat), alpha=-1 / area)
-        ctx.save_for_backward(grad_y, xhat, scale, centred, sum_y_xhat)
-        return centred * scale, batch_sum(sum_y_xhat), batch_sum(sum_y)
+    def forward(ctx, grad_y, xhat, scale, weight, stats):
+        rstd_centred, sum_y_xhat, sum_y = norm_projection(grad_y, stats, sums=True)
+        ctx.save_for_backward(grad_y, xhat, scale, rstd_centred, sum_y_xhat, stats[2])
+        ctx.stats = stats
+        return rstd_centred * weight.view(-1, 1, 1), batch_sum(sum_y_xhat), batch_sum(sum_y)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_grad_x, grad_grad_weight, grad_grad_bias):
         """With h = scale * grad_grad_x, c0 = grad_grad_bias - A S[h], c1 = grad_grad_weight - A S[h xhat]:
         d gy = h + c0 + xhat c1,  d xhat = gy c1 - A s_yx h,  d scale = S[grad_grad_x centred]."""
-        grad_y, xhat, scale, centred, sum_y_xhat = ctx.saved_tensors
+        grad_y, xhat, scale, rstd_centred, sum_y_xhat, rstd = ctx.saved_tensors
         area = xhat.shape[2] * xhat.shape[3]
         h = grad_grad_x * scale
-        c0 = torch.add(grad_grad_bias.view(1, -1, 1, 1), spatial_sum(h), alpha=-1 / area)
-        c1 = torch.add(grad_grad_weight.view(1, -1, 1, 1), spatial_sum(h * xhat), alpha=-1 / area)
+        sum_h_xhat, sum_h = norm_sums(h, ctx.stats)
+        c0 = torch.add(grad_grad_bias.view(1, -1, 1, 1), sum_h, alpha=-1 / area)
+        c1 = torch.add(grad_grad_weight.view(1, -1, 1, 1), sum_h_xhat, alpha=-1 / area)
         d_xhat = torch.addcmul(grad_y * c1, h, sum_y_xhat, value=-1 / area)
         d_grad_y = torch.addcmul(h.add_(c0), xhat, c1)
-        return d_grad_y, d_xhat, spatial_sum(grad_grad_x * centred)
+        d_scale = spatial_sum(grad_grad_x * rstd_centred) / rstd.view(scale.shape)  # rstd > 0
+        return d_grad_y, d_xhat, d_scale, None, None
 
 
 def instance_norm(x, weight, bias, eps=1e-5):
@@ -213,6 +255,53 @@ class AdaptedLinear:
         self.F = f if self.F is None else torch.cat([self.F, f])
 
 
+class InnerLastLayer(torch.autograd.Function):
+    """One inner step at the last layer, with its derivative written by hand: from the features f,
+    the logits out = b + f W^T with W = W0 + U^T F (the step's adapted weight, see AdaptedLinear),
+    u = -lr (softmax(out) - onehot) (the bias's SGD step, and the rank-one term of the weight's)
+    and g = u W, the inner loss's gradient at f times -lr (what the conv blocks backpropagate).
+
+    Differentiated by autograd, these few products and the softmax take about 30 operations a step
+    in the outer backward, mostly gradient sums; the hand-written derivative takes 14, reusing the
+    products f F^T and u U^T of the forward. Checked with gradcheck (tests/test_functional.py)."""
+
+    @staticmethod
+    def forward(ctx, f, bias, weight, U, F, lr_targets, lr):
+        out = linear(f, weight, bias)
+        f_F = u_U = None
+        if U is not None:
+            f_F = f @ F.T
+            out = torch.addmm(out, f_F, U)
+        softmax = torch.softmax(out, 1)
+        u = torch.add(lr_targets, softmax, alpha=-lr)
+        g = u @ weight
+        if U is not None:
+            u_U = u @ U.T
+            g = torch.addmm(g, u_U, F)
+        ctx.save_for_backward(f, weight, U, F, softmax, u, f_F, u_U)
+        ctx.lr = lr
+        return u, g
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_u, grad_g):
+        f, weight, U, F, softmax, u, f_F, u_U = ctx.saved_tensors
+        grad_u = torch.addmm(grad_u, grad_g, weight.T)  # g = u W: u's whole gradient
+        if U is not None:
+            g_F = grad_g @ F.T
+            grad_u = torch.addmm(grad_u, g_F, U)
+        d = torch._softmax_backward_data(grad_u, softmax, 1, softmax.dtype) * -ctx.lr  # the logits'
+        grad_f = d @ weight
+        grad_U = grad_F = None
+        if U is not None:
+            d_U = d @ U.T
+            grad_f = torch.addmm(grad_f, d_U, F)
+            grad_U = torch.addmm(g_F.T @ u, f_F.T, d)
+            grad_F = torch.addmm(u_U.T @ grad_g, d_U.T, f)
+        grad_weight = torch.addmm(u.T @ grad_g, d.T, f)
+        return grad_f, d.view(-1), grad_weight, grad_U, grad_F, None, None
+
+
 # ----------------------------------------------------------------------------- the meta-gradient
 
 
@@ -233,18 +322,13 @@ def one_hot(labels, classes, like):
     return (labels[:, None] == torch.arange(classes, device=labels.device)).to(like.dtype)
 
 
-def scaled_logit_gradients(out, lr_targets, lr):
-    """-lr times the cross-entropy's gradient at the logits, -lr (softmax(out) - onehot), in one
-    operation after the softmax (`lr_targets` = lr * onehot): the inner loss itself is never needed."""
-    return torch.add(lr_targets, torch.softmax(out, 1), alpha=-lr)  # add: its backward has no negation
-
-
 def func_meta_loss(model, inner_opt, train_ims, train_labels, valid_ims, valid_labels, first_order=False):
     """Same mathematics as `anml.higher_meta_loss`, with a functional unroll and plain autograd: the
     meta-gradient is left in the parameters' .grad; returns (loss, accuracy) tensors.
 
     The fast weights (RLN and fc bias) are one vector, updated with one addition a step; the inner
-    loss is never computed, only its gradient at the logits (softmax - onehot), written directly.
+    loss is never computed: InnerLastLayer gives the bias's step and the features' gradient directly,
+    and autograd carries the latter through the conv blocks.
 
     `first_order=True` gives the first-order meta-gradient (FOMAML, the original ANML code's): the
     inner gradients and the last layer's rank-one terms are constants, so the initial weights get
@@ -256,19 +340,21 @@ def func_meta_loss(model, inner_opt, train_ims, train_labels, valid_ims, valid_l
     adapt_fc = "fc.weight" in names
     fc = AdaptedLinear(params["fc.weight"])
     fast_names = [n for n in names if not n.endswith("conv.bias") and n != "fc.weight"]
+    if "fc.bias" not in fast_names:
+        raise ValueError("the 'func' backend needs the last layer's bias among the inner parameters")
     fast = flatten(params, fast_names)
     lr_targets = lr * one_hot(train_labels, params["fc.weight"].shape[0], fast)
     for image, mask, lr_target in zip(train_ims.split(1), train_masks.split(1), lr_targets.split(1)):
         weights = {**params, **unflatten(fast, params, fast_names)}
         f = conv_blocks(weights, "rln", image) * mask
-        out = fc(f, weights["fc.bias"])
-        u = scaled_logit_gradients(out, lr_target, lr)
+        bias = weights["fc.bias"]
+        u, grad_f = InnerLastLayer.apply(f, bias, fc.weight, fc.U, fc.F, lr_target, lr)
         if first_order:
-            u, f = u.detach(), f.detach()
-        (step,) = torch.autograd.grad(out, fast, u, create_graph=not first_order)
+            u, grad_f = u.detach(), grad_f.detach()
+        (step,) = torch.autograd.grad([f, bias], fast, [grad_f, u.view(-1)], create_graph=not first_order)
         fast = fast + step
         if adapt_fc:
-            fc.step(u, f)
+            fc.step(u, f.detach() if first_order else f)
     chunk = OUTER_CHUNK.get(valid_ims.device.type)
     if chunk and chunk < len(valid_ims):
         loss, out = outer_backward_in_chunks(params, fast_names, fast, fc, valid_ims, valid_masks,

@@ -3,7 +3,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from functional import InstanceNorm, NormGrad, instance_norm, max_pool, relu
+from functional import InnerLastLayer, InstanceNorm, instance_norm, max_pool, relu
 
 
 def norm_inputs(batch, seed=0):
@@ -43,12 +43,18 @@ def all_outputs(x, weight, bias):
     return InstanceNorm.apply(x, weight, bias, 1e-5)
 
 
-@pytest.mark.parametrize("norm", [instance_norm, all_outputs])
 @pytest.mark.parametrize("batch", [1, 3])
-def test_instance_norm_passes_gradcheck_and_gradgradcheck(batch, norm):
+def test_instance_norm_passes_gradcheck_and_gradgradcheck(batch):
+    """y twice (the meta-gradient's inner and outer passes), all four outputs once (the outer pass
+    sends gradients to xhat, rstd and scale); differentiating the latter again is refused, not wrong."""
     inputs = tuple(norm_inputs(batch, seed=2))
-    assert torch.autograd.gradcheck(norm, inputs)
-    assert torch.autograd.gradgradcheck(norm, inputs)
+    assert torch.autograd.gradcheck(instance_norm, inputs)
+    assert torch.autograd.gradgradcheck(instance_norm, inputs)
+    assert torch.autograd.gradcheck(all_outputs, inputs)
+    outputs = all_outputs(*inputs)
+    vs = [torch.ones_like(t, requires_grad=True) for t in outputs]
+    with pytest.raises(RuntimeError, match="differentiated again"):
+        torch.autograd.grad(outputs, inputs, vs, create_graph=True)
 
 
 @pytest.mark.parametrize("ours, torchs, size", [(relu, F.relu, 4), (max_pool, lambda x: F.max_pool2d(x, 2), 11)])
@@ -68,17 +74,26 @@ def test_relu_and_max_pool_equal_torchs_in_value_gradient_and_second_order(ours,
     assert (results[0][1] == 0).any()  # some inputs get no gradient
 
 
-@pytest.mark.parametrize("batch", [1, 3])
-def test_norm_grad_hand_written_derivative_passes_gradcheck(batch):
-    """NormGrad (the inner loop's norm backward) against numerical derivatives of its forward, for
-    all three outputs (grad_x, grad_weight, grad_bias) w.r.t. grad_y, xhat and scale."""
-    g = torch.Generator().manual_seed(5)
-    grad_y, xhat = (torch.randn(batch, 4, 5, 5, generator=g, dtype=torch.float64) for _ in range(2))
-    scale = torch.rand(batch, 4, 1, 1, generator=g, dtype=torch.float64) + 0.5
-    inputs = tuple(t.requires_grad_() for t in (grad_y, xhat, scale))
-    assert torch.autograd.gradcheck(NormGrad.apply, inputs)
-    grad_x, _, _ = NormGrad.apply(*inputs)
-    v = torch.randn(grad_x.shape, generator=g, dtype=grad_x.dtype).requires_grad_()
-    (d_grad_y,) = torch.autograd.grad(grad_x, grad_y, v, create_graph=True)
-    with pytest.raises(RuntimeError, match="once_differentiable"):  # a third order is refused, not wrong
-        d_grad_y.sum().backward()
+def test_instance_norm_third_derivative_is_refused_not_wrong():
+    """The second derivative comes from NormGrad's hand-written backward (checked by the gradgradcheck
+    above); a third is refused with PyTorch's once_differentiable error."""
+    x, weight, bias = norm_inputs(1, seed=6)
+    y = instance_norm(x, weight, bias)
+    v = torch.randn(y.shape, dtype=y.dtype, generator=torch.Generator().manual_seed(7)).requires_grad_()
+    (grad_x,) = torch.autograd.grad(y, x, v, create_graph=True)
+    (grad_v,) = torch.autograd.grad((grad_x * x).sum(), v, create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable"):
+        grad_v.sum().backward()
+
+
+@pytest.mark.parametrize("steps", [0, 3])
+def test_inner_last_layer_hand_written_derivative_passes_gradcheck(steps):
+    """InnerLastLayer (u and the features' gradient of one inner step) against numerical derivatives,
+    at the first step (no rank-one terms yet) and after `steps` of them."""
+    g = torch.Generator().manual_seed(8)
+    f, bias, weight = torch.rand(1, 6, generator=g), torch.randn(5, generator=g), torch.randn(5, 6, generator=g)
+    U = torch.randn(steps, 5, generator=g) * 0.3 if steps else None
+    F_ = torch.rand(steps, 6, generator=g) if steps else None
+    inputs = [t.double().requires_grad_() if t is not None else None for t in (f, bias, weight, U, F_)]
+    lr_targets = 0.1 * torch.nn.functional.one_hot(torch.tensor([2]), 5).double()
+    assert torch.autograd.gradcheck(lambda *a: InnerLastLayer.apply(*a, lr_targets, 0.1), inputs)
