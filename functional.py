@@ -85,17 +85,15 @@ class InstanceNorm(torch.autograd.Function):
         xhat, rstd4 = xhat.view(x.shape), rstd.view(*x.shape[:2], 1, 1)
         scale = rstd4 * weight.view(-1, 1, 1)
         y = torch.addcmul(bias.view(-1, 1, 1), xhat, weight.view(-1, 1, 1))
-        # rstd4 (an output) for the algebra below, which the gradgradcheck differentiates; rstd (the
-        # kernel's) for batch norm's kernels, whose derivative takes it as a constant
-        ctx.save_for_backward(x, mean, rstd, rstd4, xhat, scale, weight)
+        ctx.save_for_backward(x, mean, rstd, xhat, scale, weight)
         ctx.eps = eps
         ctx.set_materialize_grads(False)
         return y, xhat, rstd4, scale
 
     @staticmethod
     def backward(ctx, grad_y, grad_xhat, grad_rstd, grad_scale):
-        x, mean, rstd, rstd4, xhat, scale, weight = ctx.saved_tensors
-        stats = (x, mean, rstd, ctx.eps)
+        x, mean, rstd, xhat, scale, weight = ctx.saved_tensors
+        stats, rstd4 = (x, mean, rstd, ctx.eps), rstd.view(scale.shape)
         area, w = xhat.shape[2] * xhat.shape[3], weight.view(-1, 1, 1)
         if grad_y is not None and grad_xhat is None and grad_rstd is None and grad_scale is None:
             return (*NormGrad.apply(grad_y, xhat, scale, weight, stats), None)  # the inner loop's case
@@ -139,7 +137,8 @@ class NormGrad(torch.autograd.Function):
         grad_weight = sum over images of s_yx,  grad_bias = sum over images of s_y.
     `weight` and `stats` (x, mean, rstd, eps: the forward's) are constants here: they only let batch
     norm's kernels compute what is written above; the derivative is taken w.r.t. gy, xhat and scale.
-    Checked with gradcheck (tests/test_functional.py); it is not differentiable a third time."""
+    Its backward gives instance_norm's second derivative, checked by gradgradcheck against
+    F.instance_norm's (tests/test_functional.py); it is not differentiable a third time."""
 
     @staticmethod
     def forward(ctx, grad_y, xhat, scale, weight, stats):
