@@ -45,27 +45,18 @@ def as_channels(t):
     return t.reshape(1, n * c, h, w)
 
 
-def norm_sums(g, stats):
-    """(S[g xhat], S[g]) as [N, C, 1, 1], S a spatial sum, in one operation: batch norm's backward
-    kernel with only its weight and bias gradients. `stats` = (x, mean, rstd, eps) of the forward."""
-    x, mean, rstd, eps = stats
-    _, sum_g_xhat, sum_g = torch.ops.aten.native_batch_norm_backward(
-        as_channels(g), as_channels(x), None, None, None, mean, rstd, True, eps, [False, True, True])
-    shape = (*g.shape[:2], 1, 1)
-    return sum_g_xhat.view(shape), sum_g.view(shape)
-
-
-def norm_projection(g, stats, sums=False):
-    """rstd (g - A S[g] - A xhat S[g xhat]), A = 1 / (H W): the gradient at x of an instance norm
-    without affine for the gradient g at xhat, in one operation (batch norm's backward kernel);
-    with `sums`, also (S[g xhat], S[g]) from the same operation."""
+def norm_backward(g, stats, projection=True, sums=True):
+    """Batch norm's backward kernel on the instance norm seen as one image with N C channels, in one
+    operation: the projection rstd (g - A S[g] - A xhat S[g xhat]) (A = 1 / (H W), S a spatial sum),
+    which is the gradient at x of a norm without affine for the gradient g at xhat, and the sums
+    (S[g xhat], S[g]) as [N, C, 1, 1]; what is not asked for is None. `stats` = (x, mean, rstd, eps)
+    of the forward."""
     x, mean, rstd, eps = stats
     grad_x, sum_g_xhat, sum_g = torch.ops.aten.native_batch_norm_backward(
-        as_channels(g), as_channels(x), None, None, None, mean, rstd, True, eps, [True, sums, sums])
-    if not sums:
-        return grad_x.view(g.shape)
+        as_channels(g), as_channels(x), None, None, None, mean, rstd, True, eps, [projection, sums, sums])
     shape = (*g.shape[:2], 1, 1)
-    return grad_x.view(g.shape), sum_g_xhat.view(shape), sum_g.view(shape)
+    return (grad_x.view(g.shape) if projection else None,
+            *(t.view(shape) if sums else None for t in (sum_g_xhat, sum_g)))
 
 
 class InstanceNorm(torch.autograd.Function):
@@ -104,7 +95,7 @@ class InstanceNorm(torch.autograd.Function):
                                "not differentiated again (the meta-gradient's outer pass does not need it)")
         grad_bias = sum_for_weight = None
         if grad_y is not None:
-            sum_for_weight, sum_y = norm_sums(grad_y, stats)
+            _, sum_for_weight, sum_y = norm_backward(grad_y, stats, projection=False)
             grad_bias = batch_sum(sum_y)
             grad_xhat = grad_y * w if grad_xhat is None else torch.addcmul(grad_xhat, grad_y, w)
         if grad_scale is not None:  # scale = weight * rstd
@@ -118,7 +109,7 @@ class InstanceNorm(torch.autograd.Function):
             rstd_k = grad_scale * scale
         if grad_rstd is not None:
             rstd_k = grad_rstd * rstd4 if rstd_k is None else torch.addcmul(rstd_k, grad_rstd, rstd4)
-        grad_x = None if grad_xhat is None else norm_projection(grad_xhat, stats)
+        grad_x = None if grad_xhat is None else norm_backward(grad_xhat, stats, sums=False)[0]
         if rstd_k is not None:
             rstd_k = rstd_k * rstd4
             grad_x = xhat * (rstd_k * (-1 / area)) if grad_x is None else \
@@ -142,7 +133,7 @@ class NormGrad(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, grad_y, xhat, scale, weight, stats):
-        rstd_centred, sum_y_xhat, sum_y = norm_projection(grad_y, stats, sums=True)
+        rstd_centred, sum_y_xhat, sum_y = norm_backward(grad_y, stats)
         ctx.save_for_backward(grad_y, xhat, scale, rstd_centred, sum_y_xhat, stats[2])
         ctx.stats = stats
         return rstd_centred * weight.view(-1, 1, 1), batch_sum(sum_y_xhat), batch_sum(sum_y)
@@ -155,7 +146,7 @@ class NormGrad(torch.autograd.Function):
         grad_y, xhat, scale, rstd_centred, sum_y_xhat, rstd = ctx.saved_tensors
         area = xhat.shape[2] * xhat.shape[3]
         h = grad_grad_x * scale
-        sum_h_xhat, sum_h = norm_sums(h, ctx.stats)
+        _, sum_h_xhat, sum_h = norm_backward(h, ctx.stats, projection=False)
         c0 = torch.add(grad_grad_bias.view(1, -1, 1, 1), sum_h, alpha=-1 / area)
         c1 = torch.add(grad_grad_weight.view(1, -1, 1, 1), sum_h_xhat, alpha=-1 / area)
         d_xhat = torch.addcmul(grad_y * c1, h, sum_y_xhat, value=-1 / area)
