@@ -134,7 +134,7 @@ class NormGrad(torch.autograd.Function):
     @staticmethod
     def forward(ctx, grad_y, xhat, scale, weight, stats):
         rstd_centred, sum_y_xhat, sum_y = norm_backward(grad_y, stats)
-        ctx.save_for_backward(grad_y, xhat, scale, rstd_centred, sum_y_xhat, stats[2])
+        ctx.save_for_backward(grad_y, xhat, scale, rstd_centred, sum_y_xhat)
         ctx.stats = stats
         return rstd_centred * weight.view(-1, 1, 1), batch_sum(sum_y_xhat), batch_sum(sum_y)
 
@@ -143,7 +143,8 @@ class NormGrad(torch.autograd.Function):
     def backward(ctx, grad_grad_x, grad_grad_weight, grad_grad_bias):
         """With h = scale * grad_grad_x, c0 = grad_grad_bias - A S[h], c1 = grad_grad_weight - A S[h xhat]:
         d gy = h + c0 + xhat c1,  d xhat = gy c1 - A s_yx h,  d scale = S[grad_grad_x centred]."""
-        grad_y, xhat, scale, rstd_centred, sum_y_xhat, rstd = ctx.saved_tensors
+        grad_y, xhat, scale, rstd_centred, sum_y_xhat = ctx.saved_tensors
+        rstd = ctx.stats[2]
         area = xhat.shape[2] * xhat.shape[3]
         h = grad_grad_x * scale
         _, sum_h_xhat, sum_h = norm_backward(h, ctx.stats, projection=False)
