@@ -1,4 +1,4 @@
-"""Benchmark: the seed-style paths against the fast ones, in one run, with ratios.
+"""Benchmark: higherANML's paths against the fast ones, in one run, with ratios.
 
     python bench.py                       # full-size network on the default device
     python bench.py --device cuda         # adds the CUDA-graphed meta-iteration
@@ -23,12 +23,12 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import anml
-import functional
-from checkpoints import checkpoint_path, run_name, save_atomic
-from cli import (add_common_args, add_size_args, check_device, check_size_args, device_name, positive_int,
-                 run_cli)
-from datasets import NUM_EVALUATION, OmniSampler
+from checkpoints import checkpoint_path, save_atomic
+from cli import add_session_args, add_size_args, positive_int, run_cli
+from config import NUM_EVALUATION, ConfigError, EvalConfig, check_sizes, network_name
+from datasets import OmniSampler
 from model import ANML
+from runtime import device_name, resolve_device, set_threads
 
 
 def synchronize(device):
@@ -41,8 +41,8 @@ def time_meta_iterations(args, backend):
     sampler = OmniSampler(args.data_root, download=not args.no_download, seed=0)
     torch.manual_seed(0)
     model = ANML(args.rln, args.nm, args.mask).to(args.device)
-    inner_opt, outer_opt = anml.make_optimizers(model, 0.1, 1e-3, capturable=backend == "graph")
-    run = anml.meta_stepper(backend, model, inner_opt, outer_opt, sampler, args.device)
+    outer_opt = anml.outer_optimizer(model, 1e-3, capturable=backend == "graph")
+    run = anml.meta_stepper(backend, model, outer_opt, sampler, args.device)
     times = []
     for i in range(args.iters + 1):
         synchronize(args.device)
@@ -58,12 +58,13 @@ def time_meta_test(args, fast):
     sampler = OmniSampler(args.data_root, download=not args.no_download, seed=0)
     torch.manual_seed(0)
     with tempfile.TemporaryDirectory() as tmp:
-        path = checkpoint_path(tmp, run_name(args.rln, args.nm, args.mask), 0)
+        path = checkpoint_path(tmp, network_name(args.rln, args.nm, args.mask), 0)
         save_atomic(ANML(args.rln, args.nm, args.mask).state_dict(), path)
+        config = EvalConfig(model=str(path), classes=(args.classes,), runs=1, original_loop=not fast,
+                            device=args.device)
         synchronize(args.device)
         start = time.perf_counter()
-        anml.meta_test(path, sampler, num_classes=args.classes, lrs=[1e-3], runs=1, device=args.device,
-                       fast=fast, progress=False)
+        anml.meta_test(config, sampler, progress=False)
         synchronize(args.device)
         return time.perf_counter() - start
 
@@ -94,19 +95,15 @@ def count_iteration_ops(args, backend):
     sampler = OmniSampler(args.data_root, download=not args.no_download, seed=0)
     torch.manual_seed(0)
     model = ANML(args.rln, args.nm, args.mask)
-    inner_opt, outer_opt = anml.make_optimizers(model, 0.1, 1e-3)
+    outer_opt = anml.outer_optimizer(model, 1e-3)
 
-    def next_iteration():  # the batch is drawn before counting
+    def next_iteration():  # the batch is drawn before counting; the outer backward whole, as on CUDA
         train_data, train_class, (valid_ims, valid_labels) = sampler.sample_train()
-        return lambda: anml.meta_step(model, inner_opt, outer_opt, train_data, train_class, valid_ims,
-                                      valid_labels, backend)
+        return lambda: anml.meta_step(model, outer_opt, train_data, train_class, valid_ims, valid_labels,
+                                      backend=backend, outer_chunk=0)
 
-    saved, functional.OUTER_CHUNK = functional.OUTER_CHUNK, {}
-    try:
-        next_iteration()()  # warm-up
-        _, counts = count_ops(next_iteration())
-    finally:
-        functional.OUTER_CHUNK = saved
+    next_iteration()()  # warm-up
+    _, counts = count_ops(next_iteration())
     return counts
 
 
@@ -116,7 +113,7 @@ CASES = {
     "iteration-higher": lambda a: time_meta_iterations(a, "higher"),
     "iteration-func": lambda a: time_meta_iterations(a, "func"),
     "iteration-graph": lambda a: time_meta_iterations(a, "graph"),
-    "meta-test-seed": lambda a: time_meta_test(a, fast=False),
+    "meta-test-original": lambda a: time_meta_test(a, fast=False),
     "meta-test-fast": lambda a: time_meta_test(a, fast=True),
 }
 
@@ -144,10 +141,13 @@ def parse_args(argv=None):
     parser.add_argument("--count-ops", action="store_true",
                         help="also count the ATen operations of one iteration (higher and func, on the CPU)")
     parser.add_argument("--case", choices=CASES, help=argparse.SUPPRESS)
-    add_common_args(parser)
+    add_session_args(parser)
     args = parser.parse_args(argv)
-    check_device(parser, args.device)
-    check_size_args(parser, args)
+    args.device = resolve_device(parser, args.device)
+    try:
+        check_sizes(args.rln, args.nm, args.mask)
+    except ConfigError as e:
+        parser.error(str(e))
     if not 1 <= args.classes <= NUM_EVALUATION:
         parser.error(f"--classes must be in 1..{NUM_EVALUATION} (Omniglot's evaluation classes), got {args.classes}")
     return args
@@ -155,6 +155,7 @@ def parse_args(argv=None):
 
 def main():
     args = parse_args()
+    set_threads(args.threads)
     if args.case:
         return run_case(args)
     cases = [c for c in CASES if (c != "iteration-graph" or args.device == "cuda")
@@ -170,9 +171,9 @@ def main():
             last = (out.stderr.strip().splitlines() or ["no output"])[-1]
             raise ValueError(f"case {case} failed (exit {out.returncode}): {last}")
         results[case] = json.loads(out.stdout.strip().splitlines()[-1])
-    baseline = {"iteration": results.get("iteration-higher"), "meta-test": results.get("meta-test-seed")}
+    baseline = {"iteration": results.get("iteration-higher"), "meta-test": results.get("meta-test-original")}
     ops_column = f" {'ops':>8}" if args.count_ops else ""
-    print(f"{'case':<18} {'time':>10} {'vs seed style':>14} {'peak memory':>12}{ops_column}")
+    print(f"{'case':<18} {'time':>10} {'vs higherANML':>14} {'peak memory':>12}{ops_column}")
     for case, r in results.items():
         ratio = baseline[case.rsplit("-", 1)[0]]["seconds"] / r["seconds"]
         ops = f" {r.get('ops', '-'):>8}" if args.count_ops else ""

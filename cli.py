@@ -1,17 +1,16 @@
-"""The command line shared by every script: argument types, the device and data flags, one
-`error:` line instead of a traceback, and the facts a result records (file hash, device name)."""
+"""The command line every script shares: argument types, the device, thread and data flags, building
+a script's configuration with one `error:` line for a bad value, and `run_cli`, which turns the
+errors a user can fix into one line instead of a traceback. Plain Python: the plotting scripts
+parse their arguments without loading torch."""
 import argparse
-import hashlib
 import math
-import platform
+import shlex
 import sys
+from pathlib import Path
 
-import numpy
-import sklearn
-import torch
+from config import ConfigError, field_names
 
-from datasets import DataError
-from model import check_sizes
+REPO = Path(__file__).resolve().parent
 
 
 def positive_int(text):
@@ -35,19 +34,19 @@ def positive_float(text):
     return value
 
 
-def default_device():
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def add_common_args(parser):
-    """-d/--device, --data-root and --no-download, as both scripts take them."""
-    parser.add_argument("-d", "--device", choices=("cpu", "cuda"), default=default_device(),
-                        help="default: cuda if available, else cpu (here: %(default)s)")
+def add_session_args(parser):
+    """-d/--device, --threads, --data-root and --no-download, as every script that loads data takes them."""
+    parser.add_argument("-d", "--device", choices=("cpu", "cuda"),
+                        help="cpu or cuda (default: cuda if available, else cpu)")
+    parser.add_argument("--threads", type=positive_int, metavar="N",
+                        help="CPU threads for torch (default: $OMP_NUM_THREADS, else the cores not busy with "
+                             "other work)")
     parser.add_argument("--data-root", metavar="DIR",
-                        help="folder with images_background.zip and images_evaluation.zip "
-                             "(default: $OMNIGLOT_ROOT, else a per-user cache)")
+                        help="the folder that holds Omniglot: images_background.zip and images_evaluation.zip, "
+                             "or DIR/omniglot with them (default: $OMNIGLOT_ROOT, else a per-user cache that is "
+                             "downloaded into)")
     parser.add_argument("--no-download", action="store_true",
-                        help="fail instead of downloading Omniglot when it is not in the data root")
+                        help="fail instead of downloading Omniglot into the per-user cache when it is not there")
 
 
 def add_size_args(parser):
@@ -57,25 +56,26 @@ def add_size_args(parser):
     parser.add_argument("--mask", type=positive_int, default=2304, help="NM gate size, 9 x --rln (%(default)s)")
 
 
-def check_size_args(parser, args):
-    """A usage error (one line, exit 2) for sizes that do not make an ANML."""
+def build_config(parser, cls, args, **values):
+    """cls(...) from the parsed `args` (every field of cls that args has, then `values`); a value the
+    configuration refuses is a usage error (one line, exit 2)."""
+    names = set(field_names(cls))
+    settings = {k: v for k, v in vars(args).items() if k in names}
+    if "download" in names and hasattr(args, "no_download"):
+        settings["download"] = not args.no_download
+    settings.update(values)
     try:
-        check_sizes(args.rln, args.nm, args.mask)
-    except ValueError as e:
+        return cls(**settings)
+    except ConfigError as e:
         parser.error(str(e))
 
 
-def check_device(parser, device):
-    if device == "cuda" and not torch.cuda.is_available():
-        parser.error("-d cuda: CUDA is not available on this machine (use -d cpu)")
-
-
 def run_cli(main):
-    """Run main(); a library ValueError / DataError, an OSError (an unwritable output, say) or Ctrl-C
+    """Run main(); a library ValueError, an OSError (missing data, an unwritable output) or Ctrl-C
     becomes a short message on stderr and a non-zero exit, never a traceback."""
     try:
         main()
-    except (ValueError, DataError, OSError) as e:
+    except (ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
@@ -83,26 +83,47 @@ def run_cli(main):
         sys.exit(130)
 
 
-def sha256_of(path):
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
+def report_end(stopped, last):
+    """A training script's last line: `done: {last checkpoint}`, the time limit, or an interruption
+    (exit 130); the run left a resumable checkpoint in the last two cases."""
+    if stopped is None:
+        print(f"done: {last}")
+    elif stopped.startswith("time limit"):
+        print("time limit reached: continue with the same command and --resume latest")
+    else:
+        print("interrupted: continue with the same command and --resume latest", file=sys.stderr)
+        sys.exit(130)
 
 
-def device_name(device):
-    """The GPU's name, or the CPU's model name where Linux tells it."""
-    if torch.device(device).type == "cuda":
-        return torch.cuda.get_device_name(device)
+def as_typed(script, argv, paths=(), dropped=()):
+    """The command as a user would type it again: `python {script} ...` with no interpreter path;
+    the options in `paths` relative to the repository when inside it, else by their file name
+    alone; the options in `dropped` (where the data lives on this machine) left out."""
+    out, args = [], list(argv)
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        option, eq, inline = arg.partition("=")
+        if option in dropped:
+            takes_value = option != "--no-download"
+            i += 1 if eq or not takes_value else 2
+            continue
+        if option in paths and (eq or i + 1 < len(args)):
+            value = inline if eq else args[i + 1]
+            out.append(f"{option}={portable_path(value)}" if eq else option)
+            if not eq:
+                out.append(portable_path(value))
+            i += 1 if eq else 2
+            continue
+        out.append(arg)
+        i += 1
+    return shlex.join(["python", Path(script).name] + out)
+
+
+def portable_path(path):
+    """A path as it reads on any clone: relative to the repository when inside it, else its name."""
+    resolved = Path(path).expanduser().resolve()
     try:
-        with open("/proc/cpuinfo") as f:
-            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        return platform.processor() or platform.machine() or "cpu"
-
-
-def versions():
-    """The versions a result depends on."""
-    return {"python": platform.python_version(), "torch": torch.__version__, "numpy": numpy.__version__,
-            "scikit-learn": sklearn.__version__}
+        return str(resolved.relative_to(REPO))
+    except ValueError:
+        return Path(path).name

@@ -4,6 +4,8 @@ import contextlib
 
 import torch
 
+from config import REMEMBER_SIZE
+
 
 @contextlib.contextmanager
 def side_stream(enabled=True):
@@ -38,7 +40,7 @@ class GraphedMetaStep:
     replay only needs the class index and the remembered images' indices copied in. On a CPU
     (no graphs) the same steps run eagerly, which lets the tests check this class without CUDA."""
 
-    def __init__(self, model, outer_opt, sampler, iteration, remember_size=64, warmup=3):
+    def __init__(self, model, outer_opt, sampler, iteration, remember_size=REMEMBER_SIZE, warmup=3):
         self.model, self.outer_opt, self.iteration = model, outer_opt, iteration
         weight = next(model.parameters())
         device = weight.device

@@ -1,10 +1,16 @@
 """The meta-test on frozen features: RLN and NM do not learn at meta-test time, so the features of
-every image are computed once, and the seed's sequence of one-image Adam steps runs on the last
+every image are computed once, and higherANML's sequence of one-image Adam steps runs on the last
 layer alone (many runs and learning rates at once as one batch of last layers)."""
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from cuda_graphs import ReplayedSteps
+
+# Images per forward pass of the frozen nets: on the CPU a small batch's first-block activations stay
+# in the cache (docs/speed.md); a GPU wants large batches.
+CPU_FEATURE_BATCH = 20
+GPU_FEATURE_BATCH = 2000
 
 
 class MetaTestRun:
@@ -17,29 +23,36 @@ class MetaTestRun:
 class FeatureBank:
     """RLN * NM features of evaluation images, computed once (both nets are frozen) on demand."""
 
-    def __init__(self, model, images, batch_size=None):
-        self.model, self.images = model, images  # images [C, 20, 1, H, W]
+    def __init__(self, model, images, batch_size=None, progress=False):
+        self.model, self.images, self.progress = model, images, progress  # images [C, 20, 1, H, W]
         self.device = next(model.parameters()).device
-        # On the CPU, small batches keep the 256 x 26 x 26 activations of the first block in the
-        # cache (twice as fast as batches of 500: README, Speed).
-        self.batch_size = batch_size or (20 if self.device.type == "cpu" else 2000)
+        self.batch_size = batch_size or (CPU_FEATURE_BATCH if self.device.type == "cpu" else GPU_FEATURE_BATCH)
         self.done = torch.zeros(images.shape[0], dtype=torch.bool)
         self.features = None
 
-    def __call__(self, classes):
-        """Features [len(classes), 20, D] on the model's device."""
+    def compute(self, classes):
+        """Compute the features of `classes` that are not computed yet (with a progress bar if asked)."""
         classes = torch.as_tensor(np.asarray(classes), dtype=torch.long)
         missing = torch.unique(classes[~self.done[classes]])
-        per_batch = max(1, self.batch_size // self.images.shape[1])
-        for chunk in (missing[i:i + per_batch] for i in range(0, len(missing), per_batch)):
-            ims = self.images[chunk].flatten(0, 1).to(self.device)
-            with torch.no_grad():
-                feats = self.model.features(ims).view(len(chunk), self.images.shape[1], -1)
-            if self.features is None:
-                self.features = torch.zeros(self.images.shape[0], *feats.shape[1:], dtype=feats.dtype,
-                                            device=self.device)
-            self.features[chunk.to(self.device)] = feats
-            self.done[chunk] = True
+        per_class = self.images.shape[1]
+        per_batch = max(1, self.batch_size // per_class)
+        with tqdm(total=len(missing) * per_class, disable=not self.progress or not len(missing), desc="features",
+                  unit="image", unit_scale=True) as bar:
+            for chunk in (missing[i:i + per_batch] for i in range(0, len(missing), per_batch)):
+                ims = self.images[chunk].flatten(0, 1).to(self.device)
+                with torch.no_grad():
+                    feats = self.model.features(ims).view(len(chunk), per_class, -1)
+                if self.features is None:
+                    self.features = torch.zeros(self.images.shape[0], *feats.shape[1:], dtype=feats.dtype,
+                                                device=self.device)
+                self.features[chunk.to(self.device)] = feats
+                self.done[chunk] = True
+                bar.update(len(ims))
+
+    def __call__(self, classes):
+        """Features [len(classes), 20, D] on the model's device."""
+        self.compute(classes)
+        classes = torch.as_tensor(np.asarray(classes), dtype=torch.long)
         return self.features[classes.to(self.device)]
 
 
@@ -98,7 +111,7 @@ def sequential_fit(features, runs, weights, bias, lrs, counts=None, bar=None):
     """Test-train then test-test of every (learning rate, run) pair at once, on frozen features.
 
     Each model is the last layer alone, starting from (`weights[r]`, `bias`), taking one Adam step
-    per training image in sequence, exactly the seed's loop with the frozen nets factored out
+    per training image in sequence, exactly higherANML's loop with the frozen nets factored out
     (`LastLayers`). After the first N classes of the sequence, for each N in `counts` (default:
     all of the runs' classes), every model is scored on those N classes' test and training
     images. Returns accuracies [K, L, R], and the last count's test accuracy per class [L, R, N]."""
@@ -114,6 +127,45 @@ def sequential_fit(features, runs, weights, bias, lrs, counts=None, bar=None):
         scores["test"][k], correct = layers.accuracy(test_x[:, :n * n_test], test_y[:, :n * n_test])
         scores["test_per_class"] = correct.view(len(lrs), len(runs), n, n_test).mean(-1).cpu().numpy()
     return scores
+
+def learn_on_features(config, features, runs, inits, bias, seeds, progress=False):
+    """Test-train and test-test of config.method ("seq" or "iid") for every run and learning rate of
+    `config` (a config.EvalConfig), on frozen features: the runs' samples `runs`, their initial
+    last layers `inits` [R, C, D], the checkpoint's `bias`, their entropies `seeds` (iid's shuffles
+    come from them). On CUDA all L*R runs train at once; on the CPU one after the other (one last
+    layer's Adam state nearly fits in the cache, a batch does not). Returns accuracies [K, L, R]."""
+    counts, lrs, R = list(config.classes), list(config.grid), len(runs)
+    L = len(lrs)
+    if features.device.type == "cuda":
+        batches = [(list(range(L)), list(range(R)))]
+    else:
+        batches = [([l], [r]) for r in range(R) for l in range(L)]
+    if config.method == "iid":
+        orders = [iid_orders(shuffle_rng(entropy), counts, config.train_examples, config.iid_epochs)
+                  for entropy in seeds]
+        steps = sum(counts) * config.train_examples * config.iid_epochs
+    else:
+        steps = counts[-1] * config.train_examples
+    results = {k: np.zeros((len(counts), L, R)) for k in ("test", "train")}
+    runs_shown = f"{config.runs} reported" + (f" + {config.selection_runs} selection" if config.selection_runs else "")
+    with tqdm(total=steps * len(batches), disable=not progress, desc=f"test-train ({runs_shown} runs x {L} rates)",
+              unit="step", unit_scale=True, smoothing=0) as bar:
+        for ls, rs in batches:
+            args = (features, [runs[r] for r in rs], inits[rs], bias, [lrs[l] for l in ls])
+            if config.method == "iid":
+                out = iid_fit(*args, counts=counts, orders=[orders[r] for r in rs], bar=bar)
+            else:
+                out = sequential_fit(*args, counts=counts, bar=bar)
+            for key in results:
+                results[key][np.ix_(range(len(counts)), ls, rs)] = out[key]
+    return results
+
+
+def shuffle_rng(entropy):
+    """The numpy generator of a run's i.i.d. shuffles: a child of the run's SeedSequence, so it is
+    independent of the classes, splits and initialisation that the run draws."""
+    return np.random.default_rng(np.random.SeedSequence(list(entropy)).spawn(1)[0])
+
 
 # ----------------------------------------------------------------------------- the i.i.d. oracle
 
@@ -145,7 +197,7 @@ def iid_fit(features, runs, weights, bias, lrs, counts, orders, bar=None):
 # ----------------------------------------------------------------------------- closed form
 
 
-def ridge_fit(features, runs, ridges, counts):
+def ridge_fit(features, runs, ridges, counts, progress=False):
     """The last layer in closed form: for each run, class count N and regulariser lambda, ridge least
     squares from the first N classes' training features to one-hot targets over those N classes,
     with an unpenalised intercept (features and targets centred). Predictions are the argmax over
@@ -154,7 +206,7 @@ def ridge_fit(features, runs, ridges, counts):
     n_train, n_test = runs[0].train_idx.shape[1], runs[0].test_idx.shape[1]
     shape = (len(counts), len(ridges), len(runs))
     scores = {"test": np.zeros(shape), "train": np.zeros(shape)}
-    for r in range(len(runs)):
+    for r in tqdm(range(len(runs)), disable=not progress, desc="lstsq", unit="run"):
         for k, n in enumerate(counts):
             x, y = train_x[r, :n * n_train].double(), position_labels(n, n_train, train_x.device)
             weights, intercepts = ridge_solutions(x, torch.nn.functional.one_hot(y, n).double(), ridges)

@@ -4,7 +4,7 @@ The three conv blocks are written with `torch.nn.functional` over a dict of para
 loop is unrolled with plain autograd (`create_graph=True`), and the outer backward goes through it.
 Where autograd would differentiate the inner backward operation by operation, Functions give that
 derivative by hand in fewer operations (InstanceNorm with NormGrad, InnerLastLayer, MaxPool): on a
-GPU the iteration's time follows its number of operations (README, Speed).
+GPU the iteration's time follows its number of operations (docs/speed.md counts them).
 `anml.meta_step(..., backend="func")` calls `func_meta_loss`; the CUDA graph records it.
 """
 import torch
@@ -15,15 +15,9 @@ def accuracy(logits, labels):
     return (logits.argmax(1) == labels).float().mean()
 
 
-def inner_sgd(inner_opt, model):
-    """(names of the inner-loop parameters, inner learning rate) of a plain SGD optimiser."""
-    if not isinstance(inner_opt, torch.optim.SGD) or len(inner_opt.param_groups) != 1:
-        raise ValueError("the 'func' backend needs a single-group torch.optim.SGD inner optimiser")
-    group = inner_opt.param_groups[0]
-    if group["momentum"] or group["weight_decay"] or group["nesterov"] or group["maximize"]:
-        raise ValueError("the 'func' backend implements plain SGD (no momentum or weight decay)")
-    ids = {id(p) for p in group["params"]}
-    return [n for n, p in model.named_parameters() if id(p) in ids], group["lr"]
+def inner_parameter_names(model):
+    """The parameters the inner loop adapts, as higherANML's inner SGD holds them: RLN and last layer."""
+    return [n for n, _ in model.named_parameters() if n.startswith(("rln.", "fc."))]
 
 
 # ----------------------------------------------------------------------------- instance norm
@@ -119,9 +113,8 @@ class InstanceNorm(torch.autograd.Function):
 
 class NormGrad(torch.autograd.Function):
     """The instance norm's backward for the inner loop, (grad_x, grad_weight, grad_bias) from grad_y,
-    with its own derivative written by hand: autograd would differentiate a backward written in
-    differentiable operations in about twenty operations, their gradients' sums included; this
-    takes eleven, and the backward itself two.
+    with its own derivative written by hand, in fewer operations than autograd takes to differentiate
+    a backward written in differentiable operations and to sum their gradients.
 
     With A = 1 / (H W), spatial sums S[.], s_y = S[gy] and s_yx = S[gy xhat]:
         centred = gy - A (s_y + xhat s_yx),  grad_x = scale centred,
@@ -255,8 +248,8 @@ class InnerLastLayer(torch.autograd.Function):
     u = -lr (softmax(out) - onehot) (the bias's SGD step, and the rank-one term of the weight's)
     and g = u W, the inner loss's gradient at f times -lr (what the conv blocks backpropagate).
 
-    Differentiated by autograd, these few products and the softmax take about 30 operations a step
-    in the outer backward, mostly gradient sums; the hand-written derivative takes 14, reusing the
+    Differentiated by autograd, these few products and the softmax take many operations a step in
+    the outer backward, mostly gradient sums; the hand-written derivative takes fewer, reusing the
     products f F^T and u U^T of the forward. Checked with gradcheck (tests/test_functional.py)."""
 
     @staticmethod
@@ -316,7 +309,8 @@ def one_hot(labels, classes, like):
     return (labels[:, None] == torch.arange(classes, device=labels.device)).to(like.dtype)
 
 
-def func_meta_loss(model, inner_opt, train_ims, train_labels, valid_ims, valid_labels, first_order=False):
+def func_meta_loss(model, inner_lr, train_ims, train_labels, valid_ims, valid_labels, first_order=False,
+                   outer_chunk=None):
     """Same mathematics as `anml.higher_meta_loss`, with a functional unroll and plain autograd: the
     meta-gradient is left in the parameters' .grad; returns (loss, accuracy) tensors.
 
@@ -326,16 +320,14 @@ def func_meta_loss(model, inner_opt, train_ims, train_labels, valid_ims, valid_l
 
     `first_order=True` gives the first-order meta-gradient (FOMAML, the original ANML code's): the
     inner gradients and the last layer's rank-one terms are constants, so the initial weights get
-    the outer loss's gradient at the adapted ones, and the NM gets gradient only through the outer pass."""
-    names, lr = inner_sgd(inner_opt, model)
+    the outer loss's gradient at the adapted ones, and the NM gets gradient only through the outer pass.
+    `outer_chunk` is the outer backward's images per chunk (None: the device's default; 0: whole)."""
+    names, lr = inner_parameter_names(model), inner_lr
     params = dict(model.named_parameters())
     masks = gate(params, torch.cat([train_ims, valid_ims]))
     train_masks, valid_masks = masks.split([len(train_ims), len(valid_ims)])  # split: one cat backward
-    adapt_fc = "fc.weight" in names
     fc = AdaptedLinear(params["fc.weight"])
     fast_names = [n for n in names if not n.endswith("conv.bias") and n != "fc.weight"]
-    if "fc.bias" not in fast_names:
-        raise ValueError("the 'func' backend needs the last layer's bias among the inner parameters")
     fast = flatten(params, fast_names)
     lr_targets = lr * one_hot(train_labels, params["fc.weight"].shape[0], fast)
     for image, mask, lr_target in zip(train_ims.split(1), train_masks.split(1), lr_targets.split(1)):
@@ -347,9 +339,8 @@ def func_meta_loss(model, inner_opt, train_ims, train_labels, valid_ims, valid_l
             u, grad_f = u.detach(), grad_f.detach()
         (step,) = torch.autograd.grad([f, bias], fast, [grad_f, u.view(-1)], create_graph=not first_order)
         fast = fast + step
-        if adapt_fc:
-            fc.step(u, f.detach() if first_order else f)
-    chunk = OUTER_CHUNK.get(valid_ims.device.type)
+        fc.step(u, f.detach() if first_order else f)
+    chunk = default_outer_chunk(valid_ims.device) if outer_chunk is None else outer_chunk
     if chunk and chunk < len(valid_ims):
         loss, out = outer_backward_in_chunks(params, fast_names, fast, fc, valid_ims, valid_masks,
                                              valid_labels, chunk)
@@ -363,10 +354,15 @@ def func_meta_loss(model, inner_opt, train_ims, train_labels, valid_ims, valid_l
     return loss.detach(), accuracy(out, valid_labels)
 
 
-# Images per chunk of the outer backward, by device type; a device not listed takes the batch whole
-# (on a GPU, large batches are what is fast). 12 measured best on a 2-core CPU (README, Speed).
+# Images per chunk of the outer backward on the CPU, where a chunk's first-block activations then
+# stay in the cache (docs/speed.md); other devices take the batch whole, since large batches are
+# what is fast on a GPU.
+CPU_OUTER_CHUNK = 12
 
-OUTER_CHUNK = {"cpu": 12}
+
+def default_outer_chunk(device):
+    """The outer backward's images per chunk on `device`; 0 takes the batch whole."""
+    return CPU_OUTER_CHUNK if torch.device(device).type == "cpu" else 0
 
 
 def outer_backward_in_chunks(params, fast_names, fast, fc, valid_ims, valid_masks, valid_labels, chunk):

@@ -1,11 +1,13 @@
 """The ANML network: a neuromodulatory net (NM) gates the features of a representation net (RLN).
 
-Layout and parameter names follow the original higherANML code, so its checkpoints
+Layout and parameter names follow higherANML, so its checkpoints
 (e.g. `256_112_2304_ANML-29999.pth`) load here with `strict=True`.
 """
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from config import NUM_OUTPUTS, check_sizes
 
 
 class ConvBlock(nn.Module):
@@ -57,7 +59,7 @@ class NM(nn.Module):
 class ANML(nn.Module):
     """fc(rln(x) * nm(x)): the NM gates the RLN's features element-wise, then 1000 logits."""
 
-    def __init__(self, rln_chs, nm_chs, mask_size, num_classes=1000):
+    def __init__(self, rln_chs, nm_chs, mask_size, num_classes=NUM_OUTPUTS):
         super().__init__()
         check_sizes(rln_chs, nm_chs, mask_size)
         self.rln = RLN(rln_chs)
@@ -70,17 +72,6 @@ class ANML(nn.Module):
     def features(self, x):
         """The gated representation that the last layer reads (frozen during meta-testing)."""
         return self.rln(x) * self.nm(x)
-
-
-def check_sizes(rln_chs, nm_chs, mask_size):
-    """Refuse sizes the architecture cannot build, with a message that says why."""
-    for name, value in (("rln", rln_chs), ("nm", nm_chs), ("mask", mask_size)):
-        if not isinstance(value, int) or value < 1:
-            raise ValueError(f"--{name} must be a positive integer, got {value!r}")
-    if mask_size != 9 * rln_chs:
-        raise ValueError(
-            f"mask size {mask_size} does not fit: the RLN with {rln_chs} channels gives "
-            f"9 x {rln_chs} = {9 * rln_chs} features, so --mask must be {9 * rln_chs}")
 
 
 def sizes_from_state_dict(state_dict):

@@ -5,43 +5,45 @@
 Each file is one method on one network (its name, without .json, labels the line). A row's point is
 the test accuracy on the reported runs at the learning rate (or ridge) chosen on the selection runs,
 or, without selection runs, the best on the reported runs (marked "best on same runs" in the legend);
-the error bars are the standard deviation over runs. Needs matplotlib (not in requirements.txt).
+the error bars are the standard deviation over runs.
 """
 import argparse
-import json
 from pathlib import Path
 
-from cli import run_cli
+import matplotlib
+
+matplotlib.use("Agg")  # files only, no display
+import matplotlib.pyplot as plt  # noqa: E402
+
+from atomic import write_atomic  # noqa: E402
+from cli import run_cli  # noqa: E402
+from results import read_results, reading_key, reported  # noqa: E402
 
 
 def curve(report):
-    """(classes, mean test accuracy, std, how the rate was chosen) of one eval_omni.py report."""
-    rows = report["rows"]
-    key = "chosen_on_selection_runs" if rows and rows[0]["chosen_on_selection_runs"] else "best_on_reported_runs"
-    return ([row["classes"] for row in rows], [row[key]["test_mean"] for row in rows],
-            [row[key]["test_std"] for row in rows], key)
+    """(classes, mean test accuracy, std, which reading) of one checked eval_omni.py report."""
+    rows = reported(report)
+    return ([n for n, _ in rows], [r["test_mean"] for _, r in rows], [r["test_std"] for _, r in rows],
+            reading_key(report))
 
 
 def load_curves(paths):
     """{label: curve} from --json files; the label is the file's name without .json."""
-    curves = {}
-    for path in map(Path, paths):
-        try:
-            report = json.loads(path.read_text())
-            curves[path.stem] = curve(report)
-        except (OSError, ValueError, KeyError, TypeError, IndexError) as e:
-            raise ValueError(f"{path} is not an eval_omni.py --json report ({type(e).__name__}: {e})") from None
-    return curves
+    return {Path(path).stem: curve(read_results(path)) for path in paths}
+
+
+def picture_path(out):
+    """The picture's file: `out`, with .png added when it has no suffix; refused when empty or a folder."""
+    if not str(out).strip():
+        raise ValueError("-o must name a file")
+    path = Path(out)
+    if path.is_dir():
+        raise ValueError(f"-o {out} is a folder: give a file name")
+    return path if path.suffix else path.with_name(path.name + ".png")
 
 
 def plot_comparisons(curves, out, title="Omniglot meta-test: accuracy against classes learned"):
-    """One picture, one line per method (log-scale classes), written to `out`."""
-    try:
-        import matplotlib
-    except ImportError:
-        raise ValueError("plot_comparisons.py needs matplotlib: pip install matplotlib") from None
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    """One picture, one line per method (log-scale classes), written atomically to `out`."""
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for label, (classes, mean, std, key) in curves.items():
         note = "" if key == "chosen_on_selection_runs" else " (best on same runs)"
@@ -57,9 +59,10 @@ def plot_comparisons(curves, out, title="Omniglot meta-test: accuracy against cl
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    Path(out).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=150)
-    plt.close(fig)
+    try:
+        write_atomic(out, lambda tmp: fig.savefig(tmp, format="png", dpi=150))
+    finally:
+        plt.close(fig)
 
 
 def main(argv=None):
@@ -67,9 +70,10 @@ def main(argv=None):
     parser.add_argument("reports", nargs="+", help="eval_omni.py --json files, one line each")
     parser.add_argument("-o", "--out", default="comparisons.png", help="picture to write (%(default)s)")
     args = parser.parse_args(argv)
+    out = picture_path(args.out)
     curves = load_curves(args.reports)
-    plot_comparisons(curves, args.out)
-    print(f"wrote {args.out}: {', '.join(curves)}")
+    plot_comparisons(curves, out)
+    print(f"wrote {out}: {', '.join(curves)}")
 
 
 if __name__ == "__main__":

@@ -7,35 +7,34 @@
 The same architecture as ANML (RLN, NM gate, 1000-way last layer), trained with cross-entropy and
 Adam on shuffled minibatches of all 964 background classes' images (labels 0..963): no inner loop,
 no meta-gradient. Each epoch is one pass in a new random order; `{out_dir}/{name}_pretrain-{epoch}.pth`
-(a seed-format state_dict, loadable by eval_omni.py) is written after every epoch. Ctrl-C, SIGTERM or
---time-limit stop cleanly with a resumable checkpoint: continue with the same command and --resume latest.
+(a higherANML-format state_dict, loadable by eval_omni.py) is written after every epoch. The run is
+kept as train_omni.py keeps its runs: a lock, no new run over another's files, resumable checkpoints
+every --save-minutes and on Ctrl-C, SIGTERM, SIGHUP or --time-limit (continue with the same command
+and --resume latest, with the same flags), a NaN stop.
 
 --init-only writes `{out_dir}/{name}_init.pth`: the network as `torch.manual_seed(seed)` initialises
 it, before any training; with the same --seed it is where this script and train_omni.py start.
 """
 import argparse
-import math
-import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
 
 import anml
-from checkpoints import (StopSignal, TrainingLog, checkpoint_path, cpu_state_dict, find_resumable,
-                         load_training_state, restore_torch_rng, run_name, save_atomic, save_training_state)
-from cli import (add_common_args, add_size_args, check_device, check_size_args, non_negative_int,
-                 positive_float, positive_int, run_cli)
+import run_loop
+from checkpoints import cpu_state_dict, save_atomic
+from cli import (add_session_args, add_size_args, build_config, non_negative_int, positive_float, positive_int,
+                 report_end, run_cli)
+from config import PretrainConfig
 from datasets import OmniSampler
 from model import ANML
-
-KIND = "pretrain"  # checkpoint names: {rln}_{nm}_{mask}_pretrain-{epoch}.pth
+from runtime import resolve_device, set_threads
 
 
 def parse_args(argv=None):
+    """The command line as a checked PretrainConfig (a bad value: one `error:` line, exit 2)."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_size_args(parser)
     parser.add_argument("--epochs", type=positive_int, default=6,
@@ -47,29 +46,29 @@ def parse_args(argv=None):
                              "class, as ANML does for the class it is about to learn")
     parser.add_argument("--seed", type=non_negative_int, default=1,
                         help="seeds the initialisation (torch) and the epochs' orders (%(default)s)")
-    parser.add_argument("--out-dir", default="trained_pretrain", help="where checkpoints are written (%(default)s)")
+    parser.add_argument("--out-dir", default="runs", help="where checkpoints and the log go (%(default)s)")
     parser.add_argument("--resume", metavar="PATH|latest",
                         help="continue a stopped run exactly from its resumable checkpoint (latest: the newest "
-                             "in --out-dir); pass the same flags")
+                             "in --out-dir); with the run's own flags (checked), --epochs may be raised")
+    parser.add_argument("--save-minutes", type=positive_float, default=5, metavar="MINUTES",
+                        help="also write a resumable checkpoint this often (%(default)s)")
     parser.add_argument("--time-limit", type=positive_float, metavar="SECONDS",
                         help="stop cleanly after the step in flight once this much time has passed")
     parser.add_argument("--init-only", action="store_true",
                         help="write the untrained network ({out_dir}/{rln}_{nm}_{mask}_init.pth) and stop")
-    add_common_args(parser)
+    add_session_args(parser)
     args = parser.parse_args(argv)
-    check_device(parser, args.device)
-    check_size_args(parser, args)
-    return args
+    return build_config(parser, PretrainConfig, args, device=resolve_device(parser, args.device))
 
 
-def initial_model(rln, nm, mask, seed):
+def initial_model(config):
     """The network as train_omni.py also starts it: ANML(...) right after torch.manual_seed(seed)."""
-    torch.manual_seed(seed)
-    return ANML(rln, nm, mask)
+    torch.manual_seed(config.seed)
+    return ANML(config.rln, config.nm, config.mask)
 
 
-def init_path(out_dir, name):
-    return Path(out_dir) / f"{name}_init.pth"
+def init_path(config):
+    return Path(config.out_dir) / f"{config.name}_init.pth"
 
 
 def epoch_order(seed, epoch, n):
@@ -85,46 +84,6 @@ def background_set(sampler):
     return images, labels
 
 
-def pretrain(args, sampler):
-    """Train for args.epochs; returns (final checkpoint path or None, the stop reason or None)."""
-    name, out_dir = run_name(args.rln, args.nm, args.mask), Path(args.out_dir)
-    model = initial_model(args.rln, args.nm, args.mask, args.seed).to(args.device)
-    opt = torch.optim.Adam(model.parameters(), lr=args.lr)
-    images, labels = background_set(sampler)
-    per_epoch = math.ceil(len(images) / args.batch_size)
-    total = args.epochs * per_epoch
-    first, elapsed, rng = 0, 0.0, None
-    if args.resume is not None:
-        path = find_resumable(args.resume, out_dir, name, kind=KIND)
-        first, elapsed, rng = load_training_state(path, model, opt, sampler)
-    restore_torch_rng(rng)
-    log = TrainingLog(out_dir / f"{name}_pretrain_log.csv", first)
-    start = time.perf_counter()
-    clock = lambda: elapsed + time.perf_counter() - start
-    order = None
-    with StopSignal(args.time_limit, lambda: time.perf_counter() - start) as stop:
-        for step in tqdm(range(first, total), initial=first, total=total, desc="pretrain", unit="step"):
-            epoch, i = divmod(step, per_epoch)
-            if order is None or i == 0:
-                order = epoch_order(args.seed, epoch, len(images))
-            batch = order[i * args.batch_size:(i + 1) * args.batch_size]
-            x, y = images[batch].to(args.device), labels[batch].to(args.device)
-            loss, acc = train_step(model, opt, x, y, args.lobotomize)
-            log.add(step, loss, acc, clock())
-            if i == per_epoch - 1:
-                save_atomic(cpu_state_dict(model), checkpoint_path(out_dir, name, epoch, kind=KIND))
-                log.flush()
-                tqdm.write(f"epoch {epoch}: loss {float(loss):.3f} | accuracy {float(acc):.3f} ({clock():.1f}s)")
-            if i == per_epoch - 1 or stop.requested():
-                log.flush()
-                save_training_state(out_dir, name, step, model, opt, sampler, clock(), kind=KIND)
-            if stop.requested() and step < total - 1:
-                tqdm.write(f"stopped after step {step} ({stop.reason}); continue with --resume latest")
-                return None, stop.reason
-    log.flush()
-    return checkpoint_path(out_dir, name, args.epochs - 1, kind=KIND), None
-
-
 def train_step(model, opt, x, y, lobotomize=False):
     """One Adam step of cross-entropy on a minibatch; returns (loss, accuracy) tensors."""
     if lobotomize:
@@ -137,26 +96,55 @@ def train_step(model, opt, x, y, lobotomize=False):
     return loss.detach(), (out.argmax(1) == y).float().mean()
 
 
-def main(argv=None):
-    args = parse_args(argv)
-    name = run_name(args.rln, args.nm, args.mask)
-    if args.init_only:
-        path = init_path(args.out_dir, name)
-        save_atomic(cpu_state_dict(initial_model(args.rln, args.nm, args.mask, args.seed)), path)
-        print(f"wrote the untrained network (seed {args.seed}): {path}")
-        return
-    sampler = OmniSampler(args.data_root, download=not args.no_download, seed=args.seed)
-    print(f"pretraining {name} for {args.epochs} epochs of batch {args.batch_size} on {args.device} "
-          f"(lr {args.lr:g}, seed {args.seed}{', lobotomize' if args.lobotomize else ''}) -> {args.out_dir}/", flush=True)
-    done, stopped = pretrain(args, sampler)
-    if stopped is None:
-        print(f"done: {done}")
-    elif stopped.startswith("time limit"):
-        print("time limit reached: continue with the same command and --resume latest")
-    else:
-        print("interrupted: continue with the same command and --resume latest", file=sys.stderr)
-        sys.exit(130)
+def pretrain(config, sampler=None, quiet=False):
+    """Train for config.epochs in the run loop that train_omni.py uses (run_loop.run, which gives the
+    return value: the model, why it stopped early or None, the last checkpoint's path)."""
+    per_epoch = config.steps_per_epoch
 
+    def build():  # once the run's files are locked and its start is checked
+        print(f"pretraining {config.name} for {config.epochs} epochs of batch {config.batch_size} on {config.device} "
+              f"(lr {config.lr:g}, seed {config.seed}{', lobotomize' if config.lobotomize else ''}"
+              f"{anml.threads_note(config.device)}) -> {config.out_dir}/", flush=True)
+        data = sampler
+        if data is None:
+            data = OmniSampler(config.data_root, download=config.download, seed=config.seed)
+        model = initial_model(config).to(config.device)
+        opt = torch.optim.Adam(model.parameters(), lr=config.lr)
+        images, labels = background_set(data)
+        orders = {}
+
+        def step(i):
+            epoch, j = divmod(i, per_epoch)
+            if epoch not in orders:
+                orders.clear()
+                orders[epoch] = epoch_order(config.seed, epoch, len(images))
+            batch = orders[epoch][j * config.batch_size:(j + 1) * config.batch_size]
+            x, y = images[batch].to(config.device), labels[batch].to(config.device)
+            return train_step(model, opt, x, y, config.lobotomize)
+        return run_loop.Steps(model, opt, data, config.total_steps, lambda: step, milestone, report,
+                              "epoch: loss | accuracy (seconds)", unit="step")
+
+    def milestone(i):
+        return i // per_epoch if i % per_epoch == per_epoch - 1 else None
+
+    def report(i, loss, acc, seconds):
+        if i % per_epoch == per_epoch - 1:
+            return f"epoch {i // per_epoch}: loss {float(loss):.3f} | accuracy {float(acc):.3f} ({seconds:.1f}s)"
+        return None
+
+    return run_loop.run(config, build, quiet)
+
+
+def main(argv=None):
+    config = parse_args(argv)
+    set_threads(config.threads)
+    if config.init_only:
+        path = init_path(config)
+        save_atomic(cpu_state_dict(initial_model(config)), path)
+        print(f"wrote the untrained network (seed {config.seed}): {path}")
+        return
+    _, stopped, last = pretrain(config)  # checks the folder and the start before it loads the data
+    report_end(stopped, last)
 
 if __name__ == "__main__":
     run_cli(main)

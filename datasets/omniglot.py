@@ -5,6 +5,7 @@ torchvision's `omniglot-py/` layout. Images are read straight from the zips (not
 root may be read-only), resized as the original higherANML code does, and cached as uint8 `.npz` in a
 separate, writable cache folder.
 """
+import contextlib
 import hashlib
 import io
 import json
@@ -20,21 +21,20 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from atomic import write_atomic
+from atomic import remove_stale_temporaries, write_atomic
+from config import IMAGES_PER_CLASS, NUM_BACKGROUND, NUM_EVALUATION
 
 SPLITS = ("images_background", "images_evaluation")
-NUM_BACKGROUND = 964
-NUM_EVALUATION = 659
 NUM_CLASSES = {"images_background": NUM_BACKGROUND, "images_evaluation": NUM_EVALUATION}
-IMAGES_PER_CLASS = 20
 BASE_URL = "https://raw.githubusercontent.com/brendenlake/omniglot/master/python"
 MD5S = {"images_background": "68d2efa1b9178cc56df9314c21c6e718",
         "images_evaluation": "6b91aef0f799c5bb55b94e3f2daec811"}
 CACHE_VERSION = 1  # bump when the preprocessing changes
 
 
-class DataError(RuntimeError):
-    """The Omniglot data is missing, corrupt or could not be downloaded."""
+class DataError(OSError):
+    """The Omniglot data is missing, corrupt or could not be downloaded (an OSError: the scripts
+    report it as one `error:` line, as they report other files they cannot read or write)."""
 
 
 def _user_cache():
@@ -45,6 +45,11 @@ def resolve_data_root(data_root=None):
     """The data root: the argument, else $OMNIGLOT_ROOT, else ~/.cache/higherANML/omniglot (XDG aware)."""
     root = data_root or os.environ.get("OMNIGLOT_ROOT") or _user_cache() / "omniglot"
     return Path(root).expanduser()
+
+
+def data_root_source(data_root=None):
+    """Who named the data root: "--data-root", "OMNIGLOT_ROOT", or None for the per-user cache."""
+    return "--data-root" if data_root else "OMNIGLOT_ROOT" if os.environ.get("OMNIGLOT_ROOT") else None
 
 
 def resolve_cache_dir(cache_dir=None):
@@ -65,8 +70,8 @@ def find_sources(root):
 
 # ----------------------------------------------------------------------------- download
 
-PROVIDE_IT = ("or download images_background.zip and images_evaluation.zip yourself into a folder and "
-              "pass --data-root DIR (or set OMNIGLOT_ROOT=DIR)")
+PROVIDE_IT = ("or download images_background.zip and images_evaluation.zip yourself into a folder DIR and "
+              "pass --data-root DIR (with make: make demo DATA=\"--data-root DIR\"), or set OMNIGLOT_ROOT=DIR")
 
 
 def _download_one(url, dest, md5, progress):
@@ -94,6 +99,8 @@ def _download_one(url, dest, md5, progress):
 
     try:
         write_atomic(dest, fetch)
+    except DataError:
+        raise
     except (OSError, urllib.error.URLError) as e:  # HTTPError, timeouts and disk errors included
         partial = "; the partial file was removed" if written else ""
         raise DataError(f"could not download {url} to {dest}: {e}{partial}. Check the connection and run "
@@ -178,11 +185,13 @@ def _preprocess(sources, im_size, workers=None):
         step = -(-len(flat) // 8)
         jobs += [(s, (str(sources[s]), flat[i:i + step], im_size)) for i in range(0, len(flat), step)]
     workers = workers or min(2, os.cpu_count() or 1)
-    if workers > 1:
-        with Pool(workers) as pool:
-            parts = pool.map(_read_pngs, [j for _, j in jobs], chunksize=1)
-    else:
-        parts = [_read_pngs(j) for _, j in jobs]
+    total = sum(len(names) for _, (_, names, _) in jobs)
+    with tqdm(total=total, desc="preprocessing Omniglot (once, then cached)", unit="image", unit_scale=True) as bar, \
+            Pool(workers) if workers > 1 else contextlib.nullcontext() as pool:
+        parts = []
+        for part in (pool.imap(_read_pngs, [j for _, j in jobs]) if pool else map(_read_pngs, [j for _, j in jobs])):
+            parts.append(part)
+            bar.update(len(part))
     return {s: np.concatenate([p for (js, _), p in zip(jobs, parts) if js == s])
             .reshape(NUM_CLASSES[s], IMAGES_PER_CLASS, im_size, im_size) for s in sources}
 
@@ -209,39 +218,70 @@ def _cache_key(sources, im_size):
     return hashlib.sha256(blob).hexdigest()[:20]
 
 
+def locate_omniglot(data_root=None, download=True):
+    """{split: folder or zip} of Omniglot. A data root given explicitly (`data_root`, else
+    $OMNIGLOT_ROOT) must hold it, or DIR/omniglot must: it is never created or downloaded into.
+    Otherwise the per-user cache is used, and the archives are downloaded into it when they are
+    missing and `download` allows."""
+    source, root = data_root_source(data_root), resolve_data_root(data_root)
+    if source is None:
+        sources = find_sources(root)
+        if all(sources.values()):
+            return sources
+        if not download:
+            raise DataError(f"Omniglot is not in {root} (the per-user cache) and --no-download is set: point "
+                            f"--data-root DIR (or OMNIGLOT_ROOT=DIR) at a folder that holds images_background.zip "
+                            f"and images_evaluation.zip, or drop --no-download to download them from {BASE_URL}")
+        download_omniglot(root)
+        return find_sources(root)
+    for folder in (root, root / "omniglot"):
+        sources = find_sources(folder)
+        if all(sources.values()):
+            return sources
+    if not root.exists():
+        raise DataError(f"{source} {root} does not exist (nothing was created or downloaded): give the folder that "
+                        f"holds images_background.zip and images_evaluation.zip")
+    missing = [s for s, p in find_sources(root).items() if p is None]
+    raise DataError(f"{source} {root} does not hold Omniglot: no {' or '.join(missing)} (.zip, extracted, or under "
+                    f"omniglot-py/) in it or in {root / 'omniglot'}; point {source} at the folder with the two "
+                    f"zips, or leave it unset to download them into {_user_cache() / 'omniglot'}")
+
+
+def read_cache(cache, im_size):
+    """The cached arrays, or None (with a warning) when the file is unreadable or does not hold
+    every class of both splits at this image size."""
+    try:
+        with np.load(cache) as f:
+            arrays = {s: f[s] for s in SPLITS}
+    except Exception as e:
+        warnings.warn(f"ignoring unreadable cache {cache}: {e}")
+        return None
+    for s, a in arrays.items():
+        expected = (NUM_CLASSES[s], IMAGES_PER_CLASS, im_size, im_size)
+        if a.shape != expected or a.dtype != np.uint8:
+            warnings.warn(f"ignoring the cache {cache}: its {s} is {a.dtype} {a.shape}, not uint8 {expected}")
+            return None
+    return arrays
+
+
 def load_omniglot(root=None, im_size=28, download=True, cache_dir=None):
     """Return (background [964, 20, S, S], evaluation [659, 20, S, S]) float32 arrays in [0, 1].
 
     Preprocessing as higherANML: PIL convert("L"), LANCZOS resize to im_size, /255. Classes are sorted by
     alphabet then character, images by drawer. Results are cached in cache_dir (see resolve_cache_dir).
     """
-    root = resolve_data_root(root)
-    sources = find_sources(root)
-    missing = [s for s, p in sources.items() if p is None]
-    if missing and not download:
-        looked = ", ".join(str(p) for s in missing for p in _candidates(root, s))
-        raise DataError(
-            f"Omniglot not found in {root} (looked for {looked}) and --no-download is set: point "
-            f"--data-root DIR (or OMNIGLOT_ROOT=DIR) at a folder that holds images_background.zip and "
-            f"images_evaluation.zip, or drop --no-download to download them from {BASE_URL}")
-    if missing:
-        download_omniglot(root)
-        sources = find_sources(root)
-
-    cache = resolve_cache_dir(cache_dir) / f"omniglot-{im_size}px-{_cache_key(sources, im_size)}.npz"
-    arrays = None
-    if cache.is_file():
-        try:
-            with np.load(cache) as f:
-                arrays = {s: f[s] for s in SPLITS}
-        except Exception as e:  # unreadable cache: rebuild it
-            warnings.warn(f"ignoring unreadable cache {cache}: {e}")
+    sources = locate_omniglot(root, download)
+    cache_dir = resolve_cache_dir(cache_dir)
+    cache = cache_dir / f"omniglot-{im_size}px-{_cache_key(sources, im_size)}.npz"
+    arrays = read_cache(cache, im_size) if cache.is_file() else None
     if arrays is None:
         arrays = _preprocess(sources, im_size)
         try:
             def save(tmp):
                 with open(tmp, "wb") as f:  # a file object: np.savez would add .npz to a name
                     np.savez(f, **arrays)
+            if cache_dir.is_dir():
+                remove_stale_temporaries(cache_dir)
             write_atomic(cache, save)
         except OSError as e:
             warnings.warn(f"could not write the Omniglot cache {cache}: {e}")

@@ -1,9 +1,10 @@
 """OmniSampler: draws the ANML meta-training and meta-test tasks from Omniglot."""
 import numpy as np
 import torch
-from sklearn.model_selection import train_test_split
 
-from .omniglot import IMAGES_PER_CLASS, load_omniglot
+from config import IMAGES_PER_CLASS, REMEMBER_SIZE
+
+from .omniglot import load_omniglot
 
 
 class OmniSampler:
@@ -17,7 +18,7 @@ class OmniSampler:
         self.evaluation = torch.from_numpy(ev).unsqueeze(2)
         self.rng = np.random.default_rng(seed)
 
-    def sample_train(self, remember_size=64, device="cpu"):
+    def sample_train(self, remember_size=REMEMBER_SIZE, device="cpu"):
         """One meta-training episode: a random background class and `remember_size` random images.
 
         Returns (train_data, train_class, (valid_ims, valid_labels)): train_data is the class's 20 images
@@ -34,7 +35,7 @@ class OmniSampler:
         valid_labels = torch.cat([label.expand(IMAGES_PER_CLASS), rem_labels])
         return train_data, c, (valid_ims, valid_labels)
 
-    def sample_train_indices(self, remember_size=64):
+    def sample_train_indices(self, remember_size=REMEMBER_SIZE):
         """A meta-training episode as indices: (class, [remember_size] indices into the flattened
         background set); `sample_train` draws through it, and the CUDA graph gathers on the GPU."""
         num_classes = len(self.background)
@@ -58,8 +59,7 @@ class OmniSampler:
         if not 1 <= train_examples <= IMAGES_PER_CLASS - 1:
             raise ValueError(f"train_examples must be in 1..{IMAGES_PER_CLASS - 1}, got {train_examples}")
         classes = self.rng.permutation(num_classes)[:num_tasks]
-        splits = [train_test_split(np.arange(IMAGES_PER_CLASS), train_size=train_examples,
-                                   random_state=int(self.rng.integers(2**31 - 1))) for _ in classes]
+        splits = [train_test_split(train_examples, int(self.rng.integers(2**31 - 1))) for _ in classes]
         train_idx = np.stack([tr for tr, _ in splits])
         test_idx = np.stack([te for _, te in splits])
         return classes, train_idx, test_idx
@@ -77,3 +77,13 @@ class OmniSampler:
         test_ims = self.evaluation[classes[:, None], test_idx].flatten(0, 1).to(device)
         test_labels = torch.from_numpy(np.repeat(classes, test_idx.shape[1])).to(device)
         return train_tasks, (test_ims, test_labels), classes
+
+
+def train_test_split(train_examples, random_state):
+    """(train, test) drawers of one class: scikit-learn's `train_test_split(np.arange(20),
+    train_size=train_examples, random_state=random_state)`, which higherANML's sampler calls, computed
+    as scikit-learn does (test = the first 20 - train_examples of a RandomState permutation, train
+    the rest; tests/test_datasets.py checks it against scikit-learn) without importing it."""
+    permutation = np.random.RandomState(random_state).permutation(IMAGES_PER_CLASS)
+    n_test = IMAGES_PER_CLASS - train_examples
+    return permutation[n_test:], permutation[:n_test]

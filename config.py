@@ -1,0 +1,297 @@
+"""The settings of a run: one dataclass per script, built and checked once from the command line
+(or in Python), then passed down whole and recorded whole in resumable checkpoints and result
+files. Plain Python, no torch: a script checks its arguments before it loads anything heavy."""
+import math
+from dataclasses import asdict, dataclass, fields
+
+# Omniglot, and the numbers of ANML's protocol.
+NUM_BACKGROUND = 964  # meta-training classes (images_background)
+NUM_EVALUATION = 659  # meta-test classes (images_evaluation)
+IMAGES_PER_CLASS = 20  # drawers per character: a meta-training episode takes one inner step per image
+REMEMBER_SIZE = 64  # remembered background images in each outer loss, beside the episode's 20
+NUM_OUTPUTS = 1000  # the last layer's classes
+
+BACKENDS = ("auto", "higher", "func", "graph")  # auto: graph on CUDA, func elsewhere
+METHODS = ("seq", "iid", "lstsq")  # how the meta-test's last layer learns: in sequence, shuffled, closed form
+MAX_PARAMETERS = 10**9  # a network above this (4 GB of weights, four times that to train) is a typo
+MAX_SEED = 2**32 - 1
+MAX_EPOCHS_IID = 1000
+
+
+class ConfigError(ValueError):
+    """A setting that cannot work; the message names the flag."""
+
+
+def check_sizes(rln, nm, mask):
+    """Refuse sizes the architecture cannot build, or cannot hold in memory, saying why."""
+    for name, value in (("rln", rln), ("nm", nm), ("mask", mask)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ConfigError(f"--{name} must be a positive integer, got {value!r}")
+    if mask != 9 * rln:
+        raise ConfigError(f"mask size {mask} does not fit: the RLN with {rln} channels gives "
+                          f"9 x {rln} = {9 * rln} features, so --mask must be {9 * rln}")
+    count = parameter_count(rln, nm, mask)
+    if count > MAX_PARAMETERS:
+        raise ConfigError(f"--rln {rln} --nm {nm} makes a network of {count / 1e9:.1f} billion parameters "
+                          f"({4 * count / 2**30:.0f} GiB of weights): at most {MAX_PARAMETERS:,} "
+                          f"(the paper's 256/112/2304 has 6,041,800)")
+
+
+def parameter_count(rln, nm, mask):
+    """Parameters of ANML(rln, nm, mask): two stacks of three conv blocks, the NM's gate layer, fc."""
+    blocks = lambda chs: (9 * chs + chs) + 2 * (9 * chs * chs + chs) + 3 * 2 * chs
+    return blocks(rln) + blocks(nm) + (9 * nm + 1) * mask + (mask + 1) * NUM_OUTPUTS
+
+
+def network_name(rln, nm, mask):
+    """The network's name in every file of a run: `{rln}_{nm}_{mask}`, as higherANML writes it."""
+    return f"{rln}_{nm}_{mask}"
+
+
+def resolve_backend(backend, device):
+    """The backend that runs on `device`: "auto" is "graph" on CUDA and "func" elsewhere."""
+    if backend not in BACKENDS:
+        raise ConfigError(f"unknown backend {backend!r}: choose one of {', '.join(BACKENDS)}")
+    if backend == "auto":
+        return "graph" if device == "cuda" else "func"
+    return backend
+
+
+def check_positive(flag, value, integer=False):
+    ok = isinstance(value, int) and not isinstance(value, bool) if integer else \
+        isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if not ok or value <= 0:
+        raise ConfigError(f"{flag} must be a {'whole' if integer else 'finite'} number > 0, got {value!r}")
+
+
+def check_seed(value):
+    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= MAX_SEED:
+        raise ConfigError(f"--seed must be a whole number in 0..{MAX_SEED}, got {value!r}")
+
+
+def check_device(device):
+    if device not in ("cpu", "cuda"):
+        raise ConfigError(f"-d must be cpu or cuda, got {device!r}")
+
+
+def check_path(flag, value, required=False):
+    if value is None and not required:
+        return
+    if not isinstance(value, str) or not value.strip():
+        raise ConfigError(f"{flag} must name a {'file' if flag in ('--json', '-m') else 'folder'}, got {value!r}")
+
+
+@dataclass(frozen=True)
+class Session:
+    """How one invocation runs (free to change between the calls that make one run)."""
+    device: str = "cpu"
+    threads: int | None = None  # None: chosen from the free cores (runtime.choose_threads)
+    data_root: str | None = None
+    download: bool = True
+
+    def check_session(self):
+        check_device(self.device)
+        if self.threads is not None:
+            check_positive("--threads", self.threads, integer=True)
+        check_path("--data-root", self.data_root)
+
+
+@dataclass(frozen=True)
+class RunSettings(Session):
+    """A training run's invocation: where its files go, where it resumes from, when it stops."""
+    out_dir: str = "runs"
+    resume: str | None = None  # a resumable checkpoint's path, or "latest"
+    time_limit: float | None = None  # seconds
+    save_minutes: float | None = 5
+
+    def check_run(self):
+        self.check_session()
+        check_path("--out-dir", self.out_dir, required=True)
+        check_path("--resume", self.resume)
+        if self.time_limit is not None:
+            check_positive("--time-limit", self.time_limit)
+        if self.save_minutes is not None:
+            check_positive("--save-minutes", self.save_minutes)
+
+    @property
+    def name(self):
+        return network_name(self.rln, self.nm, self.mask)
+
+    def run_settings(self):
+        """The settings that make the run what it is, as its resumable checkpoints record and check them."""
+        return {k: getattr(self, k) for k in self.RUN_KEYS}
+
+    def as_dict(self):
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class MetaTrainConfig(RunSettings):
+    """train_omni.py: ANML meta-training."""
+    rln: int = 256
+    nm: int = 112
+    mask: int = 2304
+    epochs: int = 30000  # meta-training iterations, as higherANML calls them
+    inner_lr: float = 0.1
+    outer_lr: float = 1e-3
+    seed: int = 1
+    backend: str = "auto"
+    first_order: bool = False
+
+    KIND = "ANML"  # in checkpoint names: {name}_ANML-{iteration}.pth
+    LOG = "train_log"
+    UNIT = "iteration"
+    RUN_KEYS = ("rln", "nm", "mask", "inner_lr", "outer_lr", "seed", "backend", "first_order", "epochs")
+    DIVERGED_ADVICE = "a smaller --outer-lr is a new run: another --out-dir"
+
+    def __post_init__(self):
+        self.check_run()
+        check_sizes(self.rln, self.nm, self.mask)
+        check_positive("--epochs", self.epochs, integer=True)
+        check_positive("--inner-lr", self.inner_lr)
+        check_positive("--outer-lr", self.outer_lr)
+        check_seed(self.seed)
+        backend = resolve_backend(self.backend, self.device)
+        if self.first_order and backend == "higher":
+            raise ConfigError("--first-order is implemented by the func and graph backends (--backend auto, func), "
+                              "not by higher, the second-order reference")
+        if backend == "graph" and self.device != "cuda":
+            raise ConfigError("--backend graph replays CUDA graphs: it needs -d cuda (on the CPU use auto or func)")
+
+    @property
+    def resolved_backend(self):
+        return resolve_backend(self.backend, self.device)
+
+    @property
+    def total_steps(self):
+        return self.epochs
+
+    def epochs_for(self, steps):
+        return steps
+
+
+@dataclass(frozen=True)
+class PretrainConfig(RunSettings):
+    """pretrain_omni.py: the same network trained the ordinary way (the meta-test's baseline)."""
+    rln: int = 256
+    nm: int = 112
+    mask: int = 2304
+    epochs: int = 6  # passes over the background images
+    lr: float = 1e-3
+    batch_size: int = 128
+    lobotomize: bool = False
+    seed: int = 1
+    init_only: bool = False
+
+    KIND = "pretrain"  # {name}_pretrain-{epoch}.pth
+    LOG = "pretrain_log"
+    UNIT = "step"
+    RUN_KEYS = ("rln", "nm", "mask", "lr", "batch_size", "lobotomize", "seed", "epochs")
+    DIVERGED_ADVICE = "a smaller --lr is a new run: another --out-dir"
+
+    def __post_init__(self):
+        self.check_run()
+        check_sizes(self.rln, self.nm, self.mask)
+        check_positive("--epochs", self.epochs, integer=True)
+        check_positive("--lr", self.lr)
+        check_positive("--batch-size", self.batch_size, integer=True)
+        check_seed(self.seed)
+
+    @property
+    def steps_per_epoch(self):
+        return math.ceil(NUM_BACKGROUND * IMAGES_PER_CLASS / self.batch_size)
+
+    @property
+    def total_steps(self):
+        return self.epochs * self.steps_per_epoch
+
+    def epochs_for(self, steps):
+        return math.ceil(steps / self.steps_per_epoch)
+
+
+# The flag of each run setting, for messages.
+FLAGS = {"rln": "--rln", "nm": "--nm", "mask": "--mask", "inner_lr": "--inner-lr", "outer_lr": "--outer-lr",
+         "seed": "--seed", "backend": "--backend", "first_order": "--first-order", "epochs": "--epochs",
+         "lr": "--lr", "batch_size": "--batch-size", "lobotomize": "--lobotomize"}
+MAY_CHANGE_ON_RESUME = ("epochs",)  # a run may be continued further than first planned
+
+
+@dataclass(frozen=True)
+class EvalConfig(Session):
+    """eval_omni.py: meta-test runs of one checkpoint."""
+    model: str = ""
+    classes: tuple = (10,)  # several counts are scored along one sequence per run
+    method: str = "seq"
+    lrs: tuple | None = None  # seq and iid: the Adam learning rates compared (default 0.001)
+    ridges: tuple | None = None  # lstsq: the regularisers compared (default 1.0)
+    epochs_iid: int | None = None  # iid: passes over the shuffled images (default 1)
+    runs: int = 10
+    selection_runs: int = 0
+    train_examples: int = 15
+    seed: int = 0
+    original_loop: bool = False  # higherANML's full-network loop instead of the frozen-feature one
+    json: str | None = None
+
+    def __post_init__(self):
+        self.check_session()
+        check_path("-m", self.model, required=True)
+        object.__setattr__(self, "classes", tuple(sorted({int(n) for n in self.classes})))
+        if not self.classes or not all(1 <= n <= NUM_EVALUATION for n in self.classes):
+            raise ConfigError(f"--classes must be in 1..{NUM_EVALUATION} (Omniglot's evaluation classes), "
+                              f"got {' '.join(map(str, self.classes)) or 'none'}")
+        if self.method not in METHODS:
+            raise ConfigError(f"unknown --method {self.method!r}: choose one of {', '.join(METHODS)}")
+        lstsq = self.method == "lstsq"
+        if lstsq and self.lrs:
+            raise ConfigError("--lr is the Adam learning rate of seq and iid: --method lstsq takes --ridge")
+        if not lstsq and self.ridges:
+            raise ConfigError(f"--ridge is for --method lstsq (--method {self.method} takes --lr)")
+        if self.epochs_iid is not None and self.method != "iid":
+            raise ConfigError(f"--epochs-iid is for --method iid, not {self.method}")
+        if self.original_loop and self.method != "seq":
+            raise ConfigError("--original-loop is higherANML's sequential loop: it only runs --method seq")
+        for value in self.grid:
+            check_positive(f"--{self.hyperparameter}", value)
+        if self.epochs_iid is not None:
+            check_positive("--epochs-iid", self.epochs_iid, integer=True)
+            if self.epochs_iid > MAX_EPOCHS_IID:
+                raise ConfigError(f"--epochs-iid must be at most {MAX_EPOCHS_IID}, got {self.epochs_iid}")
+        check_positive("--runs", self.runs, integer=True)
+        if not isinstance(self.selection_runs, int) or self.selection_runs < 0:
+            raise ConfigError(f"--selection-runs must be 0 or more, got {self.selection_runs!r}")
+        if self.selection_runs and len(self.grid) < 2:
+            what = "regularisers" if lstsq else "learning rates"
+            raise ConfigError(f"--selection-runs chooses among {what}: give several with --{self.hyperparameter}")
+        if not (isinstance(self.train_examples, int) and 1 <= self.train_examples <= IMAGES_PER_CLASS - 1):
+            raise ConfigError(f"--train-examples must be in 1..{IMAGES_PER_CLASS - 1} (each class has "
+                              f"{IMAGES_PER_CLASS} images, one at least is kept for testing), "
+                              f"got {self.train_examples}")
+        check_seed(self.seed)
+        check_path("--json", self.json)
+
+    @property
+    def hyperparameter(self):
+        """What the grid holds: "lr" (seq, iid) or "ridge" (lstsq)."""
+        return "ridge" if self.method == "lstsq" else "lr"
+
+    @property
+    def grid(self):
+        """The values compared on the same runs: learning rates, or ridge regularisers for lstsq."""
+        if self.method == "lstsq":
+            return tuple(self.ridges or (1.0,))
+        return tuple(self.lrs or (1e-3,))
+
+    @property
+    def iid_epochs(self):
+        return self.epochs_iid or 1
+
+    @property
+    def test_examples(self):
+        return IMAGES_PER_CLASS - self.train_examples
+
+    def as_dict(self):
+        return asdict(self)
+
+
+def field_names(cls):
+    return [f.name for f in fields(cls)]

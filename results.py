@@ -1,0 +1,87 @@
+"""eval_omni.py's result files (--json): the one reader every script uses, which checks a file and
+says in one line what is wrong with it, and the reading of a row that every table and picture shows.
+
+A file holds, per class count (`rows`), every grid value's per-run accuracies (`per_value`), and
+three readings of them: the value chosen on the selection runs (`chosen_on_selection_runs`), one
+value for all rows chosen the same way (`one_value_for_all_rows`), and each row's best value on the
+reported runs themselves (`best_on_reported_runs`, higherANML's protocol). Files written before
+format 2 name the first two `per_lr` and `fixed_lr`; they are read the same way. Plain Python."""
+import json
+import math
+from pathlib import Path
+
+FORMAT = 2
+LEGACY_KEYS = {"per_lr": "per_value", "fixed_lr": "one_value_for_all_rows"}
+READING_KEYS = ("chosen_on_selection_runs", "one_value_for_all_rows", "best_on_reported_runs")
+STATS = ("test_mean", "test_std", "train_mean", "train_std")
+
+
+class ResultsError(ValueError):
+    """A results file that cannot be read; the message names it and what is wrong."""
+
+
+def read_results(path):
+    """The checked report of an eval_omni.py --json file, in the current format."""
+    path = Path(path)
+    try:
+        report = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ResultsError(f"results file not found: {path} (make it with eval_omni.py --json)") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ResultsError(f"cannot read {path}: {e}") from None
+    except json.JSONDecodeError as e:
+        raise ResultsError(f"{path} is not JSON ({e})") from None
+    try:
+        return checked(upgraded(report))
+    except ResultsError as e:
+        raise ResultsError(f"{path} is not an eval_omni.py --json report: {e}") from None
+
+
+def upgraded(report):
+    """A report of an older format with the current keys."""
+    if not isinstance(report, dict):
+        raise ResultsError(f"it holds {type(report).__name__}, not an object")
+    report = {LEGACY_KEYS.get(k, k): v for k, v in report.items()}
+    if isinstance(report.get("rows"), list):
+        report["rows"] = [{LEGACY_KEYS.get(k, k): v for k, v in row.items()} if isinstance(row, dict) else row
+                          for row in report["rows"]]
+    return report
+
+
+def checked(report):
+    """`report` if every row has a class count and a reported reading with finite statistics."""
+    rows = report.get("rows")
+    if not isinstance(rows, list) or not rows:
+        raise ResultsError("it has no rows")
+    for i, row in enumerate(rows):
+        if not isinstance(row, dict):
+            raise ResultsError(f"row {i} is not an object")
+        classes = row.get("classes")
+        if not isinstance(classes, int) or isinstance(classes, bool) or classes < 1:
+            raise ResultsError(f"row {i} has no class count")
+        reading = row.get(reading_key(report))
+        if not isinstance(reading, dict):
+            raise ResultsError(f"the row of {classes} classes has no {reading_key(report)!r}")
+        for stat in STATS:
+            value = reading.get(stat)
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
+                raise ResultsError(f"the row of {classes} classes has no finite {stat!r} (got {value!r})")
+    return report
+
+
+def reading_key(report):
+    """Which reading a table shows: the value chosen on selection runs where there were any, else
+    the best on the reported runs."""
+    return "chosen_on_selection_runs" if report.get("selection_runs") else "best_on_reported_runs"
+
+
+def reported(report):
+    """[(classes, reading)] of the reading a table shows (see `reading_key`), row by row."""
+    key = reading_key(report)
+    return [(row["classes"], row[key]) for row in report["rows"]]
+
+
+def chosen_value(report, classes):
+    """The grid value (lr or ridge) that `reported` shows at `classes`, or None without that row."""
+    hyper = report.get("hyperparameter", "lr")
+    return next((reading.get(hyper) for n, reading in reported(report) if n == classes), None)

@@ -1,0 +1,377 @@
+"""The run loop that meta-training and pretraining share, and the rules that keep a run safe:
+
+- one process writes a run's files (`RunLock`, from before the data is loaded until it ends);
+- a new run never starts over another run's files, and a resume uses the run's own settings;
+- a resumable checkpoint at every milestone, every `--save-minutes`, and on Ctrl-C, SIGTERM, SIGHUP
+  or the time limit (`StopSignal`); the previous one is deleted only once the new one is complete;
+- a NaN or infinite loss or weight stops the run before anything bad is saved;
+- a CSV log of every step, appended across resumes (`TrainingLog`).
+
+A kind of training gives the loop its steps as a `Steps` (anml.train, pretrain_omni.pretrain).
+"""
+import fcntl
+import math
+import os
+import signal
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+from tqdm import tqdm
+
+from atomic import WriteError, probe_writable, remove_stale_temporaries, write_atomic
+from checkpoints import (Diverged, apply_training_state, check_finite, check_finite_parameters, checkpoint_path,
+                         checkpoints_in, cpu_state_dict, find_resumable, newest_resumable, read_training_state,
+                         restore_torch_rng, save_atomic, save_training_state)
+from config import FLAGS, MAY_CHANGE_ON_RESUME
+
+LOG_EVERY = 10  # steps between log flushes (each checks the losses for NaN)
+
+
+def notice(message):
+    """One `notice: ...` line on stderr: something the user should know, not an error."""
+    print(f"notice: {message}", file=sys.stderr, flush=True)
+
+
+@dataclass
+class Steps:
+    """One kind of training, as the run loop drives it."""
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    rng_holder: object  # its `.rng` (a numpy Generator) is saved and restored with the run
+    total: int  # steps of the whole run
+    make_step: Callable  # () -> step(i) -> (loss, accuracy); called once the resumable state is loaded
+    milestone: Callable  # i -> the index of the checkpoint to write after step i, or None
+    report: Callable  # (i, loss, accuracy, seconds) -> a line to print, or None
+    header: str  # printed above the reported lines
+    unit: str = "iteration"
+
+
+def run(config, build, quiet=False):
+    """Train `config`'s run to its end in `config.out_dir`: `build()` gives its `Steps` (after the lock
+    is taken, so it may load the data). Returns (model, why it stopped early or None, the path of
+    the run's last checkpoint). Raises ValueError for a run that may not start, Diverged for a
+    non-finite loss or weight, WriteError for a file that could not be written: each names the last
+    good resumable checkpoint, which a later `--resume latest` continues."""
+    out_dir, name, kind = Path(config.out_dir), config.name, config.KIND
+    check_out_dir(out_dir)
+    with RunLock(out_dir, name, kind):
+        clean_out_dir(out_dir)
+        state, path = starting_state(config)
+        steps = build()
+        try:
+            return run_locked(config, steps, state, path, quiet)
+        except Diverged as e:
+            raise Diverged(f"{e}; {last_good(config)} ({config.DIVERGED_ADVICE})") from e
+        except OSError as e:  # a checkpoint or the log could not be written (WriteError, a full disk)
+            raise WriteError(f"{e}; {last_good(config)}: free some space (or fix the folder), then "
+                             f"continue with --resume latest") from e
+
+
+def run_locked(config, steps, state, state_path, quiet):
+    """The loop of `run`, once the run's files are locked and its start is checked."""
+    out_dir, name, kind = Path(config.out_dir), config.name, config.KIND
+    first, elapsed, rng = 0, 0.0, None
+    if state is not None:
+        first, elapsed, rng = apply_training_state(state, state_path, steps.model, steps.optimizer, steps.rng_holder)
+    last = checkpoint_path(out_dir, name, steps.milestone(steps.total - 1), kind=kind)
+    if first == steps.total:  # resumed at its end: only its last checkpoint may be missing
+        if not last.is_file():
+            save_atomic(cpu_state_dict(steps.model), last)
+        notice(f"nothing to train: the run has already trained its {steps.total} {steps.unit}s")
+        return steps.model, None, last
+    step = steps.make_step()
+    restore_torch_rng(rng)  # after make_step, whose CUDA graph warm-up draws from the CUDA generator
+    log = TrainingLog(out_dir / f"{name}_{config.LOG}.csv", first)
+    tqdm.write(steps.header)
+    start = time.perf_counter()
+    clock = lambda: time.perf_counter() - start
+    last_save = 0.0
+    with StopSignal(config.time_limit, clock) as stop:
+        for i in tqdm(range(first, steps.total), initial=first, total=steps.total, disable=quiet, desc=kind,
+                      unit=steps.unit):
+            loss, acc = step(i)
+            seconds = elapsed + clock()
+            log.add(i, loss, acc, seconds)
+            if i % LOG_EVERY == 0:
+                log.flush()  # raises Diverged on a non-finite loss
+            line = steps.report(i, loss, acc, seconds)
+            if line is not None:
+                log.flush()
+                tqdm.write(line)
+            index = steps.milestone(i)
+            timed = config.save_minutes is not None and clock() - last_save >= config.save_minutes * 60
+            if index is not None or timed or stop.requested():
+                log.flush()
+                if index is not None:
+                    check_finite_parameters(steps.model, i)
+                    save_atomic(cpu_state_dict(steps.model), checkpoint_path(out_dir, name, index, kind=kind))
+                save_training_state(out_dir, name, i, steps.model, steps.optimizer, steps.rng_holder.rng,
+                                    elapsed + clock(), config.as_dict(), kind)
+                last_save = clock()
+            if stop.requested() and i < steps.total - 1:
+                tqdm.write(f"stopped after {steps.unit} {i} ({stop.reason}); continue with --resume latest")
+                return steps.model, stop.reason, last
+    log.flush()
+    return steps.model, None, last
+
+
+# ----------------------------------------------------------------------------- starting a run
+
+
+def check_out_dir(out_dir):
+    """Fail now, with one line, if checkpoints cannot be written to `out_dir`."""
+    if Path(out_dir).exists() and not Path(out_dir).is_dir():
+        raise ValueError(f"--out-dir {out_dir} is not a folder")
+    try:
+        probe_writable(out_dir)
+    except OSError as e:
+        raise ValueError(f"cannot write to --out-dir {out_dir}: {e.strerror or e}") from None
+
+
+def clean_out_dir(out_dir):
+    """Remove the temporary files that killed processes left in `out_dir`, with a notice."""
+    for tmp in remove_stale_temporaries(out_dir):
+        notice(f"removed {tmp}, left by a process that no longer runs")
+
+
+def starting_state(config):
+    """(the resumable checkpoint's dict, its path) to continue from, checked against `config`,
+    or (None, None) for a new run (which must not overwrite another run's files)."""
+    if config.resume is None:
+        check_fresh_start(config)
+        return None, None
+    path = find_resumable(config.resume, config.out_dir, config.name, config.KIND)
+    state = read_training_state(path, config.KIND)
+    check_finite(state["model"], path)
+    check_settings(state.get("config"), config, path)
+    done, total = state["iteration"] + 1, config.total_steps
+    if done > total:
+        unit = config.UNIT
+        steps = "" if config.UNIT == "iteration" else f" ({total} {unit}s)"
+        raise ValueError(f"{path} has already trained {done} {unit}s, more than --epochs {config.epochs}{steps}: "
+                         f"nothing to train (give --epochs {config.epochs_for(done)} or more to continue it)")
+    return state, path
+
+
+def run_files(config):
+    """The files of `config`'s kind of run and network in its out_dir: checkpoints, resumable
+    checkpoints and the log, whichever run wrote them."""
+    out_dir, name, kind = config.out_dir, config.name, config.KIND
+    files = [*checkpoints_in(out_dir, name, kind=kind).values(),
+             *checkpoints_in(out_dir, name, resumable=True, kind=kind).values()]
+    log = Path(out_dir) / f"{name}_{config.LOG}.csv"
+    return files + ([log] if log.is_file() else [])
+
+
+def check_fresh_start(config):
+    """A run started without --resume must not overwrite or mix with another run's files in its
+    out_dir: it may only repeat a finished run with the very same settings (the same files)."""
+    out_dir, name = config.out_dir, config.name
+    path = newest_resumable(out_dir, name, config.KIND)
+    if path is None:
+        files = run_files(config)
+        if files:
+            shown = ", ".join(p.name for p in files[:3]) + (", ..." if len(files) > 3 else "")
+            raise ValueError(f"{out_dir} already holds files of another {config.KIND} run of {name} ({shown}): a new "
+                             f"run there would overwrite or mix with them; start it in another --out-dir")
+        return
+    state = read_training_state(path, config.KIND)
+    stored, last = state.get("config"), state["iteration"]
+    if same_settings(stored, config) and last + 1 >= config.total_steps:
+        notice(f"{out_dir} holds a finished run of {name} with the same settings: running it again, "
+               f"overwriting its files")
+        return
+    shown = f" ({format_settings(stored, [k for k in config.RUN_KEYS if k in stored])})" \
+        if isinstance(stored, dict) else ""
+    raise ValueError(f"{out_dir} already holds a run of {name}{shown}, resumable after {config.UNIT} {last}: "
+                     f"continue it with --resume latest, or start a new run in another --out-dir")
+
+
+def same_settings(stored, config):
+    return isinstance(stored, dict) and all(stored.get(k) == v for k, v in config.run_settings().items())
+
+
+def format_settings(settings, keys):
+    """Settings as flags are typed: `--seed 1`, a switch by its presence (`--first-order` / `no --first-order`)."""
+    show = lambda k: (FLAGS[k] if settings[k] else f"no {FLAGS[k]}") if isinstance(settings[k], bool) \
+        else f"{FLAGS[k]} {settings[k]}"
+    return " ".join(show(k) for k in keys)
+
+
+def check_settings(stored, config, path):
+    """Refuse to continue a run with settings other than its own (--epochs may grow); a checkpoint
+    that records none (an older version's) is accepted with a notice."""
+    keys = [k for k in config.RUN_KEYS if k not in MAY_CHANGE_ON_RESUME]
+    current = config.run_settings()
+    if not isinstance(stored, dict):
+        notice(f"{path} records no settings (written by an older version): continuing it without checking "
+               f"that {format_settings(current, keys)} are its own")
+        return
+    changed = [k for k in keys if k in stored and stored[k] != current[k]]
+    if changed:
+        raise ValueError(f"--resume: {path} was trained with {format_settings(stored, changed)}, not "
+                         f"{format_settings(current, changed)}: pass its flags to continue it, or start a new run "
+                         f"with these flags in another --out-dir")
+
+
+def last_good(config):
+    path = newest_resumable(config.out_dir, config.name, config.KIND)
+    return "no resumable checkpoint was written" if path is None else \
+        f"the last good resumable checkpoint is {path}"
+
+
+# ----------------------------------------------------------------------------- the log
+
+
+HEADER = "iteration,loss,accuracy,seconds"
+
+
+def log_row_iteration(line):
+    """The iteration of a complete CSV log row, or None for a blank, partial or unreadable line."""
+    fields = line.split(",")
+    try:
+        values = [float(f) for f in fields]
+    except ValueError:
+        return None
+    if len(values) != 4 or not math.isfinite(values[0]) or values[0] < 0 or values[0] != int(values[0]):
+        return None
+    return int(values[0])
+
+
+class TrainingLog:
+    """CSV of every step (iteration, loss, accuracy, seconds), appended across resumes.
+
+    Values stay on the device until `flush`, so logging costs no synchronisation per step; `flush`
+    raises Diverged after writing a non-finite loss."""
+
+    def __init__(self, path, first):
+        self.path, self.rows = Path(path), []
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if first > 0 and not self.path.exists():
+            notice(f"the training log {self.path} is missing: starting a new one at iteration {first}")
+        if first == 0 or not self.path.exists():
+            write_atomic(self.path, lambda tmp: tmp.write_text(HEADER + "\n"))
+        else:  # drop rows past the resumed iteration (written after the last resumable checkpoint)
+            rows = [line for line in self.path.read_text(errors="replace").splitlines()[1:]
+                    if (it := log_row_iteration(line)) is not None and it < first]
+            write_atomic(self.path, lambda tmp: tmp.write_text("\n".join([HEADER] + rows) + "\n"))
+
+    def add(self, it, loss, acc, seconds):
+        as_tensor = lambda v: v.detach().clone() if torch.is_tensor(v) else torch.tensor(v)
+        self.rows.append((it, as_tensor(loss), as_tensor(acc), seconds))
+
+    def flush(self):
+        """Append the pending rows; raise Diverged if a loss among them is NaN or infinite."""
+        if not self.rows:
+            return
+        values = torch.stack([torch.stack([l.float().cpu(), a.float().cpu()]) for _, l, a, _ in self.rows]).tolist()
+        with self.path.open("a") as f:
+            for (it, _, _, sec), (loss, acc) in zip(self.rows, values):
+                f.write(f"{it},{loss:.6f},{acc:.6f},{sec:.3f}\n")
+        diverged = [(it, loss) for (it, *_), (loss, _) in zip(self.rows, values) if not math.isfinite(loss)]
+        self.rows = []
+        if diverged:
+            raise Diverged(f"training diverged: the loss is {diverged[0][1]} at iteration {diverged[0][0]}")
+
+
+# ----------------------------------------------------------------------------- one process per run, clean stops
+
+
+class RunLock:
+    """`{out_dir}/.{name}.lock` (`.{name}_{kind}.lock` for a kind other than ANML), holding the pid of
+    the one process that writes the run's files there. The lock is an flock, so the kernel frees it
+    when that process dies however it dies; a lock file left by a dead process is taken over with a
+    notice. Re-entrant within a process (a script takes it before loading the data, the loop again)."""
+
+    held = {}  # lock path -> [file descriptor, depth], for this process
+
+    def __init__(self, out_dir, name, kind="ANML"):
+        self.out_dir, self.name = Path(out_dir), name
+        self.path = self.out_dir / (f".{name}.lock" if kind == "ANML" else f".{name}_{kind}.lock")
+
+    def __enter__(self):
+        key = str(self.path.absolute())
+        if key in RunLock.held:
+            RunLock.held[key][1] += 1
+        else:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            RunLock.held[key] = [self._acquire(), 1]
+        return self
+
+    def __exit__(self, *exc):
+        key = str(self.path.absolute())
+        RunLock.held[key][1] -= 1
+        if RunLock.held[key][1] == 0:
+            fd, _ = RunLock.held.pop(key)
+            self.path.unlink(missing_ok=True)  # before the unlock: a waiting process then retries
+            os.close(fd)
+
+    def _acquire(self):
+        for _ in range(100):
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = self._pid_in(fd)
+                os.close(fd)
+                raise ValueError(f"{self.out_dir} is in use by another run of {self.name} (pid {holder}, lock "
+                                 f"{self.path}): wait for it to end, stop it, or use another --out-dir") from None
+            if self._still_linked(fd):
+                self._take_over(fd)
+                return fd
+            os.close(fd)  # the holder removed the file as we opened it: retry on the new one
+        raise ValueError(f"could not lock {self.path}")
+
+    def _still_linked(self, fd):
+        try:
+            return os.stat(self.path).st_ino == os.fstat(fd).st_ino
+        except FileNotFoundError:
+            return False
+
+    def _take_over(self, fd):
+        stale = self._pid_in(fd)
+        if stale is not None and stale != os.getpid():
+            notice(f"taking over the lock {self.path} of pid {stale}, which no longer holds it (it ended "
+                   f"without removing it)")
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+
+    @staticmethod
+    def _pid_in(fd):
+        text = os.pread(fd, 64, 0).decode(errors="replace").strip()
+        return int(text) if text.isdigit() else None
+
+
+class StopSignal:
+    """Turns SIGINT, SIGTERM, SIGHUP (a closed terminal) and a time limit into a request to stop
+    after the current step; a second Ctrl-C stops at once."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+    def __init__(self, time_limit, clock):
+        self.time_limit, self.clock, self.reason, self.old = time_limit, clock, None, {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for sig in self.SIGNALS:
+                self.old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        for sig, handler in self.old.items():
+            signal.signal(sig, handler)
+
+    def _handle(self, signum, frame):
+        if self.reason is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.reason = signal.Signals(signum).name
+
+    def requested(self):
+        if self.reason is None and self.time_limit is not None and self.clock() >= self.time_limit:
+            self.reason = f"time limit of {self.time_limit:g}s"
+        return self.reason is not None
