@@ -24,7 +24,8 @@ import run_loop
 from checkpoints import load_model
 from config import IMAGES_PER_CLASS
 from cuda_graphs import GraphedMetaStep
-from frozen_features import FeatureBank, MetaTestRun, learn_on_features, ridge_fit, sequential_fit
+from datasets import OmniSampler
+from frozen_features import FeatureBank, MetaTestRun, empty_results, learn_on_features, ridge_fit, sequential_fit
 from functional import accuracy, func_meta_loss, inner_parameter_names
 from model import ANML
 
@@ -131,7 +132,6 @@ def train(config, sampler=None, quiet=False):
               flush=True)
         data = sampler
         if data is None:
-            from datasets import OmniSampler
             data = OmniSampler(config.data_root, download=config.download, seed=config.seed)
         torch.manual_seed(config.seed)
         model = ANML(config.rln, config.nm, config.mask).to(config.device)
@@ -253,7 +253,7 @@ def test_train(PATH, sampler, num_classes=10, train_examples=15, device="cpu", l
     return test_test(model, test_data, test_examples=IMAGES_PER_CLASS - train_examples), train_acc
 
 
-def meta_test(config, sampler, model=None, progress=True):
+def meta_test(config, sampler, model=None, progress=True, features=None, results=None):
     """The meta-test runs of `config` (a config.EvalConfig): every class count and every value of
     its grid (learning rates, or ridge regularisers for lstsq), on `config.runs` reported runs and
     then `config.selection_runs` selection runs. Every value and method sees the same runs: run r
@@ -263,26 +263,27 @@ def meta_test(config, sampler, model=None, progress=True):
 
     Returns {"test": [K, L, R], "train": [K, L, R]} accuracies (K counts in increasing order, L grid
     values, R runs: the reported ones, then the selection ones). `model` (already loaded) replaces
-    config.model."""
+    config.model; `features`, a FeatureBank of that model, keeps its features across calls. The
+    accuracies are written into `results` (`empty_results`) as runs finish, so that the caller keeps
+    them when the meta-test is interrupted."""
     model = load_model(config.model, config.device) if model is None else model.to(config.device)
     model.requires_grad_(False)
     seeds = run_seeds(config.seed, config.runs) + run_seeds(config.seed, config.selection_runs, selection=True)
+    results = empty_results(config) if results is None else results
     if config.original_loop:
-        return original_meta_test(config, sampler, model, seeds, progress)
+        return original_meta_test(config, sampler, model, seeds, results, progress)
     inits, samples = draw_runs(model, sampler, seeds, config.classes[-1], config.train_examples)
-    features = FeatureBank(model, sampler.evaluation, progress=progress)
+    features = features or FeatureBank(model, sampler.evaluation, progress=progress)
     features.compute(np.unique(np.concatenate([run.classes for run in samples])))
     if config.method == "lstsq":
-        return ridge_fit(features, samples, list(config.grid), list(config.classes), progress)
+        return ridge_fit(features, samples, list(config.grid), list(config.classes), progress, results)
     return learn_on_features(config, features, samples, torch.stack(inits), model.fc.bias.detach().clone(), seeds,
-                             progress)
+                             results, progress)
 
 
-def original_meta_test(config, sampler, model, seeds, progress):
+def original_meta_test(config, sampler, model, seeds, results, progress):
     """`meta_test` with higherANML's loop: `test_train` (full network, one Adam step an image) for
     every run, class count and learning rate."""
-    shape = (len(config.classes), len(config.grid), len(seeds))
-    results = {"test": np.zeros(shape), "train": np.zeros(shape)}
     for r in tqdm(range(len(seeds)), disable=not progress, desc="runs"):
         for k, n in enumerate(config.classes):
             for l, lr in enumerate(config.grid):

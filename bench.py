@@ -18,6 +18,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from pathlib import Path
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -133,7 +134,7 @@ def run_case(args):
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog=Path(__file__).name, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_size_args(parser)
     parser.add_argument("--iters", type=positive_int, default=3, help="timed meta-iterations per backend (%(default)s)")
     parser.add_argument("--classes", type=int, default=600, help="classes of the meta-test run (%(default)s)")
@@ -153,8 +154,8 @@ def parse_args(argv=None):
     return args
 
 
-def main():
-    args = parse_args()
+def main(argv=None):
+    args = parse_args(argv)
     set_threads(args.threads)
     if args.case:
         return run_case(args)

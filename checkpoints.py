@@ -109,6 +109,14 @@ def load_model(path, device="cpu"):
     return model.to(device)
 
 
+def readable_checkpoint(path):
+    """Whether `path` holds a checkpoint that loads (not missing, empty or cut short)."""
+    try:
+        return isinstance(torch.load(path, map_location="cpu", weights_only=True), dict)
+    except Exception:
+        return False
+
+
 def non_finite(tensors):
     """The names of the floating-point tensors of a {name: tensor} dict holding a NaN or an infinity."""
     return [k for k, v in tensors.items()

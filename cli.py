@@ -3,8 +3,10 @@ a script's configuration with one `error:` line for a bad value, and `run_cli`, 
 errors a user can fix into one line instead of a traceback. Plain Python: the plotting scripts
 parse their arguments without loading torch."""
 import argparse
+import contextlib
 import math
 import shlex
+import signal
 import sys
 from pathlib import Path
 
@@ -81,6 +83,20 @@ def run_cli(main):
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(130)
+
+
+@contextlib.contextmanager
+def interrupted_by_signals():
+    """SIGTERM and SIGHUP (a closed terminal) raise KeyboardInterrupt inside the block, as Ctrl-C does,
+    so that a script stops through the same clean-up."""
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+    old = {sig: signal.signal(sig, interrupt) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        yield
+    finally:
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
 
 
 def report_end(stopped, last):

@@ -198,8 +198,12 @@ class PretrainConfig(RunSettings):
         check_seed(self.seed)
 
     @property
+    def images_per_epoch(self):
+        return NUM_BACKGROUND * IMAGES_PER_CLASS
+
+    @property
     def steps_per_epoch(self):
-        return math.ceil(NUM_BACKGROUND * IMAGES_PER_CLASS / self.batch_size)
+        return math.ceil(self.images_per_epoch / self.batch_size)
 
     @property
     def total_steps(self):

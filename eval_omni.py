@@ -15,22 +15,24 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 import anml
 from atomic import probe_writable, write_atomic
 from checkpoints import load_model
-from cli import (add_session_args, as_typed, build_config, non_negative_int, positive_float, positive_int,
-                 run_cli)
+from cli import (add_session_args, as_typed, build_config, interrupted_by_signals, non_negative_int, positive_float,
+                 positive_int, run_cli)
 from config import IMAGES_PER_CLASS, METHODS, NUM_EVALUATION, EvalConfig
 from datasets import OmniSampler
+from frozen_features import empty_results
 from results import FORMAT
 from runtime import device_name, resolve_device, set_threads, sha256_of, versions
 
 
 def parse_args(argv=None):
     """The command line as a checked EvalConfig (a bad value: one `error:` line, exit 2)."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog=Path(__file__).name, description=__doc__.splitlines()[0])
     parser.add_argument("-m", "--model", required=True, help="checkpoint (.pth state_dict) to evaluate")
     parser.add_argument("-c", "--classes", type=int, nargs="+", default=[10],
                         help=f"new classes to learn, 1..{NUM_EVALUATION} (%(default)s); several counts are "
@@ -39,10 +41,10 @@ def parse_args(argv=None):
                         help="how the last layer learns: seq (higherANML's: one Adam step per image, class after "
                              "class), iid (the same images and steps, the classes shuffled together), lstsq "
                              "(ridge least squares in closed form, argmax over the classes learned) (%(default)s)")
-    parser.add_argument("-l", "--lr", dest="lrs", type=positive_float, nargs="+",
+    parser.add_argument("-l", "--lr", dest="lrs", metavar="LR", type=positive_float, nargs="+",
                         help="test-train Adam learning rate(s) for seq and iid (0.001); several are compared on "
                              "the same runs")
-    parser.add_argument("--ridge", dest="ridges", type=positive_float, nargs="+",
+    parser.add_argument("--ridge", dest="ridges", metavar="RIDGE", type=positive_float, nargs="+",
                         help="ridge regulariser(s) lambda for lstsq (1.0); several are compared and chosen as --lr")
     parser.add_argument("--epochs-iid", type=positive_int,
                         help="for iid: passes over the shuffled images, each a new shuffle (1: as many steps as seq)")
@@ -89,11 +91,17 @@ def check_writable(path):
 
 
 def stats(test, train, value=None, hyper="lr"):
-    """Mean and std over runs of one grid value's per-run accuracies, with the runs themselves."""
+    """Mean and std over runs of one grid value's per-run accuracies, with the runs themselves; of an
+    interrupted evaluation, the finished runs only, and which they are."""
     out = {} if value is None else {hyper: value}
-    return {**out, "test": test.tolist(), "train": train.tolist(),
-            "test_mean": float(test.mean()), "test_std": float(test.std()),
-            "train_mean": float(train.mean()), "train_std": float(train.std())}
+    done = np.isfinite(test)
+    if not done.all():
+        out["finished_runs"] = np.flatnonzero(done).tolist()
+        test, train = test[done], train[done]
+    mean_std = lambda a: (float(a.mean()), float(a.std())) if len(a) else (None, None)
+    (test_mean, test_std), (train_mean, train_std) = mean_std(test), mean_std(train)
+    return {**out, "test": test.tolist(), "train": train.tolist(), "test_mean": test_mean, "test_std": test_std,
+            "train_mean": train_mean, "train_std": train_std}
 
 
 def choose(report, selection):
@@ -107,9 +115,10 @@ def choose(report, selection):
     return chosen, one_for_all, report["test"].mean(2).argmax(1)
 
 
-def build_report(config, argv, report, selection, model_sha256, seconds):
-    """Everything needed to compare or reproduce the evaluation, for --json."""
-    chosen, one_for_all, best = choose(report, selection)
+def build_report(config, argv, report, selection, model_sha256, seconds, partial=False):
+    """Everything needed to compare or reproduce the evaluation, for --json; `partial`: of an
+    interrupted evaluation, with the finished runs and no choices."""
+    chosen, one_for_all, best = (None, None, None) if partial else choose(report, selection)
     grid, hyper = config.grid, config.hyperparameter
     rows = []
     for k, n in enumerate(config.classes):
@@ -122,10 +131,10 @@ def build_report(config, argv, report, selection, model_sha256, seconds):
                           for l, value in enumerate(grid)],
             "chosen_on_selection_runs": None if chosen is None else pick(chosen[k]),
             "one_value_for_all_rows": None if one_for_all is None else pick(one_for_all),
-            "best_on_reported_runs": pick(best[k]),
+            "best_on_reported_runs": None if best is None else pick(best[k]),
         })
     return {
-        "format": FORMAT,
+        "format": FORMAT, **({"partial": True} if partial else {}),
         "command": as_typed("eval_omni.py", argv, paths=("-m", "--model", "--json"),
                             dropped=("--data-root", "--no-download")),
         "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
@@ -147,9 +156,28 @@ def build_report(config, argv, report, selection, model_sha256, seconds):
 
 def split_runs(results, runs):
     """Results [K, L, runs + selection runs] -> (the reported runs', the selection runs' or None)."""
-    report = {k: v[..., :runs] for k, v in results.items()}
-    selection = {k: v[..., runs:] for k, v in results.items()} if results["test"].shape[2] > runs else None
+    accuracies = {k: results[k] for k in ("test", "train")}
+    report = {k: v[..., :runs] for k, v in accuracies.items()}
+    selection = {k: v[..., runs:] for k, v in accuracies.items()} if results["test"].shape[2] > runs else None
     return report, selection
+
+
+def warn_non_finite(config, results):
+    """A notice for each learning rate at which a last layer became NaN or infinite: its accuracies
+    (near 0) say nothing about the network."""
+    for l, value in enumerate(config.grid):
+        bad = results["non_finite"][l]
+        if bad.any():
+            print(f"notice: at {config.hyperparameter} {value:g} the last layer became NaN or infinite in {bad.sum()} "
+                  f"of {len(bad)} runs: its accuracies mean nothing (the rate is far too large)", file=sys.stderr)
+
+
+def write_report(path, report):
+    """The --json file, written atomically; a failure names it."""
+    try:
+        write_atomic(path, lambda tmp: tmp.write_text(json.dumps(report, indent=1) + "\n"))
+    except OSError as e:
+        raise OSError(f"could not write --json {path}: {e.strerror or e}") from None
 
 
 def print_results(config, report, selection):
@@ -191,14 +219,24 @@ def main(argv=None):
     model = load_model(config.model, config.device)  # fails on a bad checkpoint before the data is loaded
     model_sha256 = sha256_of(config.model)
     sampler = OmniSampler(config.data_root, download=config.download, seed=config.seed)
+    results = empty_results(config)
     start = time.perf_counter()
-    results = anml.meta_test(config, sampler, model)
+    try:
+        with interrupted_by_signals():
+            anml.meta_test(config, sampler, model, results=results)
+    except KeyboardInterrupt:
+        if config.json:  # keep what was finished
+            report, selection = split_runs(results, config.runs)
+            write_report(config.json, build_report(config, argv, report, selection, model_sha256,
+                                                   time.perf_counter() - start, partial=True))
+            print(f"the runs finished before the interruption are in {config.json} (marked partial)", file=sys.stderr)
+        raise
     seconds = time.perf_counter() - start
+    warn_non_finite(config, results)
     report, selection = split_runs(results, config.runs)
     print_results(config, report, selection)
     if config.json:
-        out = build_report(config, argv, report, selection, model_sha256, seconds)
-        write_atomic(config.json, lambda tmp: tmp.write_text(json.dumps(out, indent=1) + "\n"))
+        write_report(config.json, build_report(config, argv, report, selection, model_sha256, seconds))
 
 
 if __name__ == "__main__":

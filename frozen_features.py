@@ -100,6 +100,11 @@ class LastLayers:
         """Take the steps up to image `t` of the sequences (exclusive)."""
         self.steps.advance(t - self.steps.done, bar)
 
+    def non_finite(self):
+        """[L, R]: which last layers hold a NaN or an infinity (a learning rate far too large)."""
+        finite = torch.isfinite(self.W).flatten(1).all(1) & torch.isfinite(self.b).all(1)
+        return (~finite).view(self.L, self.R).cpu().numpy()
+
     def accuracy(self, x, y):
         """Accuracy [L, R] on each run's rows x [R, n, D] with labels y [R, n], and per row [L, R, n]."""
         Wl, bl = self.W.view(self.L, self.R, *self.W.shape[1:]), self.b.view(self.L, self.R, -1)
@@ -126,14 +131,25 @@ def sequential_fit(features, runs, weights, bias, lrs, counts=None, bar=None):
         scores["train"][k] = layers.accuracy(train_x[:, :n * n_train], train_y[:, :n * n_train])[0]
         scores["test"][k], correct = layers.accuracy(test_x[:, :n * n_test], test_y[:, :n * n_test])
         scores["test_per_class"] = correct.view(len(lrs), len(runs), n, n_test).mean(-1).cpu().numpy()
+    scores["non_finite"] = layers.non_finite()
     return scores
 
-def learn_on_features(config, features, runs, inits, bias, seeds, progress=False):
+def empty_results(config):
+    """Meta-test accuracies {"test", "train": [K, L, R] NaN until computed, "non_finite": [L, R]}."""
+    runs = config.runs + config.selection_runs
+    shape = (len(config.classes), len(config.grid), runs)
+    return {"test": np.full(shape, np.nan), "train": np.full(shape, np.nan),
+            "non_finite": np.zeros(shape[1:], dtype=bool)}
+
+
+def learn_on_features(config, features, runs, inits, bias, seeds, results, progress=False):
     """Test-train and test-test of config.method ("seq" or "iid") for every run and learning rate of
     `config` (a config.EvalConfig), on frozen features: the runs' samples `runs`, their initial
     last layers `inits` [R, C, D], the checkpoint's `bias`, their entropies `seeds` (iid's shuffles
     come from them). On CUDA all L*R runs train at once; on the CPU one after the other (one last
-    layer's Adam state nearly fits in the cache, a batch does not). Returns accuracies [K, L, R]."""
+    layer's Adam state nearly fits in the cache, a batch does not). Fills `results` (see
+    empty_results) as each batch finishes, so that an interrupted evaluation keeps its finished
+    runs; returns it."""
     counts, lrs, R = list(config.classes), list(config.grid), len(runs)
     L = len(lrs)
     if features.device.type == "cuda":
@@ -146,7 +162,6 @@ def learn_on_features(config, features, runs, inits, bias, seeds, progress=False
         steps = sum(counts) * config.train_examples * config.iid_epochs
     else:
         steps = counts[-1] * config.train_examples
-    results = {k: np.zeros((len(counts), L, R)) for k in ("test", "train")}
     runs_shown = f"{config.runs} reported" + (f" + {config.selection_runs} selection" if config.selection_runs else "")
     with tqdm(total=steps * len(batches), disable=not progress, desc=f"test-train ({runs_shown} runs x {L} rates)",
               unit="step", unit_scale=True, smoothing=0) as bar:
@@ -156,8 +171,9 @@ def learn_on_features(config, features, runs, inits, bias, seeds, progress=False
                 out = iid_fit(*args, counts=counts, orders=[orders[r] for r in rs], bar=bar)
             else:
                 out = sequential_fit(*args, counts=counts, bar=bar)
-            for key in results:
+            for key in ("test", "train"):
                 results[key][np.ix_(range(len(counts)), ls, rs)] = out[key]
+            results["non_finite"][np.ix_(ls, rs)] = out["non_finite"]
     return results
 
 
@@ -184,7 +200,8 @@ def iid_fit(features, runs, weights, bias, lrs, counts, orders, bar=None):
     is no nesting across counts: each count is its own training. Returns accuracies [K, L, R]."""
     train_x, train_y, test_x, test_y = stack_sequences(features, runs)
     n_train, n_test = runs[0].train_idx.shape[1], runs[0].test_idx.shape[1]
-    scores = {"test": np.zeros((len(counts), len(lrs), len(runs))), "train": np.zeros((len(counts), len(lrs), len(runs)))}
+    scores = {"test": np.zeros((len(counts), len(lrs), len(runs))), "train": np.zeros((len(counts), len(lrs), len(runs))),
+              "non_finite": np.zeros((len(lrs), len(runs)), dtype=bool)}
     for k, n in enumerate(counts):
         order = torch.as_tensor(np.stack([o[k] for o in orders]), device=train_x.device)  # [R, T]
         rows = torch.arange(len(runs), device=train_x.device)[:, None]
@@ -192,20 +209,22 @@ def iid_fit(features, runs, weights, bias, lrs, counts, orders, bar=None):
         layers.train_until(order.shape[1], bar)
         scores["train"][k] = layers.accuracy(train_x[:, :n * n_train], train_y[:, :n * n_train])[0]
         scores["test"][k] = layers.accuracy(test_x[:, :n * n_test], test_y[:, :n * n_test])[0]
+        scores["non_finite"] |= layers.non_finite()
     return scores
 
 # ----------------------------------------------------------------------------- closed form
 
 
-def ridge_fit(features, runs, ridges, counts, progress=False):
+def ridge_fit(features, runs, ridges, counts, progress=False, scores=None):
     """The last layer in closed form: for each run, class count N and regulariser lambda, ridge least
     squares from the first N classes' training features to one-hot targets over those N classes,
     with an unpenalised intercept (features and targets centred). Predictions are the argmax over
-    the N fitted classes. No SGD, no initialisation. Returns accuracies [K, L, R] (L = ridges)."""
+    the N fitted classes. No SGD, no initialisation. Returns accuracies [K, L, R] (L = ridges),
+    filled into `scores` run by run when it is given."""
     train_x, train_y, test_x, test_y = stack_sequences(features, runs)
     n_train, n_test = runs[0].train_idx.shape[1], runs[0].test_idx.shape[1]
     shape = (len(counts), len(ridges), len(runs))
-    scores = {"test": np.zeros(shape), "train": np.zeros(shape)}
+    scores = scores or {"test": np.zeros(shape), "train": np.zeros(shape)}
     for r in tqdm(range(len(runs)), disable=not progress, desc="lstsq", unit="run"):
         for k, n in enumerate(counts):
             x, y = train_x[r, :n * n_train].double(), position_labels(n, n_train, train_x.device)

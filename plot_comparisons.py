@@ -66,7 +66,7 @@ def plot_comparisons(curves, out, title="Omniglot meta-test: accuracy against cl
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog=Path(__file__).name, description=__doc__.splitlines()[0])
     parser.add_argument("reports", nargs="+", help="eval_omni.py --json files, one line each")
     parser.add_argument("-o", "--out", default="comparisons.png", help="picture to write (%(default)s)")
     args = parser.parse_args(argv)

@@ -24,7 +24,7 @@ HIGHERANML_TABLE = {10: 0.90, 50: 0.89, 75: 0.86, 100: 0.85, 200: 0.80, 300: 0.7
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog=Path(__file__).name, description=__doc__.splitlines()[0])
     parser.add_argument("--results", default="results/omniglot_eval.json",
                         help="eval_omni.py --json output (%(default)s)")
     parser.add_argument("--log", default="trained_anmls/256_112_2304_train_log.csv",

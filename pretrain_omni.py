@@ -35,7 +35,7 @@ from runtime import resolve_device, set_threads
 
 def parse_args(argv=None):
     """The command line as a checked PretrainConfig (a bad value: one `error:` line, exit 2)."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog=Path(__file__).name, description=__doc__.splitlines()[0])
     add_size_args(parser)
     parser.add_argument("--epochs", type=positive_int, default=6,
                         help="passes over the 19,280 background images (%(default)s)")
@@ -111,6 +111,8 @@ def pretrain(config, sampler=None, quiet=False):
         model = initial_model(config).to(config.device)
         opt = torch.optim.Adam(model.parameters(), lr=config.lr)
         images, labels = background_set(data)
+        if len(images) != config.images_per_epoch:
+            raise ValueError(f"the background set has {len(images)} images, not {config.images_per_epoch}")
         orders = {}
 
         def step(i):

@@ -50,6 +50,9 @@ def upgraded(report):
 
 def checked(report):
     """`report` if every row has a class count and a reported reading with finite statistics."""
+    if report.get("partial"):
+        raise ResultsError("it is the partial report of an interrupted evaluation (its finished runs are under "
+                           "rows[].per_value): run the evaluation again for a whole one")
     rows = report.get("rows")
     if not isinstance(rows, list) or not rows:
         raise ResultsError("it has no rows")

@@ -26,7 +26,7 @@ from tqdm import tqdm
 from atomic import WriteError, probe_writable, remove_stale_temporaries, write_atomic
 from checkpoints import (Diverged, apply_training_state, check_finite, check_finite_parameters, checkpoint_path,
                          checkpoints_in, cpu_state_dict, find_resumable, newest_resumable, read_training_state,
-                         restore_torch_rng, save_atomic, save_training_state)
+                         readable_checkpoint, restore_torch_rng, save_atomic, save_training_state)
 from config import FLAGS, MAY_CHANGE_ON_RESUME
 
 LOG_EVERY = 10  # steps between log flushes (each checks the losses for NaN)
@@ -79,19 +79,19 @@ def run_locked(config, steps, state, state_path, quiet):
     if state is not None:
         first, elapsed, rng = apply_training_state(state, state_path, steps.model, steps.optimizer, steps.rng_holder)
     last = checkpoint_path(out_dir, name, steps.milestone(steps.total - 1), kind=kind)
-    if first == steps.total:  # resumed at its end: only its last checkpoint may be missing
-        if not last.is_file():
+    if first == steps.total:  # resumed at its end: only its last checkpoint may be missing or damaged
+        if not readable_checkpoint(last):
             save_atomic(cpu_state_dict(steps.model), last)
         notice(f"nothing to train: the run has already trained its {steps.total} {steps.unit}s")
         return steps.model, None, last
     step = steps.make_step()
     restore_torch_rng(rng)  # after make_step, whose CUDA graph warm-up draws from the CUDA generator
     log = TrainingLog(out_dir / f"{name}_{config.LOG}.csv", first)
-    tqdm.write(steps.header)
     start = time.perf_counter()
     clock = lambda: time.perf_counter() - start
     last_save = 0.0
     with StopSignal(config.time_limit, clock) as stop:
+        tqdm.write(steps.header)  # once the signals stop the run cleanly
         for i in tqdm(range(first, steps.total), initial=first, total=steps.total, disable=quiet, desc=kind,
                       unit=steps.unit):
             loss, acc = step(i)

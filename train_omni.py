@@ -10,6 +10,7 @@ same command with `--resume latest` to continue exactly. A run locks its files i
 runs, and a new run does not start in a folder that holds another run of the same network.
 """
 import argparse
+from pathlib import Path
 
 import anml
 from cli import (add_session_args, add_size_args, build_config, non_negative_int, positive_float, positive_int,
@@ -20,7 +21,7 @@ from runtime import resolve_device, set_threads
 
 def parse_args(argv=None):
     """The command line as a checked MetaTrainConfig (a bad value: one `error:` line, exit 2)."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog=Path(__file__).name, description=__doc__.splitlines()[0])
     add_size_args(parser)
     parser.add_argument("--epochs", type=positive_int, default=30000, help="meta-training iterations (%(default)s)")
     parser.add_argument("--inner-lr", type=positive_float, default=0.1,

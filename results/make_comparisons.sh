@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The comparisons of issue 10 at full size: ANML (seq, iid, lstsq), the same network pretrained the
+# The comparisons at full size: ANML (seq, iid, lstsq), the same network pretrained the
 # ordinary way (seq, lstsq) and at its initialisation (seq), for 10 50 100 200 600 classes, each row's
 # learning rate (ridge for lstsq) chosen on separate selection runs and reported on other runs.
 #
@@ -20,7 +20,8 @@ DEVICE=${DEVICE:-cuda}
 ANML=${ANML:-trained_anmls/256_112_2304_ANML-21678.pth}
 SIZES=${SIZES:-"--rln 256 --nm 112 --mask 2304"}
 NAME=${NAME:-256_112_2304}
-EPOCHS=${EPOCHS:-6}                    # pretrain_omni.py's default (25 minutes on one CPU core, measured)
+EPOCHS=${EPOCHS:-6}                    # pretrain_omni.py's defaults (docs/comparisons.md gives the times)
+BATCH=${BATCH:-128}
 PRETRAIN_DIR=${PRETRAIN_DIR:-trained_pretrain}
 OUT=${OUT:-results/comparisons}
 RUNS=${RUNS:-10}                       # reported runs per row
@@ -39,7 +40,8 @@ if [ ! -f "$PRETRAINED" ]; then
     if ls "$PRETRAIN_DIR/${NAME}"_pretrain-*_resume.pt >/dev/null 2>&1; then resume=(--resume latest); fi
     limit=()
     if [ -n "${TIME_LIMIT:-}" ]; then limit=(--time-limit "$TIME_LIMIT"); fi
-    $PY pretrain_omni.py $SIZES --epochs "$EPOCHS" -d "$DEVICE" --out-dir "$PRETRAIN_DIR" "${resume[@]}" "${limit[@]}" "$@"
+    $PY pretrain_omni.py $SIZES --epochs "$EPOCHS" --batch-size "$BATCH" -d "$DEVICE" --out-dir "$PRETRAIN_DIR" \
+        "${resume[@]}" "${limit[@]}" "$@"
     if [ ! -f "$PRETRAINED" ]; then echo "pretraining stopped early: run this script again to resume it"; exit 0; fi
 fi
 
@@ -63,10 +65,5 @@ evaluate pretrain_seq  "$PRETRAINED"  --method seq   -l $LRS
 evaluate pretrain_lstsq "$PRETRAINED" --method lstsq --ridge $RIDGES
 evaluate random_seq    "$RANDOM_INIT" --method seq   -l $LRS
 
-# (d) one picture, one line per method (needs matplotlib)
-if $PY -c "import matplotlib" 2>/dev/null; then
-    $PY plot_comparisons.py "$OUT"/*.json -o "$OUT/comparisons.png"
-else
-    echo "matplotlib is not installed: pip install matplotlib, then" \
-         "$PY plot_comparisons.py $OUT/*.json -o $OUT/comparisons.png"
-fi
+# (d) one picture, one line per method
+$PY plot_comparisons.py "$OUT"/*.json -o "$OUT/comparisons.png"

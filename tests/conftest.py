@@ -1,5 +1,10 @@
-"""Shared pytest fixtures: the real Omniglot copy, a per-session cache and a seeded OmniSampler."""
+"""Shared pytest fixtures: the real Omniglot copy, a per-session cache, a seeded OmniSampler, small
+checkpoints, and running the project's scripts as a user does.
+
+Without Omniglot the tests that need it are skipped, every other test runs, and the session fails at
+the end with one message saying how to provide the data."""
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -10,6 +15,12 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+torch.set_num_threads(1)  # tiny networks gain nothing from more, and idle threads spin on a shared machine
+
+INNER_LR = 0.1
+TINY = dict(rln=4, nm=3, mask=36)  # the smallest ANML: a meta-iteration in milliseconds
+TINY_FLAGS = ["--rln", "4", "--nm", "3", "--mask", "36"]
+MISSING_DATA = []  # why Omniglot could not be found, for each test skipped for want of it
 
 
 def has_zips(root):
@@ -28,7 +39,7 @@ def find_omniglot():
         if has_zips(root):
             return Path(root)
     if os.environ.get("HIGHERANML_NO_DOWNLOAD"):
-        raise DataError("HIGHERANML_NO_DOWNLOAD is set")
+        raise DataError("HIGHERANML_NO_DOWNLOAD is set, so nothing was downloaded")
     if user_cache is None:
         raise DataError(f"OMNIGLOT_ROOT={os.environ['OMNIGLOT_ROOT']} does not hold the two zips")
     download_omniglot(user_cache)
@@ -37,27 +48,56 @@ def find_omniglot():
 
 @pytest.fixture(scope="session")
 def omniglot_root():
-    """The Omniglot data root of the whole session; without data the session stops with one message."""
+    """The Omniglot data root of the whole session. Without data the test is skipped with the reason,
+    and the session fails at its end with one message (pytest_terminal_summary)."""
     from datasets import DataError
     try:
         return find_omniglot()
     except DataError as e:
-        pytest.exit(f"The tests need Omniglot and none could be found or downloaded ({e}). Put "
-                    f"images_background.zip and images_evaluation.zip in a folder and set OMNIGLOT_ROOT to it.",
-                    returncode=4)
+        pytest.skip(f"{NEEDS_OMNIGLOT}{e}")
+
+
+NEEDS_OMNIGLOT = "needs Omniglot: "
+
+
+def pytest_configure(config):
+    """Before the tests (and the workers of pytest -n): one preprocessing cache for the session,
+    filled once here, so that parallel workers do not each decode Omniglot."""
+    if hasattr(config, "workerinput"):
+        return
+    if not os.environ.get("HIGHERANML_CACHE"):
+        import tempfile
+        os.environ["HIGHERANML_CACHE"] = tempfile.mkdtemp(prefix="higheranml_cache_")
+    from datasets import DataError, load_omniglot
+    try:
+        load_omniglot(find_omniglot(), download=False)
+    except DataError:
+        pass  # the tests that need the data say so
+
+
+def pytest_runtest_logreport(report):
+    if report.skipped and isinstance(report.longrepr, tuple) and NEEDS_OMNIGLOT in str(report.longrepr[2]):
+        MISSING_DATA.append(str(report.longrepr[2]).split(NEEDS_OMNIGLOT, 1)[1])
+
+
+def pytest_sessionfinish(session, exitstatus):
+    if MISSING_DATA and exitstatus in (0, 5):
+        session.exitstatus = 4
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    if MISSING_DATA:
+        terminalreporter.write_line(
+            f"FAILED: {len(MISSING_DATA)} tests need Omniglot and were skipped ({MISSING_DATA[0]}). Put "
+            f"images_background.zip and images_evaluation.zip in a folder DIR and run again with OMNIGLOT_ROOT=DIR "
+            f"(make test OMNIGLOT_ROOT=DIR).", red=True)
 
 
 @pytest.fixture(scope="session", autouse=True)
-def cache_dir(tmp_path_factory):
-    """A fresh preprocessing cache for the session, also exported as $HIGHERANML_CACHE for subprocesses."""
-    path = tmp_path_factory.mktemp("higheranml_cache")
-    old = os.environ.get("HIGHERANML_CACHE")
-    os.environ["HIGHERANML_CACHE"] = str(path)
-    yield path
-    if old is None:
-        os.environ.pop("HIGHERANML_CACHE", None)
-    else:
-        os.environ["HIGHERANML_CACHE"] = old
+def cache_dir():
+    """The preprocessing cache of the session ($HIGHERANML_CACHE, which pytest_configure sets when it
+    is not set), where the scripts the tests run find it too."""
+    return Path(os.environ["HIGHERANML_CACHE"])
 
 
 @pytest.fixture(scope="session")
@@ -67,32 +107,37 @@ def sampler(omniglot_root, cache_dir):
     return OmniSampler(omniglot_root, seed=0, cache_dir=cache_dir)
 
 
-INNER_LR = 0.1
-
-
 def flat(model):
     """Every parameter of `model`, detached, in one vector."""
     return torch.cat([p.detach().flatten() for p in model.parameters()])
 
 
+def weights(path):
+    """A checkpoint's tensors (a bare state_dict, or the model of a resumable one)."""
+    state = torch.load(path, weights_only=True)
+    return state["model"] if isinstance(state.get("model"), dict) else state
+
+
+def same_weights(a, b):
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
 @pytest.fixture(scope="session")
 def small_checkpoint(sampler, tmp_path_factory):
-    """A small ANML meta-trained for a few iterations on real data (fast backend)."""
+    """A small ANML meta-trained for a few iterations on real data (func backend)."""
     import anml
     from checkpoints import save_atomic
     from model import ANML
     torch.manual_seed(0)
     model = ANML(8, 4, 72)
-    inner_opt, outer_opt = anml.make_optimizers(model, INNER_LR, 1e-3)
+    outer_opt = anml.outer_optimizer(model, 1e-3)
     sampler.rng = np.random.default_rng(0)
     for _ in range(10):
         train_data, cls, (valid_ims, valid_labels) = sampler.sample_train()
-        anml.meta_step(model, inner_opt, outer_opt, train_data, cls, valid_ims, valid_labels, "func")
+        anml.meta_step(model, outer_opt, train_data, cls, valid_ims, valid_labels, INNER_LR, "func")
     path = tmp_path_factory.mktemp("ckpt") / "8_4_72_ANML-9.pth"
     save_atomic(model.state_dict(), path)
     return path
-
-
 
 
 def script_env(**extra):
@@ -109,3 +154,20 @@ def run(script, *args, env=None):
     """Run one of the project's scripts as a user would, from the repository's root."""
     return subprocess.run(command(script, *args), cwd=REPO, env=env or script_env(),
                           capture_output=True, text=True, timeout=600)
+
+
+def error_lines(stderr):
+    return [line for line in stderr.splitlines() if re.match(r"(\S+\.py: )?error: ", line)]
+
+
+def assert_one_error(stderr, expected):
+    """Exactly one `error:` line, no traceback, and the line matches `expected` (a regular expression)."""
+    assert "Traceback" not in stderr, stderr
+    errors = error_lines(stderr)
+    assert len(errors) == 1 and re.search(expected, errors[0]), stderr
+    return errors[0]
+
+
+def assert_ok(proc):
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr

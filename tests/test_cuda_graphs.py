@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import anml
+from config import EvalConfig
 from conftest import INNER_LR, flat
 from cuda_graphs import GraphedMetaStep, gather_train_batch
 from functional import func_meta_loss
@@ -15,11 +16,11 @@ from model import ANML
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
 
-def graph_step(model, inner_opt, outer_opt, sampler):
+def graph_step(model, outer_opt, sampler, first_order=False):
     """The CUDA-graph step as `anml.meta_stepper` builds it, called with explicit indices."""
     def iteration(train_class, train_ims, train_labels, valid_ims, valid_labels):
         anml.lobotomize(model.fc, train_class)
-        return func_meta_loss(model, inner_opt, train_ims, train_labels, valid_ims, valid_labels)
+        return func_meta_loss(model, INNER_LR, train_ims, train_labels, valid_ims, valid_labels, first_order)
     return GraphedMetaStep(model, outer_opt, sampler, iteration)
 
 
@@ -37,18 +38,20 @@ def test_graph_gathers_the_samplers_batch(sampler):
     assert torch.equal(g_valid_ims, valid_ims) and torch.equal(g_valid_labels, valid_labels)
 
 
-def test_graphed_step_logic_equals_meta_step_on_cpu(sampler):
+@pytest.mark.parametrize("first_order", [False, True])
+def test_graphed_step_logic_equals_meta_step_on_cpu(sampler, first_order):
     """GraphedMetaStep without CUDA runs its steps eagerly: warm-up, undoing the warm-up, the
-    on-device gather and the step itself must give exactly what meta_step gives."""
+    on-device gather and the step itself must give exactly what meta_step gives (second and first
+    order)."""
     torch.manual_seed(0)
     base = ANML(4, 3, 36).double()
     images = sampler.background.flatten(0, 1).double()
     results = {}
     for graphed in (False, True):
         model = copy.deepcopy(base)
-        inner_opt, outer_opt = anml.make_optimizers(model, INNER_LR, 1e-3)
+        outer_opt = anml.outer_optimizer(model, 1e-3)
         if graphed:
-            step = graph_step(model, inner_opt, outer_opt, sampler)
+            step = graph_step(model, outer_opt, sampler, first_order)
         sampler.rng = np.random.default_rng(8)
         torch.manual_seed(1)
         for _ in range(3):
@@ -59,7 +62,8 @@ def test_graphed_step_logic_equals_meta_step_on_cpu(sampler):
                 train_ims, train_labels, valid_ims, valid_labels = gather_train_batch(
                     images, 20, torch.tensor(cls), torch.as_tensor(remember))
                 train_data = [(train_ims[i:i + 1], train_labels[i:i + 1]) for i in range(20)]
-                anml.meta_step(model, inner_opt, outer_opt, train_data, cls, valid_ims, valid_labels, "func")
+                anml.meta_step(model, outer_opt, train_data, cls, valid_ims, valid_labels, INNER_LR, "func",
+                               first_order)
         results[graphed] = flat(model)
     assert not torch.equal(results[False], flat(base))
     torch.testing.assert_close(results[True], results[False], rtol=1e-12, atol=0)
@@ -77,8 +81,8 @@ def test_graphed_step_equals_eager_on_cuda(sampler):
     results = {}
     for graphed in (False, True):
         model = copy.deepcopy(base)
-        inner_opt, outer_opt = anml.make_optimizers(model, INNER_LR, 1e-3, capturable=True)
-        step = graph_step(model, inner_opt, outer_opt, sampler) if graphed else None
+        outer_opt = anml.outer_optimizer(model, 1e-3, capturable=True)
+        step = graph_step(model, outer_opt, sampler) if graphed else None
         rng = np.random.default_rng(0)
         torch.cuda.manual_seed(1)
         for _ in range(3):
@@ -91,7 +95,7 @@ def test_graphed_step_equals_eager_on_cuda(sampler):
                               for i in range(20)]
                 labels = torch.cat([torch.full((20,), cls), torch.as_tensor(remember) // 20]).cuda()
                 valid_ims = torch.cat([images[cls * 20:(cls + 1) * 20], images[remember]]).cuda()
-                anml.meta_step(model, inner_opt, outer_opt, train_data, cls, valid_ims, labels, "func")
+                anml.meta_step(model, outer_opt, train_data, cls, valid_ims, labels, INNER_LR, "func")
         results[graphed] = flat(model)
     assert not torch.equal(results[False], flat(base))
     torch.testing.assert_close(results[True], results[False], rtol=1e-9, atol=1e-12)
@@ -99,8 +103,9 @@ def test_graphed_step_equals_eager_on_cuda(sampler):
 
 @needs_cuda
 def test_graphed_meta_test_on_cuda_equals_cpu(small_checkpoint, sampler):
-    kwargs = dict(num_classes=[5, 20], lrs=(1e-3, 5e-4), runs=2, seed=3, progress=False)
-    gpu = anml.meta_test(small_checkpoint, sampler, device="cuda", **kwargs)
-    cpu = anml.meta_test(small_checkpoint, sampler, device="cpu", **kwargs)
+    config = lambda device: EvalConfig(model=str(small_checkpoint), classes=(5, 20), lrs=(1e-3, 5e-4), runs=2, seed=3,
+                                       device=device)
+    gpu = anml.meta_test(config("cuda"), sampler, progress=False)
+    cpu = anml.meta_test(config("cpu"), sampler, progress=False)
     np.testing.assert_allclose(gpu["test"], cpu["test"], atol=0.02)
     np.testing.assert_allclose(gpu["train"], cpu["train"], atol=0.02)

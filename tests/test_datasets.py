@@ -96,10 +96,24 @@ def test_seeding(omniglot_root, cache_dir):
 
 
 def test_bad_arguments(sampler):
-    for kwargs in [dict(num_tasks=0), dict(num_tasks=660), dict(num_tasks=5, train_examples=0),
-                   dict(num_tasks=5, train_examples=20)]:
-        with pytest.raises(ValueError, match="num_tasks|train_examples"):
+    for kwargs, message in [(dict(num_tasks=0), r"num_tasks must be in 1\.\.659, got 0"),
+                            (dict(num_tasks=660), r"num_tasks must be in 1\.\.659, got 660"),
+                            (dict(num_tasks=5, train_examples=0), r"train_examples must be in 1\.\.19, got 0"),
+                            (dict(num_tasks=5, train_examples=20), r"train_examples must be in 1\.\.19, got 20")]:
+        with pytest.raises(ValueError, match=message):
             sampler.sample_test(**kwargs)
+
+
+def test_the_split_is_scikit_learns():
+    """The sampler's split of a class's 20 drawers is scikit-learn's train_test_split, as higherANML
+    calls it, for every training size and many seeds."""
+    from sklearn.model_selection import train_test_split as sklearn_split
+    from datasets.sampler import train_test_split
+    for seed in range(0, 2**31 - 1, 2**31 // 300):
+        for train_examples in (1, 5, 15, 19):
+            expected = sklearn_split(np.arange(20), train_size=train_examples, random_state=seed)
+            for ours, theirs in zip(train_test_split(train_examples, seed), expected):
+                np.testing.assert_array_equal(ours, theirs)
 
 
 def test_data_root_resolution(tmp_path, monkeypatch):
@@ -117,10 +131,60 @@ def test_data_root_resolution(tmp_path, monkeypatch):
                                       "images_evaluation": tmp_path / "omniglot-py" / "images_evaluation.zip"}
 
 
-def test_missing_data_no_download(tmp_path, cache_dir):
-    with pytest.raises(DataError) as e:
-        load_omniglot(tmp_path, download=False, cache_dir=cache_dir)
-    assert str(tmp_path / "images_background.zip") in str(e.value) and "--data-root" in str(e.value)
+def test_a_data_root_without_omniglot_is_named_and_never_downloaded_into(tmp_path, cache_dir, monkeypatch):
+    """An explicit data root (--data-root, OMNIGLOT_ROOT) that does not hold Omniglot is an error that
+    names it and what was looked for; one that does not exist is not created; neither is downloaded
+    into, even where downloading is allowed."""
+    monkeypatch.delenv("OMNIGLOT_ROOT", raising=False)
+    monkeypatch.setattr(omniglot, "download_omniglot", lambda *a, **k: pytest.fail("downloaded"))
+    typo = tmp_path / "omniglott"
+    with pytest.raises(DataError, match=rf"--data-root {typo} does not exist \(nothing was created or downloaded\)"):
+        load_omniglot(typo, download=True, cache_dir=cache_dir)
+    assert not typo.exists()
+    with pytest.raises(DataError, match=rf"--data-root {tmp_path} does not hold Omniglot: no images_background or "
+                                        rf"images_evaluation .* in it or in {tmp_path / 'omniglot'}"):
+        load_omniglot(tmp_path, download=True, cache_dir=cache_dir)
+    monkeypatch.setenv("OMNIGLOT_ROOT", str(tmp_path))
+    with pytest.raises(DataError, match=rf"OMNIGLOT_ROOT {tmp_path} does not hold Omniglot"):
+        load_omniglot(download=True, cache_dir=cache_dir)
+    assert not list(tmp_path.iterdir())  # nothing was created or downloaded
+
+
+def test_a_parent_folder_of_omniglot_is_found(tmp_path, omniglot_root, cache_dir, sampler):
+    (tmp_path / "omniglot").mkdir()
+    for split in ("images_background", "images_evaluation"):
+        os.symlink(omniglot_root / f"{split}.zip", tmp_path / "omniglot" / f"{split}.zip")
+    background, _ = load_omniglot(tmp_path, download=False, cache_dir=cache_dir)
+    np.testing.assert_array_equal(background, sampler.background[:, :, 0].numpy())
+
+
+def test_missing_cache_data_without_download_says_what_to_do(tmp_path, cache_dir, monkeypatch):
+    monkeypatch.delenv("OMNIGLOT_ROOT", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    with pytest.raises(DataError, match=r"Omniglot is not in .*higherANML/omniglot \(the per-user cache\) and "
+                                        r"--no-download is set: point --data-root DIR"):
+        load_omniglot(download=False, cache_dir=cache_dir)
+
+
+def test_a_cache_that_does_not_hold_every_class_is_rebuilt(tmp_path, omniglot_root, sampler, cache_dir,
+                                                           monkeypatch):
+    """A cache file of the right name holding 10 background classes is refused (with a warning) and
+    rebuilt; a temporary file of a killed cache write is removed."""
+    session_cache = cache_dir / f"omniglot-28px-{omniglot._cache_key(find_sources(omniglot_root), 28)}.npz"
+    with np.load(session_cache) as f:
+        arrays = {k: f[k] for k in f.files}
+    monkeypatch.setattr(omniglot, "_preprocess", lambda sources, im_size: arrays)  # the rebuild, without decoding
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    with open(cache / session_cache.name, "wb") as f:
+        np.savez(f, images_background=arrays["images_background"][:10], images_evaluation=arrays["images_evaluation"])
+    stale = cache / f".{session_cache.name}.999999999.tmp"
+    stale.write_bytes(b"partial")
+    with pytest.warns(UserWarning, match=r"ignoring the cache .*: its images_background is uint8 \(10, 20, 28, 28\)"):
+        background, _ = load_omniglot(omniglot_root, download=False, cache_dir=cache)
+    assert background.shape == (964, 20, 28, 28) and not stale.exists()
+    with np.load(cache / session_cache.name) as f:
+        assert f["images_background"].shape == (964, 20, 28, 28)  # the cache was written again, whole
 
 
 def _fake_zip(path, split, num_classes, data=b"not a png"):

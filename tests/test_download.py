@@ -69,7 +69,7 @@ def test_not_found_says_what_to_do_instead(tmp_path, served):
         download_omniglot(tmp_path, base_url=url + "/missing", md5s=md5s, progress=False)
     assert list(tmp_path.iterdir()) == []
     message = str(failure.value)
-    assert "--data-root" in message and "OMNIGLOT_ROOT" in message
+    assert "--data-root DIR" in message and "OMNIGLOT_ROOT=DIR" in message and 'make demo DATA="--data-root DIR"' in message
     assert "partial file" not in message  # nothing was written, so nothing was removed
 
 
@@ -81,9 +81,12 @@ def test_broken_transfer_removes_the_partial_file(tmp_path, served):
     assert list(tmp_path.iterdir()) == []
 
 
-def test_load_downloads_from_env_url(tmp_path, served, monkeypatch, cache_dir):
-    """load_omniglot downloads when data is missing; the copies' MD5s are not the official ones."""
+def test_load_downloads_into_the_user_cache_from_env_url(tmp_path, served, monkeypatch, cache_dir):
+    """Without a data root, load_omniglot downloads into the per-user cache; the served copies' MD5s
+    are not the official ones, so the download is refused and nothing is left there."""
+    monkeypatch.delenv("OMNIGLOT_ROOT", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     monkeypatch.setenv("OMNIGLOT_BASE_URL", served[0])
     with pytest.raises(DataError, match="images_background.zip was corrupted"):
-        load_omniglot(tmp_path / "data", cache_dir=cache_dir)
-    assert list((tmp_path / "data").iterdir()) == []
+        load_omniglot(cache_dir=cache_dir)
+    assert list((tmp_path / "higherANML" / "omniglot").iterdir()) == []

@@ -1,13 +1,13 @@
-"""The network's layout: the seed's checkpoint keys and shapes, size, output and size checks."""
+"""The network's layout: higherANML's checkpoint keys and shapes, size, output and size checks."""
 import pytest
 import torch
 
 from checkpoints import load_model
 from model import ANML, sizes_from_state_dict
 
-SEED_KEYS = {f"{net}.convBlock{i}.{layer}.{kind}" for net in ("nm", "rln") for i in (1, 2, 3)
+HIGHERANML_KEYS = {f"{net}.convBlock{i}.{layer}.{kind}" for net in ("nm", "rln") for i in (1, 2, 3)
              for layer in ("conv", "norm") for kind in ("weight", "bias")}
-SEED_KEYS |= {"nm.fc.weight", "nm.fc.bias", "fc.weight", "fc.bias"}
+HIGHERANML_KEYS |= {"nm.fc.weight", "nm.fc.bias", "fc.weight", "fc.bias"}
 
 
 @pytest.fixture(scope="module")
@@ -16,7 +16,7 @@ def full():
 
 
 def test_state_dict_has_the_seed_checkpoint_keys(full):
-    assert set(full.state_dict()) == SEED_KEYS
+    assert set(full.state_dict()) == HIGHERANML_KEYS
 
 
 def test_shapes_and_parameter_count(full):
@@ -51,7 +51,7 @@ def test_conv_block_is_conv_norm_relu_pool():
 
 
 def test_a_seed_format_checkpoint_loads_strictly(tmp_path):
-    """A bare state_dict built from the seed's key list and shapes alone (not from our model) loads
+    """A bare state_dict built from higherANML's key list and shapes alone (not from our model) loads
     with strict=True, and every value arrives where its name says."""
     shapes = {"fc.weight": (1000, 2304), "fc.bias": (1000,), "nm.fc.weight": (2304, 1008), "nm.fc.bias": (2304,)}
     for net, chs in (("rln", 256), ("nm", 112)):
@@ -59,7 +59,7 @@ def test_a_seed_format_checkpoint_loads_strictly(tmp_path):
             p = f"{net}.convBlock{i}."
             shapes.update({p + "conv.weight": (chs, 1 if i == 1 else chs, 3, 3), p + "conv.bias": (chs,),
                            p + "norm.weight": (chs,), p + "norm.bias": (chs,)})
-    assert set(shapes) == SEED_KEYS
+    assert set(shapes) == HIGHERANML_KEYS
     generator = torch.Generator().manual_seed(0)
     seed_state = {k: torch.randn(shape, generator=generator) for k, shape in shapes.items()}
     path = tmp_path / "256_112_2304_ANML-29999.pth"
@@ -70,7 +70,9 @@ def test_a_seed_format_checkpoint_loads_strictly(tmp_path):
         assert torch.equal(v, seed_state[k]), k
 
 
-@pytest.mark.parametrize("sizes", [(256, 112, 2000), (4, 3, 37), (0, 3, 0)])
-def test_bad_sizes_are_refused_with_a_reason(sizes):
-    with pytest.raises(ValueError, match="mask|positive"):
+@pytest.mark.parametrize("sizes, reason", [((256, 112, 2000), r"--mask must be 2304"),
+                                           ((4, 3, 37), r"--mask must be 36"),
+                                           ((0, 3, 0), r"--rln must be a positive integer, got 0")])
+def test_bad_sizes_are_refused_with_a_reason(sizes, reason):
+    with pytest.raises(ValueError, match=reason):
         ANML(*sizes)

@@ -1,5 +1,5 @@
 """The shipped model: the committed file is the one that was trained (SHA-256), and it loads
-strictly into ANML as the seed's bare state_dict, with finite weights."""
+strictly into ANML as higherANML's bare state_dict, with finite weights."""
 import hashlib
 from pathlib import Path
 

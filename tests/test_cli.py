@@ -1,0 +1,185 @@
+"""Bad input to every script, in-process: one `error:` line naming the mistake, exit 2, no traceback,
+and for what can be checked without the data, nothing loaded first. (tests/test_scripts.py checks
+the same contract end to end, in real processes, for a few cases.)"""
+import pytest
+import torch
+
+import anml
+import bench
+import eval_omni
+import plot_comparisons
+import plot_results
+import pretrain_omni
+import train_omni
+from cli import as_typed, run_cli
+from conftest import TINY_FLAGS, assert_one_error
+from model import ANML
+
+HAS_CUDA = torch.cuda.is_available()
+
+
+@pytest.fixture
+def no_data(monkeypatch, tmp_path):
+    """Fails the test if a script loads Omniglot; the data flags point at an empty folder."""
+    def load(*args, **kwargs):
+        raise AssertionError("the data was loaded before the bad input was reported")
+    for module in (anml, eval_omni, pretrain_omni, bench):
+        monkeypatch.setattr(module, "OmniSampler", load)
+    (tmp_path / "empty").mkdir()
+    return ["--data-root", str(tmp_path / "empty"), "--no-download"]
+
+
+def error_of(main, argv, capsys):
+    """What a script prints on stderr when `main(argv)` ends with exit 2 (as `run_cli` runs it)."""
+    with pytest.raises(SystemExit) as done:
+        run_cli(lambda: main([str(a) for a in argv]))
+    err = capsys.readouterr().err
+    assert done.value.code == 2, err
+    return err
+
+
+NOT_READ = ["-m", "missing.pth"]  # a model path that the argument errors must not get as far as reading
+ARGUMENT_ERRORS = {  # id: (script's main, argv, expected message)
+    "classes-0": (eval_omni.main, [*NOT_READ, "-c", "0"], r"--classes must be in 1\.\.659 .*got 0$"),
+    "classes-660": (eval_omni.main, [*NOT_READ, "-c", "10", "660"], r"--classes must be in 1\.\.659 .*got 10 660$"),
+    "train-examples-0": (eval_omni.main, [*NOT_READ, "-t", "0"], r"--train-examples must be in 1\.\.19 .*got 0"),
+    "train-examples-20": (eval_omni.main, [*NOT_READ, "-t", "20"], r"--train-examples must be in 1\.\.19 .*got 20"),
+    "eval-lr-0": (eval_omni.main, [*NOT_READ, "-l", "0.001", "0"], r"argument -l/--lr: must be a finite number > 0"),
+    "eval-lr-inf": (eval_omni.main, [*NOT_READ, "-l", "inf"], r"argument -l/--lr: must be a finite number > 0"),
+    "runs-0": (eval_omni.main, [*NOT_READ, "-r", "0"], r"argument -r/--runs: must be at least 1"),
+    "selection-one-lr": (eval_omni.main, [*NOT_READ, "--selection-runs", "3"], r"give several with --lr"),
+    "selection-one-ridge": (eval_omni.main, [*NOT_READ, "--method", "lstsq", "--selection-runs", "2"],
+                            r"give several with --ridge"),
+    "lr-with-lstsq": (eval_omni.main, [*NOT_READ, "--method", "lstsq", "-l", "0.01"], r"lstsq takes --ridge"),
+    "ridge-with-seq": (eval_omni.main, [*NOT_READ, "--ridge", "1"], r"--ridge is for --method lstsq"),
+    "ridge-0": (eval_omni.main, [*NOT_READ, "--method", "lstsq", "--ridge", "0"], r"argument --ridge"),
+    "epochs-iid-with-seq": (eval_omni.main, [*NOT_READ, "--epochs-iid", "2"], r"--epochs-iid is for --method iid"),
+    "epochs-iid-0": (eval_omni.main, [*NOT_READ, "--method", "iid", "--epochs-iid", "0"], r"argument --epochs-iid"),
+    "epochs-iid-huge": (eval_omni.main, [*NOT_READ, "--method", "iid", "--epochs-iid", "1000000"],
+                        r"--epochs-iid must be at most 1000, got 1000000"),
+    "original-loop-iid": (eval_omni.main, [*NOT_READ, "--method", "iid", "--original-loop"], r"only runs --method seq"),
+    "seed-loop-alias": (eval_omni.main, [*NOT_READ, "--method", "lstsq", "--seed-loop"], r"only runs --method seq"),
+    "method-unknown": (eval_omni.main, [*NOT_READ, "--method", "knn"], r"argument --method: invalid choice"),
+    "eval-seed-huge": (eval_omni.main, [*NOT_READ, "--seed", str(2**64)], r"--seed must be a whole number in 0\.\.4294967295"),
+    "json-empty": (eval_omni.main, [*NOT_READ, "--json", ""], r"--json must name a file"),
+    "model-empty": (eval_omni.main, ["-m", ""], r"-m must name a file"),
+    "mask-not-9x-rln": (train_omni.main, ["--rln", "4", "--nm", "3", "--mask", "35"], r"--mask must be 36"),
+    "nm-huge": (train_omni.main, ["--nm", "30000"], r"--rln 256 --nm 30000 makes a network of \d+\.\d billion parameters \(\d+ GiB of weights\)"),
+    "epochs-0": (train_omni.main, ["--epochs", "0"], r"argument --epochs: must be at least 1"),
+    "inner-lr-0": (train_omni.main, ["--inner-lr", "0"], r"argument --inner-lr"),
+    "outer-lr-negative": (train_omni.main, ["--outer-lr", "-1e-3"], r"argument --outer-lr"),
+    "time-limit-0": (train_omni.main, ["--time-limit", "0"], r"argument --time-limit"),
+    "save-minutes-0": (train_omni.main, ["--save-minutes", "0"], r"argument --save-minutes"),
+    "train-seed-huge": (train_omni.main, [*TINY_FLAGS, "--seed", str(2**64)],
+                        r"--seed must be a whole number in 0\.\.4294967295, got 18446744073709551616"),
+    "first-order-higher": (train_omni.main, [*TINY_FLAGS, "--first-order", "--backend", "higher"], r"not by higher"),
+    "graph-on-cpu": (train_omni.main, [*TINY_FLAGS, "--backend", "graph", "-d", "cpu"], r"--backend graph .* -d cuda"),
+    "out-dir-empty": (train_omni.main, [*TINY_FLAGS, "--out-dir", ""], r"--out-dir must name a folder"),
+    "threads-0": (train_omni.main, [*TINY_FLAGS, "--threads", "0"], r"argument --threads: must be at least 1"),
+    "pretrain-batch-0": (pretrain_omni.main, ["--batch-size", "0"], r"argument --batch-size"),
+    "pretrain-mask": (pretrain_omni.main, ["--rln", "4", "--nm", "3", "--mask", "35"], r"--mask must be 36"),
+    "pretrain-lr-0": (pretrain_omni.main, ["--lr", "0"], r"argument --lr"),
+    "pretrain-out-dir-empty": (pretrain_omni.main, [*TINY_FLAGS, "--out-dir", " "], r"--out-dir must name a folder"),
+    "bench-mask": (bench.main, ["--rln", "4", "--nm", "3", "--mask", "35"], r"--mask must be 36"),
+    "bench-classes": (bench.main, [*TINY_FLAGS, "--classes", "0"], r"--classes must be in 1\.\.659"),
+}
+
+
+@pytest.mark.parametrize("case", ARGUMENT_ERRORS)
+def test_argument_errors_are_one_line_before_any_data(case, no_data, capsys):
+    main, argv, expected = ARGUMENT_ERRORS[case]
+    assert_one_error(error_of(main, [*argv, *no_data], capsys), expected)
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="CUDA is available here")
+@pytest.mark.parametrize("main", [train_omni.main, eval_omni.main, pretrain_omni.main])
+def test_asking_for_cuda_without_it_is_one_line(main, no_data, capsys):
+    argv = [*NOT_READ] if main is eval_omni.main else []
+    assert_one_error(error_of(main, [*argv, "-d", "cuda", *no_data], capsys),
+                     r"-d cuda: CUDA is not available on this machine \(use -d cpu\)")
+
+
+@pytest.fixture(scope="module")
+def bad_models(tmp_path_factory):
+    """A text file, a state_dict of the wrong shapes, one with a key missing, one with a NaN."""
+    tmp = tmp_path_factory.mktemp("models")
+    (tmp / "text.pth").write_text("not a checkpoint\n")
+    (tmp / "empty.pth").write_bytes(b"")
+    reshaped = ANML(8, 3, 72).state_dict()
+    reshaped["fc.weight"] = reshaped["fc.weight"].reshape(2000, 36)
+    torch.save(reshaped, tmp / "reshaped.pth")
+    missing_keys = ANML(4, 3, 36).state_dict()
+    del missing_keys["nm.fc.bias"]
+    torch.save(missing_keys, tmp / "missing_keys.pth")
+    nan = ANML(4, 3, 36).state_dict()
+    nan["rln.convBlock1.conv.weight"][0] = float("nan")
+    torch.save(nan, tmp / "nan.pth")
+    torch.save(ANML(4, 3, 36).state_dict(), tmp / "model.pth")
+    return tmp
+
+
+@pytest.mark.parametrize("name, expected", [
+    ("missing", r"model file not found: .*missing\.pth"),
+    ("text", r"text\.pth is not a PyTorch checkpoint"),
+    ("empty", r"empty\.pth is not a PyTorch checkpoint"),
+    ("reshaped", r"reshaped\.pth does not fit the ANML architecture: mask size 36 does not fit"),
+    ("missing_keys", r"missing_keys\.pth does not fit the ANML architecture: .*nm\.fc\.bias"),
+    ("nan", r"nan\.pth holds non-finite weights \(NaN or inf in rln\.convBlock1\.conv\.weight\)"),
+])
+def test_a_bad_checkpoint_is_one_line_before_any_data(bad_models, name, expected, no_data, capsys):
+    assert_one_error(error_of(eval_omni.main, ["-m", bad_models / f"{name}.pth", *no_data], capsys), expected)
+
+
+def test_output_paths_are_checked_before_any_data(bad_models, tmp_path, no_data, capsys):
+    model = ["-m", bad_models / "model.pth"]
+    assert_one_error(error_of(eval_omni.main, [*model, "--json", tmp_path, *no_data], capsys),
+                     rf"--json {tmp_path} is a folder: give a file name")
+    assert_one_error(error_of(eval_omni.main, [*model, "--json", "/proc/anml.json", *no_data], capsys),
+                     r"cannot write --json /proc/anml\.json")
+    for main in (train_omni.main, pretrain_omni.main):
+        assert_one_error(error_of(main, [*TINY_FLAGS, "--out-dir", bad_models / "text.pth", *no_data], capsys),
+                         r"--out-dir .*text\.pth is not a folder")
+        assert_one_error(error_of(main, [*TINY_FLAGS, "--out-dir", "/proc/anml", *no_data], capsys),
+                         r"cannot write to --out-dir /proc/anml")
+
+
+def test_resume_latest_without_a_run_is_one_line_before_any_data(tmp_path, no_data, capsys):
+    assert_one_error(error_of(train_omni.main, [*TINY_FLAGS, "--out-dir", tmp_path, "--resume", "latest", *no_data],
+                              capsys), rf"--resume latest: no 4_3_36_ANML-\*_resume\.pt in {tmp_path}")
+    assert_one_error(error_of(pretrain_omni.main, [*TINY_FLAGS, "--out-dir", tmp_path, "--resume", "latest",
+                                                   *no_data], capsys),
+                     rf"--resume latest: no 4_3_36_pretrain-\*_resume\.pt in {tmp_path}")
+
+
+def test_plot_scripts_refuse_bad_files_in_one_line(tmp_path, capsys):
+    """Missing, empty, non-JSON and malformed results files, and an empty or missing log."""
+    bad = {"null.json": "null", "empty_rows.json": '{"rows": []}', "keys.json": '{"rows": [{"classes": 10}]}',
+           "none.json": '{"rows": [{"classes": 10, "best_on_reported_runs": {"test_mean": null}}]}',
+           "text.json": "not json"}
+    for name, text in bad.items():
+        (tmp_path / name).write_text(text)
+    expected = {"null.json": "holds NoneType, not an object", "empty_rows.json": "it has no rows",
+                "keys.json": "the row of 10 classes has no 'best_on_reported_runs'",
+                "none.json": "has no finite 'test_mean' \\(got None\\)", "text.json": "is not JSON"}
+    for name, message in expected.items():
+        err = error_of(plot_results.main, ["--results", tmp_path / name, "--out-dir", tmp_path], capsys)
+        assert_one_error(err, message)
+        assert_one_error(error_of(plot_comparisons.main, [tmp_path / name, "-o", tmp_path / "c.png"], capsys), message)
+    assert_one_error(error_of(plot_results.main, ["--results", tmp_path / "nothing.json"], capsys),
+                     r"results file not found: .*nothing\.json \(make it with eval_omni\.py --json\)")
+    (tmp_path / "log.csv").write_text("")
+    good = tmp_path / "good.json"
+    good.write_text('{"rows": [{"classes": 10, "best_on_reported_runs": {"test_mean": 0.9, "test_std": 0.1, '
+                    '"train_mean": 1.0, "train_std": 0.0}}]}')
+    assert_one_error(error_of(plot_results.main, ["--results", good, "--log", tmp_path / "log.csv", "--out-dir",
+                                                  tmp_path], capsys), r"log\.csv is not a train_omni\.py log")
+    assert_one_error(error_of(plot_comparisons.main, [good, "-o", ""], capsys), r"-o must name a file")
+    assert_one_error(error_of(plot_comparisons.main, [good, "-o", tmp_path], capsys), r"is a folder")
+
+
+def test_the_recorded_command_is_what_a_user_types_again(tmp_path):
+    from cli import REPO
+    argv = ["-m", str(REPO / "trained_anmls" / "x.pth"), "-c", "10", "--data-root", "/data/omni", "--no-download",
+            "--json", str(tmp_path / "scratch" / "out.json"), "-l", "0.001", "--data-root=/elsewhere"]
+    assert as_typed("/usr/bin/eval_omni.py", argv, paths=("-m", "--json"), dropped=("--data-root", "--no-download")) \
+        == "python eval_omni.py -m trained_anmls/x.pth -c 10 --json out.json -l 0.001"

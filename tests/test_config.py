@@ -1,0 +1,90 @@
+"""The configurations: what each checks, what a run records and compares, and the derived values."""
+import dataclasses
+
+import pytest
+
+from config import (ConfigError, EvalConfig, MetaTrainConfig, PretrainConfig, check_sizes, parameter_count,
+                    resolve_backend)
+from model import ANML
+
+
+@pytest.mark.parametrize("sizes", [(4, 3, 36), (8, 4, 72), (256, 112, 2304), (16, 1, 144)])
+def test_parameter_count_is_the_networks(sizes):
+    assert parameter_count(*sizes) == sum(p.numel() for p in ANML(*sizes).parameters())
+    assert parameter_count(256, 112, 2304) == 6_041_800
+
+
+@pytest.mark.parametrize("sizes, message", [
+    ((256, 112, 2000), "mask size 2000 does not fit: the RLN with 256 channels gives 9 x 256 = 2304 features"),
+    ((4, 3, 37), "--mask must be 36"),
+    ((0, 3, 0), "--rln must be a positive integer, got 0"),
+    ((4, 0, 36), "--nm must be a positive integer, got 0"),
+    ((4, 3.0, 36), "--nm must be a positive integer, got 3.0"),
+    ((256, 30000, 2304), "makes a network of 16.8 billion parameters (63 GiB of weights): at most 1,000,000,000"),
+])
+def test_sizes_the_network_cannot_have_are_refused_with_the_reason(sizes, message):
+    with pytest.raises(ConfigError) as error:
+        check_sizes(*sizes)
+    assert message in str(error.value)
+    with pytest.raises(ConfigError):
+        MetaTrainConfig(rln=sizes[0], nm=sizes[1], mask=sizes[2])
+
+
+def test_backend_resolution():
+    assert resolve_backend("auto", "cuda") == "graph" and resolve_backend("auto", "cpu") == "func"
+    assert resolve_backend("higher", "cuda") == "higher"
+    with pytest.raises(ConfigError, match="unknown backend 'jax'"):
+        resolve_backend("jax", "cpu")
+    assert MetaTrainConfig(device="cpu").resolved_backend == "func"
+
+
+def test_meta_train_config_checks_and_records():
+    config = MetaTrainConfig(rln=4, nm=3, mask=36, epochs=5, seed=2**32 - 1, out_dir="x")
+    assert config.name == "4_3_36" and config.total_steps == 5 and config.epochs_for(7) == 7
+    assert config.run_settings() == {"rln": 4, "nm": 3, "mask": 36, "inner_lr": 0.1, "outer_lr": 1e-3,
+                                     "seed": 2**32 - 1, "backend": "auto", "first_order": False, "epochs": 5}
+    recorded = config.as_dict()
+    assert recorded["out_dir"] == "x" and recorded["device"] == "cpu" and recorded["rln"] == 4
+    assert MetaTrainConfig(**recorded) == config  # recorded whole: it rebuilds the same configuration
+    for bad, message in [(dict(seed=2**32), "--seed must be a whole number"), (dict(seed=-1), "--seed"),
+                         (dict(epochs=0), "--epochs must be a whole number > 0"),
+                         (dict(inner_lr=float("nan")), "--inner-lr must be a finite number > 0"),
+                         (dict(outer_lr=0.0), "--outer-lr"), (dict(time_limit=-1.0), "--time-limit"),
+                         (dict(save_minutes=0), "--save-minutes"), (dict(out_dir=""), "--out-dir must name"),
+                         (dict(first_order=True, backend="higher"), "not by higher"),
+                         (dict(backend="graph", device="cpu"), "needs -d cuda"), (dict(device="tpu"), "-d must be"),
+                         (dict(threads=0), "--threads")]:
+        with pytest.raises(ConfigError, match=message):
+            MetaTrainConfig(**bad)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        config.seed = 3
+
+
+def test_pretrain_config_counts_steps_in_epochs():
+    config = PretrainConfig(rln=4, nm=3, mask=36, epochs=2, batch_size=1024)
+    assert config.steps_per_epoch == 19 and config.total_steps == 38  # 19,280 images, the last batch partial
+    assert config.epochs_for(38) == 2 and config.epochs_for(39) == 3
+    assert set(config.run_settings()) == {"rln", "nm", "mask", "lr", "batch_size", "lobotomize", "seed", "epochs"}
+    with pytest.raises(ConfigError, match="--batch-size"):
+        PretrainConfig(batch_size=0)
+
+
+def test_eval_config_grid_and_method_flags():
+    seq = EvalConfig(model="m.pth", classes=(100, 10, 10))
+    assert seq.classes == (10, 100) and seq.grid == (1e-3,) and seq.hyperparameter == "lr"
+    lstsq = EvalConfig(model="m.pth", method="lstsq", ridges=(0.1, 10.0))
+    assert lstsq.grid == (0.1, 10.0) and lstsq.hyperparameter == "ridge" and lstsq.lrs is None
+    assert EvalConfig(model="m.pth", method="iid").iid_epochs == 1
+    assert EvalConfig(model="m.pth", train_examples=12).test_examples == 8
+    for bad, message in [(dict(classes=()), "--classes must be in 1..659"), (dict(classes=(0, 5)), "got 0 5"),
+                         (dict(method="lstsq", lrs=(0.1,)), "takes --ridge"), (dict(ridges=(1.0,)), "--ridge is for"),
+                         (dict(lrs=(0.0,)), "--lr must be a finite number > 0"),
+                         (dict(method="lstsq", ridges=(float("inf"),)), "--ridge must be a finite"),
+                         (dict(epochs_iid=2), "--epochs-iid is for --method iid"),
+                         (dict(method="iid", epochs_iid=1001), "at most 1000"),
+                         (dict(selection_runs=2), "give several with --lr"), (dict(runs=0), "--runs"),
+                         (dict(train_examples=20), "--train-examples must be in 1..19"),
+                         (dict(original_loop=True, method="iid"), "only runs --method seq"),
+                         (dict(model=""), "-m must name a file"), (dict(json=""), "--json must name a file")]:
+        with pytest.raises(ConfigError, match=message.replace(".", r"\.").replace("(", r"\(")):
+            EvalConfig(**{"model": "m.pth", **bad})
