@@ -163,7 +163,8 @@ def learn_on_features(config, features, runs, inits, bias, seeds, results, progr
     else:
         steps = counts[-1] * config.train_examples
     runs_shown = f"{config.runs} reported" + (f" + {config.selection_runs} selection" if config.selection_runs else "")
-    with tqdm(total=steps * len(batches), disable=not progress, desc=f"test-train ({runs_shown} runs x {L} rates)",
+    runs_shown += f" run{'s' if config.runs + config.selection_runs > 1 else ''} x {L} rate{'s' if L > 1 else ''}"
+    with tqdm(total=steps * len(batches), disable=not progress, desc=f"test-train ({runs_shown})",
               unit="step", unit_scale=True, smoothing=0) as bar:
         for ls, rs in batches:
             args = (features, [runs[r] for r in rs], inits[rs], bias, [lrs[l] for l in ls])

@@ -27,9 +27,8 @@ def free_cores():
 
 def set_threads(requested=None):
     """Set torch's CPU threads: `requested` (--threads), else $OMP_NUM_THREADS as torch read it, else
-    the free cores. torch's threads busy-wait for each other, so one thread more than the free cores
-    makes every operation wait for a core: on a 2-core machine with one other busy process, two
-    threads ran the meta-test about twice as slowly as one. Returns the number set."""
+    the free cores. torch's threads busy-wait for each other, so a thread more than the free cores
+    makes every operation wait for a core (docs/speed.md measures it). Returns the number set."""
     if requested is None and os.environ.get("OMP_NUM_THREADS"):
         return torch.get_num_threads()
     threads = requested or free_cores()

@@ -143,6 +143,20 @@ def test_output_paths_are_checked_before_any_data(bad_models, tmp_path, no_data,
                          r"cannot write to --out-dir /proc/anml")
 
 
+def test_the_shipped_files_are_never_written_by_a_training(no_data, capsys):
+    """The folder of the shipped model and baseline holds their files but no resumable checkpoint: a
+    new run of either kind there is refused before any data is loaded, and nothing changes."""
+    from cli import REPO
+    shipped = REPO / "trained_anmls"
+    before = {p.name: p.stat().st_mtime_ns for p in shipped.iterdir()}
+    assert_one_error(error_of(train_omni.main, ["--out-dir", shipped, *no_data], capsys),
+                     r"already holds files of another ANML run of 256_112_2304 \(256_112_2304_ANML-21678\.pth, "
+                     r"256_112_2304_train_log\.csv\): a new run there would overwrite or mix with them")
+    assert_one_error(error_of(pretrain_omni.main, ["--out-dir", shipped, *no_data], capsys),
+                     r"already holds files of another pretrain run of 256_112_2304")
+    assert {p.name: p.stat().st_mtime_ns for p in shipped.iterdir()} == before
+
+
 def test_resume_latest_without_a_run_is_one_line_before_any_data(tmp_path, no_data, capsys):
     assert_one_error(error_of(train_omni.main, [*TINY_FLAGS, "--out-dir", tmp_path, "--resume", "latest", *no_data],
                               capsys), rf"--resume latest: no 4_3_36_ANML-\*_resume\.pt in {tmp_path}")
