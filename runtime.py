@@ -3,6 +3,7 @@ device's name, the package versions, a file's hash)."""
 import hashlib
 import os
 import platform
+import time
 from importlib import metadata
 
 import torch
@@ -15,14 +16,27 @@ def resolve_device(parser, device):
     return device or ("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def free_cores():
-    """The cores this process may use, less those busy with other work (the last minute's load)."""
+def free_cores(interval=0.2):
+    """The cores this process may use, less those busy with other work now: the machine's CPU time
+    over `interval` seconds (this process sleeps meanwhile), else the last minute's load average."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     try:
-        busy = round(os.getloadavg()[0])
-    except OSError:
-        busy = 0
-    return max(1, min(cores, cores - busy))
+        busy = busy_cores(interval)
+    except (OSError, ValueError, ZeroDivisionError):
+        busy = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0
+    return max(1, min(cores, cores - round(busy)))
+
+
+def busy_cores(interval):
+    """How many of the machine's cores worked during the next `interval` seconds (Linux /proc/stat)."""
+    def times():
+        with open("/proc/stat") as f:
+            values = [int(v) for v in f.readline().split()[1:]]
+        return sum(values), values[3] + values[4]  # all, idle + iowait
+    total0, idle0 = times()
+    time.sleep(interval)
+    total1, idle1 = times()
+    return (os.cpu_count() or 1) * (1 - (idle1 - idle0) / (total1 - total0))
 
 
 def set_threads(requested=None):
