@@ -11,13 +11,14 @@ results/comparisons/*.json chose per row; for --train, chosen here from a small 
 selection runs as reported runs. The table prints the rate.
 """
 import argparse
+import dataclasses
 import sys
 from pathlib import Path
 
 import torch
 
 import anml
-from checkpoints import load_model
+from checkpoints import load_model, newest_resumable
 from cli import add_session_args, build_config, positive_int, run_cli
 from config import EvalConfig, MetaTrainConfig
 from datasets import OmniSampler
@@ -70,8 +71,11 @@ def shipped_networks():
 
 
 def trained_networks(config, sampler):
-    """{column: (model, {10: rates to choose among})} of a small ANML meta-trained now and of its
+    """{column: (model, {10: rates to choose among})} of a small ANML meta-trained now (or earlier:
+    a run of it in --out-dir is continued, and only evaluated once it is finished) and of its
     initialisation (where the training started)."""
+    if newest_resumable(config.out_dir, config.name):
+        config = dataclasses.replace(config, resume="latest")
     _, stopped, last = anml.train(config, sampler)
     if stopped is not None:
         raise ValueError(f"the demo's training stopped early ({stopped}): run it again to continue it")
