@@ -3,8 +3,9 @@
     python plot_results.py                 # results/omniglot_eval.json + the shipped model's training log
     python plot_results.py --results R.json --log RUN/256_112_2304_train_log.csv --out-dir figures
 
-Writes `evaluation_results.png` (test accuracy with its std over runs, train accuracy, and higherANML's
-README table for comparison) and `training_curve.png` (outer loss and accuracy, smoothed).
+Writes `evaluation_results.png` (test accuracy with its std over runs, train accuracy, higherANML's
+README table and the ANML paper's number for comparison, and the baselines' test accuracy) and
+`training_curve.png` (outer loss and accuracy, smoothed).
 """
 import argparse
 from pathlib import Path
@@ -19,8 +20,10 @@ from atomic import write_atomic  # noqa: E402
 from cli import positive_int, run_cli  # noqa: E402
 from results import read_results, reported  # noqa: E402
 
-# higherANML's README table (test accuracy), drawn as the comparison series.
+# higherANML's README table (test accuracy), and the ANML paper's one stated number (Sec. 4.1).
 HIGHERANML_TABLE = {10: 0.90, 50: 0.89, 75: 0.86, 100: 0.85, 200: 0.80, 300: 0.76, 400: 0.72, 600: 0.65}
+PAPER = {600: 0.638}
+BASELINES = ["results/comparisons/pretrain_seq.json", "results/comparisons/random_seq.json"]
 
 
 def parse_args(argv=None):
@@ -29,6 +32,8 @@ def parse_args(argv=None):
                         help="eval_omni.py --json output (%(default)s)")
     parser.add_argument("--log", default="trained_anmls/256_112_2304_train_log.csv",
                         help="train_omni.py's CSV log (%(default)s); 'none' to skip the training curve")
+    parser.add_argument("--baselines", nargs="*", default=BASELINES, metavar="JSON",
+                        help="eval_omni.py --json files of other networks, drawn as thin lines (%(default)s)")
     parser.add_argument("--out-dir", default="results", help="where the PNGs go (%(default)s)")
     parser.add_argument("--smooth", type=positive_int, default=200,
                         help="moving-average window of the training curve, in iterations (%(default)s)")
@@ -38,27 +43,37 @@ def parse_args(argv=None):
     return args
 
 
-def plot_evaluation(report, path):
-    """Test accuracy (error bars: std over runs), train accuracy and higherANML's table against classes."""
+def plot_evaluation(report, path, baselines=()):
+    """Test accuracy (error bars: std over runs), train accuracy, higherANML's table and the paper's
+    number against classes; each of `baselines` ({label: report}) as a thin line of test accuracy."""
     rows = reported(report)
     classes = np.array([n for n, _ in rows])
     pick = lambda field: np.array([reading[field] for _, reading in rows])
-    label = (f"test, rate chosen on {report['selection_runs']} selection runs" if report.get("selection_runs")
-             else "test, best rate on the same runs")
-    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
+    label = (f"rate chosen on {report['selection_runs']} selection runs" if report.get("selection_runs")
+             else "best rate on the same runs")
+    fig, ax = plt.subplots(figsize=(7, 5.6), dpi=120)
     ax.errorbar(classes, pick("test_mean"), yerr=pick("test_std"), marker="o", capsize=3,
-                label=f"{label} ({report.get('runs', '?')} runs)")
+                label=f"ANML, this project (test; {label})")
     ax.errorbar(classes, pick("train_mean"), yerr=pick("train_std"), marker="s", capsize=3, linestyle="--",
-                label="train accuracy (same runs, after learning the N classes)")
+                label="ANML, this project (train accuracy)")
     table = sorted(HIGHERANML_TABLE.items())
     ax.plot([n for n, _ in table], [a for _, a in table], marker="^", linestyle=":", color="grey",
-            label="higherANML README's table (test)")
+            label="higherANML README (test)")
+    ax.plot(list(PAPER), list(PAPER.values()), marker="*", markersize=11, linestyle="none", color="black",
+            label="ANML paper (test)")
+    for (name, other), color in zip(baselines.items(), ("C2", "C3", "C4", "C5")):
+        other_rows = reported(other)
+        ax.errorbar([n for n, _ in other_rows], [r["test_mean"] for _, r in other_rows],
+                    yerr=[r["test_std"] for _, r in other_rows], marker=".", capsize=2, linewidth=1, color=color,
+                    label=f"{name} network (test, same protocol)")
+    ax.text(0.99, 0.01, f"{report.get('runs', '?')} runs a point; bars: std over runs", transform=ax.transAxes,
+            ha="right", va="bottom", fontsize=7, color="grey")
     ax.set_xlabel("number of classes learned in sequence")
     ax.set_ylabel("accuracy")
     ax.set_ylim(0, 1.02)
     ax.grid(alpha=0.3)
-    ax.set_title(f"ANML meta-test on Omniglot, {Path(str(report.get('model', '?'))).name}", fontsize=10)
-    ax.legend(fontsize=8, loc="lower left")
+    ax.set_title(f"Meta-test on Omniglot, {Path(str(report.get('model', '?'))).name}", fontsize=10)
+    ax.legend(fontsize=7.5, loc="upper center", bbox_to_anchor=(0.5, -0.12), ncol=2, frameon=False)
     save_figure(fig, path)
 
 
@@ -118,7 +133,7 @@ def save_figure(fig, path):
     """The picture as a PNG at `path`, written atomically (a full disk leaves the old picture)."""
     fig.tight_layout()
     try:
-        write_atomic(path, lambda tmp: fig.savefig(tmp, format="png"))
+        write_atomic(path, lambda tmp: fig.savefig(tmp, format="png", bbox_inches="tight"))
     finally:
         plt.close(fig)
     print(f"wrote {path}")
@@ -127,7 +142,9 @@ def save_figure(fig, path):
 def main(argv=None):
     args = parse_args(argv)
     out_dir = Path(args.out_dir)
-    plot_evaluation(read_results(args.results), out_dir / "evaluation_results.png")
+    baselines = {Path(b).stem.removesuffix("_seq").replace("pretrain", "pretrained"): read_results(b)
+                 for b in args.baselines}
+    plot_evaluation(read_results(args.results), out_dir / "evaluation_results.png", baselines)
     if args.log != "none":
         plot_training(args.log, out_dir / "training_curve.png", args.smooth)
 

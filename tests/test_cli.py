@@ -176,17 +176,17 @@ def test_plot_scripts_refuse_bad_files_in_one_line(tmp_path, capsys):
                 "keys.json": "the row of 10 classes has no 'best_on_reported_runs'",
                 "none.json": "has no finite 'test_mean' \\(got None\\)", "text.json": "is not JSON"}
     for name, message in expected.items():
-        err = error_of(plot_results.main, ["--results", tmp_path / name, "--out-dir", tmp_path], capsys)
+        err = error_of(plot_results.main, ["--results", tmp_path / name, "--out-dir", tmp_path, "--baselines"], capsys)
         assert_one_error(err, message)
         assert_one_error(error_of(plot_comparisons.main, [tmp_path / name, "-o", tmp_path / "c.png"], capsys), message)
-    assert_one_error(error_of(plot_results.main, ["--results", tmp_path / "nothing.json"], capsys),
+    assert_one_error(error_of(plot_results.main, ["--results", tmp_path / "nothing.json", "--baselines"], capsys),
                      r"results file not found: .*nothing\.json \(make it with eval_omni\.py --json\)")
     (tmp_path / "log.csv").write_text("")
     good = tmp_path / "good.json"
     good.write_text('{"rows": [{"classes": 10, "best_on_reported_runs": {"test_mean": 0.9, "test_std": 0.1, '
                     '"train_mean": 1.0, "train_std": 0.0}}]}')
     assert_one_error(error_of(plot_results.main, ["--results", good, "--log", tmp_path / "log.csv", "--out-dir",
-                                                  tmp_path], capsys), r"log\.csv is not a train_omni\.py log")
+                                                  tmp_path, "--baselines"], capsys), r"log\.csv is not a train_omni\.py log")
     assert_one_error(error_of(plot_comparisons.main, [good, "-o", ""], capsys), r"-o must name a file")
     assert_one_error(error_of(plot_comparisons.main, [good, "-o", tmp_path], capsys), r"is a folder")
 

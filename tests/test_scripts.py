@@ -260,7 +260,7 @@ def test_plot_results_draws_both_pictures(omniglot_root, trained, tmp_path, caps
     out = tmp_path / "table.json"
     evaluate_in_process(omniglot_root, capsys, "-m", trained[1] / "4_3_36_ANML-2.pth", "-c", 2, 3, "-r", 2,
                         "--selection-runs", 1, "-l", 0.03, 0.01, "--json", out)
-    plot_results.main(["--results", str(out), "--log", str(trained[1] / "4_3_36_train_log.csv"),
+    plot_results.main(["--results", str(out), "--log", str(trained[1] / "4_3_36_train_log.csv"), "--baselines",
                        "--out-dir", str(tmp_path / "figures"), "--smooth", "2"])
     assert capsys.readouterr().out.splitlines() == [f"wrote {tmp_path / 'figures' / name}" for name in
                                                     ("evaluation_results.png", "training_curve.png")]
@@ -270,10 +270,12 @@ def test_plot_results_draws_both_pictures(omniglot_root, trained, tmp_path, caps
 
 
 def test_plot_results_reads_the_shipped_results_and_a_damaged_log(tmp_path, capsys):
-    """The shipped JSON (an older format) draws; a garbage row in a log is left out of the curve
-    instead of blanking the smoothed curve from that row on."""
-    plot_results.main(["--results", str(REPO / "results" / "omniglot_eval.json"), "--out-dir", str(tmp_path),
-                       "--log", "none"])
+    """The shipped JSONs (an older format) draw, the comparisons' as baselines; a garbage row in a log is
+    left out of the curve instead of blanking the smoothed curve from that row on."""
+    shipped = REPO / "results"
+    plot_results.main(["--results", str(shipped / "omniglot_eval.json"), "--out-dir", str(tmp_path), "--log", "none",
+                       "--baselines", str(shipped / "comparisons" / "pretrain_seq.json"),
+                       str(shipped / "comparisons" / "random_seq.json")])
     assert (tmp_path / "evaluation_results.png").stat().st_size > 10_000
     log = tmp_path / "log.csv"
     rows = [f"{i},{5 - i / 100:.3f},{i / 300:.3f},{i}" for i in range(300)]
