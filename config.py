@@ -105,6 +105,7 @@ class RunSettings(Session):
     save_minutes: float | None = 5
 
     def check_run(self):
+        """What every training checks: the session, the files, the network, its length and its seed."""
         self.check_session()
         check_path("--out-dir", self.out_dir, required=True)
         check_path("--resume", self.resume)
@@ -112,6 +113,9 @@ class RunSettings(Session):
             check_positive("--time-limit", self.time_limit)
         if self.save_minutes is not None:
             check_positive("--save-minutes", self.save_minutes)
+        check_sizes(self.rln, self.nm, self.mask)
+        check_positive("--epochs", self.epochs, integer=True)
+        check_seed(self.seed)
 
     @property
     def name(self):
@@ -146,11 +150,8 @@ class MetaTrainConfig(RunSettings):
 
     def __post_init__(self):
         self.check_run()
-        check_sizes(self.rln, self.nm, self.mask)
-        check_positive("--epochs", self.epochs, integer=True)
         check_positive("--inner-lr", self.inner_lr)
         check_positive("--outer-lr", self.outer_lr)
-        check_seed(self.seed)
         backend = resolve_backend(self.backend, self.device)
         if self.first_order and backend == "higher":
             raise ConfigError("--first-order is implemented by the func and graph backends (--backend auto, func), "
@@ -191,11 +192,8 @@ class PretrainConfig(RunSettings):
 
     def __post_init__(self):
         self.check_run()
-        check_sizes(self.rln, self.nm, self.mask)
-        check_positive("--epochs", self.epochs, integer=True)
         check_positive("--lr", self.lr)
         check_positive("--batch-size", self.batch_size, integer=True)
-        check_seed(self.seed)
 
     @property
     def images_per_epoch(self):

@@ -207,6 +207,21 @@ def test_an_older_checkpoint_without_settings_resumes_with_a_notice(kind, sample
     assert same_weights(weights(last_checkpoint(kind, tmp_path / "split", 2)), straight(kind, sampler, tmp_path, 2))
 
 
+def test_a_checkpoint_of_the_previous_format_resumes_exactly(sampler, tmp_path):
+    """The previous version recorded the nine run settings as its whole `config` and no `kind`: such
+    a checkpoint resumes, its settings are checked, and the run ends where a straight one does."""
+    run_tiny("ANML", sampler, tmp_path / "split", 1)
+    path = newest_resumable(tmp_path / "split", NAME)
+    state = torch.load(path, weights_only=True)
+    state["config"] = {k: state["config"][k] for k in MetaTrainConfig.RUN_KEYS}
+    del state["kind"]
+    torch.save(state, path)
+    with pytest.raises(ValueError, match="was trained with --seed 1, not --seed 2"):
+        run_tiny("ANML", sampler, tmp_path / "split", 2, seed=2, resume="latest")
+    run_tiny("ANML", sampler, tmp_path / "split", 2, resume="latest")
+    assert same_weights(weights(tmp_path / "split" / f"{NAME}_ANML-1.pth"), straight("ANML", sampler, tmp_path, 2))
+
+
 def test_resume_past_epochs_is_refused_and_at_epochs_writes_the_last_checkpoint(sampler, tmp_path, capsys):
     """A run of 5 stopped after iteration 1, resumed with --epochs 2: nothing to train, and the
     checkpoint of iteration 1 ("done: ..._ANML-1.pth") is written from the resumable one; with
