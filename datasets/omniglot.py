@@ -10,9 +10,9 @@ import hashlib
 import io
 import json
 import os
+import sys
 import urllib.error
 import urllib.request
-import warnings
 import zipfile
 from multiprocessing import Pool
 from pathlib import Path
@@ -35,6 +35,11 @@ CACHE_VERSION = 1  # bump when the preprocessing changes
 class DataError(OSError):
     """The Omniglot data is missing, corrupt or could not be downloaded (an OSError: the scripts
     report it as one `error:` line, as they report other files they cannot read or write)."""
+
+
+def _notice(message):
+    """One `notice: ...` line on stderr: something the user should know, not an error."""
+    print(f"notice: {message}", file=sys.stderr, flush=True)
 
 
 def _user_cache():
@@ -254,12 +259,13 @@ def read_cache(cache, im_size):
         with np.load(cache) as f:
             arrays = {s: f[s] for s in SPLITS}
     except Exception as e:
-        warnings.warn(f"ignoring unreadable cache {cache}: {e}")
+        _notice(f"ignoring the unreadable cache {cache} ({e}): preprocessing again")
         return None
     for s, a in arrays.items():
         expected = (NUM_CLASSES[s], IMAGES_PER_CLASS, im_size, im_size)
         if a.shape != expected or a.dtype != np.uint8:
-            warnings.warn(f"ignoring the cache {cache}: its {s} is {a.dtype} {a.shape}, not uint8 {expected}")
+            _notice(f"ignoring the cache {cache}: its {s} is {a.dtype} {a.shape}, not uint8 {expected}; "
+                    f"preprocessing again")
             return None
     return arrays
 
@@ -284,5 +290,5 @@ def load_omniglot(root=None, im_size=28, download=True, cache_dir=None):
                 remove_stale_temporaries(cache_dir)
             write_atomic(cache, save)
         except OSError as e:
-            warnings.warn(f"could not write the Omniglot cache {cache}: {e}")
+            _notice(f"could not write the Omniglot cache {cache}: {e}")
     return tuple(arrays[s].astype(np.float32) / np.float32(255) for s in SPLITS)
