@@ -130,9 +130,8 @@ def train(config, sampler=None, quiet=False):
               f"{config.backend}, seed {config.seed}{', first-order' if config.first_order else ''}"
               f"{threads_note(config.device)}) -> {config.out_dir}/",
               flush=True)
-        data = sampler
-        if data is None:
-            data = OmniSampler(config.data_root, download=config.download, seed=config.seed)
+        data = sampler or OmniSampler(config.data_root, download=config.download)
+        data.rng = np.random.default_rng(config.seed)  # the run's seed draws its tasks (a resume restores them)
         torch.manual_seed(config.seed)
         model = ANML(config.rln, config.nm, config.mask).to(config.device)
         backend = config.resolved_backend

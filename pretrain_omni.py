@@ -105,9 +105,7 @@ def pretrain(config, sampler=None, quiet=False):
         print(f"pretraining {config.name} for {config.epochs} epochs of batch {config.batch_size} on {config.device} "
               f"(lr {config.lr:g}, seed {config.seed}{', lobotomize' if config.lobotomize else ''}"
               f"{anml.threads_note(config.device)}) -> {config.out_dir}/", flush=True)
-        data = sampler
-        if data is None:
-            data = OmniSampler(config.data_root, download=config.download, seed=config.seed)
+        data = sampler or OmniSampler(config.data_root, download=config.download, seed=config.seed)
         model = initial_model(config).to(config.device)
         opt = torch.optim.Adam(model.parameters(), lr=config.lr)
         images, labels = background_set(data)
