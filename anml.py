@@ -27,7 +27,7 @@ from cuda_graphs import GraphedMetaStep
 from datasets import OmniSampler
 from frozen_features import FeatureBank, MetaTestRun, empty_results, learn_on_features, ridge_fit, sequential_fit
 from functional import accuracy, func_meta_loss, inner_parameter_names
-from model import ANML
+from model import seeded_network
 
 # ----------------------------------------------------------------------------- meta-training
 
@@ -132,8 +132,7 @@ def train(config, sampler=None, quiet=False):
               flush=True)
         data = sampler or OmniSampler(config.data_root, download=config.download)
         data.rng = np.random.default_rng(config.seed)  # the run's seed draws its tasks (a resume restores them)
-        torch.manual_seed(config.seed)
-        model = ANML(config.rln, config.nm, config.mask).to(config.device)
+        model = seeded_network(config.rln, config.nm, config.mask, config.seed).to(config.device)
         backend = config.resolved_backend
         outer_opt = outer_optimizer(model, config.outer_lr, capturable=backend == "graph")
 

@@ -89,6 +89,10 @@ class Session:
     data_root: str | None = None
     download: bool = True
 
+    def as_dict(self):
+        """The whole configuration, as checkpoints and result files record it."""
+        return asdict(self)
+
     def check_session(self):
         check_device(self.device)
         if self.threads is not None:
@@ -124,9 +128,6 @@ class RunSettings(Session):
     def run_settings(self):
         """The settings that make the run what it is, as its resumable checkpoints record and check them."""
         return {k: getattr(self, k) for k in self.RUN_KEYS}
-
-    def as_dict(self):
-        return asdict(self)
 
 
 @dataclass(frozen=True)
@@ -290,9 +291,6 @@ class EvalConfig(Session):
     @property
     def test_examples(self):
         return IMAGES_PER_CLASS - self.train_examples
-
-    def as_dict(self):
-        return asdict(self)
 
 
 def field_names(cls):

@@ -15,16 +15,14 @@ import dataclasses
 import sys
 from pathlib import Path
 
-import torch
-
 import anml
 from checkpoints import load_model, newest_resumable
 from cli import add_session_args, build_config, positive_int, run_cli
 from config import EvalConfig, MetaTrainConfig
 from datasets import OmniSampler
 from frozen_features import FeatureBank
-from model import ANML
-from results import chosen_value, read_results
+from model import seeded_network
+from results import choose, chosen_value, read_results
 from runtime import resolve_device, set_threads
 
 SHIPPED = {"ANML (meta-trained)": ("trained_anmls/256_112_2304_ANML-21678.pth", "anml_seq"),
@@ -62,8 +60,7 @@ def shipped_networks():
         report = read_results(COMPARISONS / f"{comparison}.json")
         rates = {n: (chosen_value(report, n),) for n in (10, 100)}
         if path is None:  # where train_omni.py and pretrain_omni.py start with --seed 1
-            torch.manual_seed(1)
-            model = ANML(256, 112, 2304)
+            model = seeded_network(256, 112, 2304, seed=1)
         else:
             model = load_model(Path(__file__).resolve().parent / path)
         networks[column] = (model, rates)
@@ -76,12 +73,11 @@ def trained_networks(config, sampler):
     initialisation (where the training started)."""
     if newest_resumable(config.out_dir, config.name):
         config = dataclasses.replace(config, resume="latest")
-    _, stopped, last = anml.train(config, sampler)
+    model, stopped, _ = anml.train(config, sampler)
     if stopped is not None:
         raise ValueError(f"the demo's training stopped early ({stopped}): run it again to continue it")
-    torch.manual_seed(config.seed)
-    init = ANML(config.rln, config.nm, config.mask)
-    return {f"ANML {config.name}, trained": (load_model(last), {10: SMALL_GRID}),
+    init = seeded_network(config.rln, config.nm, config.mask, config.seed)
+    return {f"ANML {config.name}, trained": (model, {10: SMALL_GRID}),
             "its initialisation": (init, {10: SMALL_GRID})}
 
 
@@ -90,9 +86,11 @@ def meta_test_row(model, sampler, features, classes, runs, rates, device):
     or the best of several on as many selection runs."""
     config = EvalConfig(model="in memory", classes=(classes,), lrs=tuple(rates), runs=runs, device=device,
                         selection_runs=runs if len(rates) > 1 else 0)
-    test = anml.meta_test(config, sampler, model, progress=True, features=features)["test"][0]  # [L, R]
-    best = int(test[:, runs:].mean(1).argmax()) if len(rates) > 1 else 0
-    return test[best, :runs], rates[best]
+    test = anml.meta_test(config, sampler, model, progress=True, features=features)["test"]  # [1, L, R]
+    report, selection = test[..., :runs], (test[..., runs:] if len(rates) > 1 else None)
+    chosen, _, _ = choose(report, selection)
+    best = 0 if chosen is None else int(chosen[0])
+    return report[0, best], rates[best]
 
 
 def cell(accuracies, rate):

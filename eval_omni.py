@@ -26,7 +26,7 @@ from cli import (add_session_args, as_typed, build_config, interrupted_by_signal
 from config import IMAGES_PER_CLASS, METHODS, NUM_EVALUATION, EvalConfig
 from datasets import OmniSampler
 from frozen_features import empty_results
-from results import FORMAT
+from results import FORMAT, choose
 from runtime import device_name, resolve_device, set_threads, sha256_of, versions
 
 
@@ -104,21 +104,11 @@ def stats(test, train, value=None, hyper="lr"):
             "train_mean": train_mean, "train_std": train_std}
 
 
-def choose(report, selection):
-    """The grid's choices from accuracies [K, L, R]: each row's best on the selection runs, one
-    value for all rows (best mean over rows on the selection runs), and higherANML's protocol (each
-    row's best on the reported runs themselves). Ties go to the first value in the grid's order."""
-    chosen = one_for_all = None
-    if selection is not None:
-        chosen = selection["test"].mean(2).argmax(1)  # [K]
-        one_for_all = int(selection["test"].mean(2).mean(0).argmax())
-    return chosen, one_for_all, report["test"].mean(2).argmax(1)
-
-
 def build_report(config, argv, report, selection, model_sha256, seconds, partial=False):
     """Everything needed to compare or reproduce the evaluation, for --json; `partial`: of an
     interrupted evaluation, with the finished runs and no choices."""
-    chosen, one_for_all, best = (None, None, None) if partial else choose(report, selection)
+    selection_test = None if selection is None else selection["test"]
+    chosen, one_for_all, best = (None, None, None) if partial else choose(report["test"], selection_test)
     grid, hyper = config.grid, config.hyperparameter
     rows = []
     for k, n in enumerate(config.classes):
@@ -185,7 +175,7 @@ def print_results(config, report, selection):
     runs the chosen value's line and a closing table."""
     grid, hyper = config.grid, config.hyperparameter
     several = len(grid) > 1
-    chosen, one_for_all, best = choose(report, selection)
+    chosen, one_for_all, best = choose(report["test"], None if selection is None else selection["test"])
     for k, n in enumerate(config.classes):
         for l, value in enumerate(grid):
             print("\n".join(summary_lines(n, value, report["test"][k, l], report["train"][k, l], several, hyper)))

@@ -74,6 +74,13 @@ class ANML(nn.Module):
         return self.rln(x) * self.nm(x)
 
 
+def seeded_network(rln_chs, nm_chs, mask_size, seed):
+    """ANML(...) right after torch.manual_seed(seed): where meta-training and pretraining with that
+    seed start, and the random baseline. The torch generator stays seeded: a run draws on from it."""
+    torch.manual_seed(seed)
+    return ANML(rln_chs, nm_chs, mask_size)
+
+
 def sizes_from_state_dict(state_dict):
     """(rln_chs, nm_chs, mask_size) of a checkpoint, read from its tensors' shapes."""
     try:

@@ -29,7 +29,7 @@ from cli import (add_session_args, add_size_args, build_config, non_negative_int
                  report_end, run_cli)
 from config import PretrainConfig
 from datasets import OmniSampler
-from model import ANML
+from model import seeded_network
 from runtime import resolve_device, set_threads
 
 
@@ -62,9 +62,8 @@ def parse_args(argv=None):
 
 
 def initial_model(config):
-    """The network as train_omni.py also starts it: ANML(...) right after torch.manual_seed(seed)."""
-    torch.manual_seed(config.seed)
-    return ANML(config.rln, config.nm, config.mask)
+    """The network as train_omni.py also starts it (model.seeded_network)."""
+    return seeded_network(config.rln, config.nm, config.mask, config.seed)
 
 
 def init_path(config):

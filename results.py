@@ -72,6 +72,18 @@ def checked(report):
     return report
 
 
+def choose(report, selection=None):
+    """The grid's choices from test accuracies [K, L, R] of the reported and the selection runs: each
+    row's best on the selection runs, one value for all rows (the best mean over rows there), and
+    higherANML's protocol, each row's best on the reported runs themselves. Ties go to the first
+    value of the grid. Without selection runs, the first two are None."""
+    chosen = one_for_all = None
+    if selection is not None:
+        chosen = selection.mean(2).argmax(1)  # [K]
+        one_for_all = int(selection.mean(2).mean(0).argmax())
+    return chosen, one_for_all, report.mean(2).argmax(1)
+
+
 def reading_key(report):
     """Which reading a table shows: the value chosen on selection runs where there were any, else
     the best on the reported runs."""
