@@ -22,12 +22,13 @@ def side_stream(enabled=True):
 
 def gather_train_batch(images, per_class, train_class, remember):
     """`sample_train`'s batch, gathered on the device from the flattened background set
-    [classes * per_class, 1, H, W] by index tensors: (train_ims, train_labels, valid_ims, valid_labels)."""
+    [classes * per_class, 1, H, W] by index tensors: (train_ims, train_labels, valid_ims, valid_labels).
+    With L episodes (train_class [L], remember [L, R]), each result gains a leading dimension L."""
     first = train_class * per_class
-    train_idx = first + torch.arange(per_class, device=images.device)
+    train_idx = first[..., None] + torch.arange(per_class, device=images.device)
     train_ims = images[train_idx]
-    labels = torch.cat([train_idx, remember]) // per_class
-    return train_ims, labels[:per_class], torch.cat([train_ims, images[remember]]), labels
+    labels = torch.cat([train_idx, remember], -1) // per_class
+    return train_ims, labels[..., :per_class], torch.cat([train_ims, images[remember]], -4), labels
 
 
 class GraphedMetaStep:
@@ -38,19 +39,24 @@ class GraphedMetaStep:
     functional one); this class gathers its batch, records it with the Adam step, and replays it.
     Images are gathered on the GPU from a device-resident copy of the background set, so a
     replay only needs the class index and the remembered images' indices copied in. On a CPU
-    (no graphs) the same steps run eagerly, which lets the tests check this class without CUDA."""
+    (no graphs) the same steps run eagerly, which lets the tests check this class without CUDA.
+    With `lanes` = L, each call takes L episodes (`batched.py`); `graphed=False` runs eagerly on CUDA too."""
 
-    def __init__(self, model, outer_opt, sampler, iteration, remember_size=REMEMBER_SIZE, warmup=3):
+    def __init__(self, model, outer_opt, sampler, iteration, remember_size=REMEMBER_SIZE, warmup=3, lanes=None,
+                 graphed=None):
         self.model, self.outer_opt, self.iteration = model, outer_opt, iteration
         weight = next(model.parameters())
         device = weight.device
         self.images = sampler.background.to(device, weight.dtype).flatten(0, 1)  # [classes * 20, 1, 28, 28]
         self.per_class = sampler.background.shape[1]
-        self.train_class = torch.zeros((), dtype=torch.long, device=device)
-        self.remember = torch.zeros(remember_size, dtype=torch.long, device=device)
+        episodes = () if lanes is None else (lanes,)
+        self.train_class = torch.zeros(episodes, dtype=torch.long, device=device)
+        self.remember = torch.zeros(*episodes, remember_size, dtype=torch.long, device=device)
         self.graph = None
+        on_cuda = device.type == "cuda" if graphed is None else graphed
+        if not on_cuda and graphed is not None:
+            return  # eager by request: no warm-up to undo
         snapshot = self._snapshot()
-        on_cuda = device.type == "cuda"
         with side_stream(on_cuda):
             for _ in range(warmup):  # autograd and Adam allocate their state outside the graph
                 self.outer_opt.zero_grad(set_to_none=True)

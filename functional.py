@@ -165,14 +165,18 @@ def norm_fed_biases(model):
     return [p for n, p in model.named_parameters() if n.endswith("conv.bias")]
 
 
-def conv_blocks(params, prefix, x):
+def conv_blocks(params, prefix, x, groups=1):
     """The three conv blocks of `model.py`, written functionally over a dict of parameters.
+
+    With `groups` = L, x is [N, L C_in, H, W] and the dict holds L networks' parameters side by side
+    ([L C, C_in, 3, 3] convolutions, [L C] norms): the grouped convolution runs the L networks at once
+    (`batched.py`), and the result is [N, L 9 C].
 
     Max-pooling before the ReLU gives the same values and gradients (both are max operations,
     and the ReLU's zero gradient for x <= 0 survives either order) on a 4x smaller tensor."""
     for i, pool in ((1, True), (2, True), (3, False)):
         p = f"{prefix}.convBlock{i}."
-        x = F.conv2d(x, params[p + "conv.weight"])  # bias skipped: see norm_fed_biases
+        x = F.conv2d(x, params[p + "conv.weight"], groups=groups)  # bias skipped: see norm_fed_biases
         x = instance_norm(x, params[p + "norm.weight"], params[p + "norm.bias"])
         x = relu(max_pool(x) if pool else x)
     return x.flatten(1)
@@ -206,9 +210,15 @@ def relu(x):
     return x * (x.detach() > 0)
 
 
+def addmm(c, a, b):
+    """c + a @ b in one operation, for matrices or for batches of them ([L, n, m], `batched.py`)."""
+    return torch.addmm(c, a, b) if a.dim() == 2 else torch.baddbmm(c, a, b)
+
+
 def linear(x, weight, bias):
-    """F.linear, with a [1, out] bias for one input row, so that its gradient needs no reduction."""
-    return torch.addmm(bias.view(1, -1), x, weight.T)
+    """F.linear, with a [1, out] bias for one input row, so that its gradient needs no reduction;
+    with a leading dimension of L layers (weight [L, out, in], bias [L, out], x [L, N, in]), L at once."""
+    return addmm(bias.unsqueeze(-2), x, weight.mT)
 
 
 def gate(params, x):
@@ -230,7 +240,7 @@ class AdaptedLinear:
     def __call__(self, x, bias):
         out = linear(x, self.weight, bias)
         if self.U is not None:
-            out = torch.addmm(out, x @ self.F.T, self.U)
+            out = addmm(out, x @ self.F.mT, self.U)
         return out
 
     def step(self, u, f):
@@ -238,8 +248,8 @@ class AdaptedLinear:
         gradient). U and F grow by one row, concatenated to the previous U and F: differentiated,
         each step's U then receives one gradient for all its rows (one addition), where
         concatenating every row afresh would add each row's gradient separately at every step."""
-        self.U = u if self.U is None else torch.cat([self.U, u])
-        self.F = f if self.F is None else torch.cat([self.F, f])
+        self.U = u if self.U is None else torch.cat([self.U, u], -2)
+        self.F = f if self.F is None else torch.cat([self.F, f], -2)
 
 
 class InnerLastLayer(torch.autograd.Function):
@@ -250,43 +260,44 @@ class InnerLastLayer(torch.autograd.Function):
 
     Differentiated by autograd, these few products and the softmax take many operations a step in
     the outer backward, mostly gradient sums; the hand-written derivative takes fewer, reusing the
-    products f F^T and u U^T of the forward. Checked with gradcheck (tests/test_functional.py)."""
+    products f F^T and u U^T of the forward. Checked with gradcheck (tests/test_functional.py).
+    With a leading dimension of L layers (f [L, 1, in], weight [L, out, in], ...), L steps at once."""
 
     @staticmethod
     def forward(ctx, f, bias, weight, U, F, lr_targets, lr):
         out = linear(f, weight, bias)
         f_F = u_U = None
         if U is not None:
-            f_F = f @ F.T
-            out = torch.addmm(out, f_F, U)
-        softmax = torch.softmax(out, 1)
+            f_F = f @ F.mT
+            out = addmm(out, f_F, U)
+        softmax = torch.softmax(out, -1)
         u = torch.add(lr_targets, softmax, alpha=-lr)
         g = u @ weight
         if U is not None:
-            u_U = u @ U.T
-            g = torch.addmm(g, u_U, F)
+            u_U = u @ U.mT
+            g = addmm(g, u_U, F)
         ctx.save_for_backward(f, weight, U, F, softmax, u, f_F, u_U)
-        ctx.lr = lr
+        ctx.lr, ctx.bias_shape = lr, bias.shape
         return u, g
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_u, grad_g):
         f, weight, U, F, softmax, u, f_F, u_U = ctx.saved_tensors
-        grad_u = torch.addmm(grad_u, grad_g, weight.T)  # g = u W: u's whole gradient
+        grad_u = addmm(grad_u, grad_g, weight.mT)  # g = u W: u's whole gradient
         if U is not None:
-            g_F = grad_g @ F.T
-            grad_u = torch.addmm(grad_u, g_F, U)
-        d = torch._softmax_backward_data(grad_u, softmax, 1, softmax.dtype) * -ctx.lr  # the logits'
+            g_F = grad_g @ F.mT
+            grad_u = addmm(grad_u, g_F, U)
+        d = torch._softmax_backward_data(grad_u, softmax, softmax.dim() - 1, softmax.dtype) * -ctx.lr  # the logits'
         grad_f = d @ weight
         grad_U = grad_F = None
         if U is not None:
-            d_U = d @ U.T
-            grad_f = torch.addmm(grad_f, d_U, F)
-            grad_U = torch.addmm(g_F.T @ u, f_F.T, d)
-            grad_F = torch.addmm(u_U.T @ grad_g, d_U.T, f)
-        grad_weight = torch.addmm(u.T @ grad_g, d.T, f)
-        return grad_f, d.view(-1), grad_weight, grad_U, grad_F, None, None
+            d_U = d @ U.mT
+            grad_f = addmm(grad_f, d_U, F)
+            grad_U = addmm(g_F.mT @ u, f_F.mT, d)
+            grad_F = addmm(u_U.mT @ grad_g, d_U.mT, f)
+        grad_weight = addmm(u.mT @ grad_g, d.mT, f)
+        return grad_f, d.view(ctx.bias_shape), grad_weight, grad_U, grad_F, None, None
 
 
 # ----------------------------------------------------------------------------- the meta-gradient
@@ -304,9 +315,9 @@ def unflatten(vector, params, names):
 
 
 def one_hot(labels, classes, like):
-    """[len(labels), classes] one-hot rows in `like`'s dtype: a comparison, with no range check that
+    """[*labels.shape, classes] one-hot rows in `like`'s dtype: a comparison, with no range check that
     would read a value back to the host (F.one_hot's may)."""
-    return (labels[:, None] == torch.arange(classes, device=labels.device)).to(like.dtype)
+    return (labels[..., None] == torch.arange(classes, device=labels.device)).to(like.dtype)
 
 
 def func_meta_loss(model, inner_lr, train_ims, train_labels, valid_ims, valid_labels, first_order=False,

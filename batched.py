@@ -1,0 +1,226 @@
+"""Several ANMLs, or several tasks of one, in one meta-iteration.
+
+K models (`train_omni.py --seeds`) times B tasks each (`--meta-batch`) run as L = K B lanes of the
+functional meta-gradient (`functional.py`): each lane its own episode, its own fast weights and its
+own inner loop, all lanes in the same operations (grouped convolutions, per-channel norms, batched
+products at the last layer). The K models' parameters are stacked [K, ...] and updated by one Adam
+(elementwise, so K independent Adams); the B lanes of a model start from its one set of weights,
+and the mean of their outer losses gives the mean of their meta-gradients.
+
+Each model stays a single run in every file: `ModelStack.members[k]` is an ANML whose parameters
+are views of the stack's k-th slice, and `MemberOptimizer` reads and writes the k-th slice of the
+Adam state as a single run's optimizer state. tests/test_batched.py proves, in float64, that K
+stacked models equal K single runs, and a meta-batch the mean of its tasks' meta-gradients.
+"""
+import math
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from cuda_graphs import GraphedMetaStep
+from functional import (AdaptedLinear, InnerLastLayer, accuracy, conv_blocks, flatten, linear, one_hot,
+                        unflatten)
+from model import seeded_network
+
+# ----------------------------------------------------------------------------- K models as one
+
+
+class ModelStack(nn.Module):
+    """K ANMLs of one size with their parameters stacked [K, ...] (ANML.named_parameters' order).
+
+    `members[k]` is the k-th model as an ANML whose parameters are views of the stack: loading a
+    state_dict into it writes the stack, its state_dict reads it. Build the stack from models already
+    on their device and dtype (moving it afterwards would detach the views)."""
+
+    def __init__(self, models):
+        super().__init__()
+        self.names = [n for n, _ in models[0].named_parameters()]
+        self.stacked = nn.ParameterList(
+            [nn.Parameter(torch.stack([m.get_parameter(n).detach() for m in models])) for n in self.names])
+        self.members = [self._view(model, k) for k, model in enumerate(models)]
+
+    def _view(self, model, k):
+        for name, stacked in zip(self.names, self.stacked):
+            module, _, leaf = name.rpartition(".")
+            setattr(model.get_submodule(module), leaf, nn.Parameter(stacked.data[k]))
+        return model
+
+    def params(self):
+        """{name: [K, ...] parameter}"""
+        return dict(zip(self.names, self.stacked))
+
+    def __len__(self):
+        return len(self.members)
+
+
+class MemberOptimizer:
+    """The k-th model's share of the stack's Adam, seen as a single run's Adam: `state_dict()` gives
+    what that run would save, `load_state_dict` writes a single run's state into the k-th slice."""
+
+    def __init__(self, optimizer, k):
+        self.optimizer, self.k = optimizer, k
+
+    def state_dict(self):
+        whole = self.optimizer.state_dict()
+        state = {i: {key: value.clone() if key == "step" else value[self.k].clone() for key, value in s.items()}
+                 for i, s in whole["state"].items()}
+        return {"state": state, "param_groups": whole["param_groups"]}
+
+    def load_state_dict(self, state_dict):
+        group = self.optimizer.param_groups[0]
+        if len(state_dict["state"]) not in (0, len(group["params"])):
+            raise ValueError(f"an optimizer state of {len(state_dict['state'])} parameters, not "
+                             f"{len(group['params'])}")
+        scalar_device = lambda p: p.device if group["capturable"] or group.get("fused") else "cpu"
+        for i, p in enumerate(group["params"]):
+            saved = state_dict["state"].get(i)
+            if saved is None:
+                continue
+            state = self.optimizer.state[p]
+            if not state:
+                state.update(exp_avg=torch.zeros_like(p, memory_format=torch.preserve_format),
+                             exp_avg_sq=torch.zeros_like(p, memory_format=torch.preserve_format))
+            state["step"] = torch.tensor(float(saved["step"]), dtype=torch.float32, device=scalar_device(p))
+            for key in ("exp_avg", "exp_avg_sq"):
+                state[key][self.k].copy_(saved[key])
+
+
+def seeded_stack(rln, nm, mask, seeds, device="cpu", dtype=None):
+    """(ModelStack of the networks `seeded_network` starts with each seed, one torch Generator per
+    model in the state a single run's global generator has after its network is built: the draws
+    that re-initialise its last layer's rows follow the single run's)."""
+    models, generators = [], []
+    for seed in seeds:
+        model = seeded_network(rln, nm, mask, seed)
+        if torch.device(device).type == "cpu":
+            generator = torch.Generator()
+            generator.set_state(torch.get_rng_state())
+        else:  # the network is built on the CPU: the device's generator is as seeded
+            generator = torch.Generator(device).manual_seed(seed)
+        models.append(model.to(device, dtype))
+        generators.append(generator)
+    return ModelStack(models), generators
+
+
+# ----------------------------------------------------------------------------- L lanes of the meta-gradient
+
+
+def expand_lanes(params, tasks):
+    """{name: [K, ...]} -> {name: [K tasks, ...]}: each model's weights once per task (the B lanes of
+    model k are k B .. k B + B - 1), differentiably: a model's gradient is the sum over its lanes."""
+    if tasks == 1:
+        return dict(params)
+    return {n: p.unsqueeze(1).expand(p.shape[0], tasks, *p.shape[1:]).reshape(-1, *p.shape[1:])
+            for n, p in params.items()}
+
+
+def grouped(params):
+    """The layout conv_blocks reads for L lanes: conv weights [L C, C_in, 3, 3], norms [L C] (views)."""
+    return {n: p.flatten(0, 1) if ".convBlock" in n else p for n, p in params.items()}
+
+
+def lane_features(params, prefix, images):
+    """The conv blocks of L lanes on `images` [N, L, H, W] (lane l's images in channel l): [L, N, 9 C]."""
+    lanes = images.shape[1]
+    return conv_blocks(grouped(params), prefix, images, groups=lanes).view(len(images), lanes, -1).transpose(0, 1)
+
+
+def lane_gate(params, images):
+    """Each lane's NM output on its images [N, L, H, W]: [L, N, mask]."""
+    return torch.sigmoid(linear(lane_features(params, "nm", images), params["nm.fc.weight"], params["nm.fc.bias"]))
+
+
+def images_first(ims):
+    """[L, N, 1, H, W] episodes -> [N, L, H, W]: lane l's images in channel l of a grouped convolution."""
+    return ims.squeeze(2).transpose(0, 1)
+
+
+def lanes_meta_loss(params, tasks, inner_lr, train_ims, train_labels, valid_ims, valid_labels, first_order=False):
+    """`functional.func_meta_loss` for L = K tasks lanes at once: `params` {name: [K, ...]} are K
+    models' parameters (leaves), the episodes have a leading dimension L (train_ims [L, 20, 1, H, W],
+    valid_ims [L, 84, 1, H, W]). Leaves in the leaves' .grad, for each model, the mean over its
+    `tasks` lanes of their meta-gradients; returns each model's mean outer (loss, accuracy), [K] each.
+    The conv biases are left without gradient (zero: see functional.norm_fed_biases)."""
+    inner_names = [n for n in params if n.startswith(("rln.", "fc."))]
+    lanes = expand_lanes(params, tasks)
+    count = len(train_ims)
+    masks = lane_gate(lanes, images_first(torch.cat([train_ims, valid_ims], 1)))
+    train_masks, valid_masks = masks.split([train_ims.shape[1], valid_ims.shape[1]], 1)
+    fc = AdaptedLinear(lanes["fc.weight"])
+    fast_names = [n for n in inner_names if not n.endswith("conv.bias") and n != "fc.weight"]
+    fast = flatten(lanes, fast_names)
+    lr_targets = inner_lr * one_hot(train_labels, lanes["fc.weight"].shape[1], fast)
+    for t, image in enumerate(images_first(train_ims).split(1)):
+        weights = {**lanes, **unflatten(fast, lanes, fast_names)}
+        f = lane_features(weights, "rln", image) * train_masks[:, t:t + 1]
+        bias = weights["fc.bias"]
+        u, grad_f = InnerLastLayer.apply(f, bias, fc.weight, fc.U, fc.F, lr_targets[:, t:t + 1], inner_lr)
+        if first_order:
+            u, grad_f = u.detach(), grad_f.detach()
+        (step,) = torch.autograd.grad([f, bias], fast, [grad_f, u.view_as(bias)], create_graph=not first_order)
+        fast = fast + step
+        fc.step(u, f.detach() if first_order else f)
+    weights = {**lanes, **unflatten(fast, lanes, fast_names)}
+    out = fc(lane_features(weights, "rln", images_first(valid_ims)) * valid_masks, weights["fc.bias"])
+    losses = F.cross_entropy(out.flatten(0, 1), valid_labels.flatten(), reduction="none").view(count, -1).mean(1)
+    (losses.sum() / tasks).backward()
+    per_model = lambda t: t.detach().view(-1, tasks).mean(1)
+    accuracies = (out.argmax(-1) == valid_labels).to(losses.dtype).mean(1)
+    return per_model(losses), per_model(accuracies)
+
+
+# ----------------------------------------------------------------------------- the iteration
+
+
+def kaiming_std(in_features):
+    """anml.kaiming_std of a last layer with `in_features` inputs."""
+    return math.sqrt(2.0 / in_features)
+
+
+class StackedMetaStep:
+    """One meta-iteration of a ModelStack: each model draws `tasks` episodes from its own sampler and
+    the new rows of its last layer from its own generator (eagerly, before the step), then the
+    lobotomy, the L lanes' meta-gradient and one Adam step run in one CUDA graph (`graphed`) or
+    eagerly. `samplers[k].rng` and `generators[k]` are model k's random state."""
+
+    def __init__(self, stack, outer_opt, samplers, generators, tasks, inner_lr, first_order=False, graphed=False):
+        self.stack, self.samplers, self.generators, self.tasks = stack, samplers, generators, tasks
+        weight = stack.params()["fc.weight"]
+        self.lanes, self.outputs = len(stack) * tasks, weight.shape[1]
+        self.rows = torch.zeros(self.lanes, weight.shape[2], dtype=weight.dtype, device=weight.device)
+        self.model_of_lane = torch.arange(len(stack), device=weight.device).repeat_interleave(tasks)
+        conv_biases = [p for n, p in stack.params().items() if n.endswith("conv.bias")]
+
+        def iteration(train_class, train_ims, train_labels, valid_ims, valid_labels):
+            self.lobotomize(train_class)
+            loss, acc = lanes_meta_loss(stack.params(), tasks, inner_lr, train_ims, train_labels, valid_ims,
+                                        valid_labels, first_order)
+            for p in conv_biases:
+                p.grad = torch.zeros_like(p)
+            return loss, acc
+
+        self.graph = GraphedMetaStep(stack, outer_opt, samplers[0], iteration, lanes=self.lanes, graphed=graphed)
+
+    def lobotomize(self, train_class):
+        """Write the drawn rows into each lane's class row of its model's last layer (in place)."""
+        weight = self.stack.params()["fc.weight"]
+        with torch.no_grad():
+            weight.view(-1, weight.shape[2]).index_copy_(0, self.model_of_lane * self.outputs + train_class, self.rows)
+
+    def draw(self):
+        """Each lane's episode (classes [L], remembered images [L, R]) and new last-layer row."""
+        classes, remember = [], []
+        std = kaiming_std(self.rows.shape[1])
+        for k, (sampler, generator) in enumerate(zip(self.samplers, self.generators)):
+            for b in range(self.tasks):
+                c, flat = sampler.sample_train_indices()
+                classes.append(c)
+                remember.append(flat)
+                self.rows[k * self.tasks + b].normal_(0, std, generator=generator)
+        return np.array(classes), np.stack(remember)
+
+    def __call__(self):
+        """One iteration; returns each model's (outer loss, outer accuracy) as [K] device tensors."""
+        return self.graph(*self.draw())

@@ -1,0 +1,134 @@
+"""Several models or tasks in one meta-iteration (`batched.py`), proven equal in float64 to separate runs."""
+import copy
+
+import numpy as np
+import pytest
+import torch
+
+import anml
+from batched import MemberOptimizer, StackedMetaStep, lanes_meta_loss, seeded_stack
+from conftest import INNER_LR, TINY
+from model import seeded_network
+
+SEEDS = (3, 5, 8)
+
+
+def single_runs(sampler, seeds, iterations, first_order=False, device="cpu"):
+    """Each seed's parameters after `iterations` of a single run, as anml.train makes them (the same
+    draws from the seed's sampler and torch generator), in float64."""
+    finals = []
+    for seed in seeds:
+        model = seeded_network(*TINY.values(), seed).to(device, torch.float64)
+        opt = anml.outer_optimizer(model, 1e-3)
+        sampler.rng = np.random.default_rng(seed)
+        for _ in range(iterations):
+            train_data, train_class, (valid_ims, valid_labels) = sampler.sample_train(device=device)
+            train_data = [(im.double(), label) for im, label in train_data]
+            anml.meta_step(model, opt, train_data, train_class, valid_ims.double(), valid_labels, INNER_LR, "func",
+                           first_order, outer_chunk=0)
+        finals.append(dict(model.named_parameters()))
+    return finals
+
+
+def stacked_run(sampler, seeds, iterations, tasks=1, first_order=False, device="cpu", graphed=False):
+    stack, generators = seeded_stack(**TINY, seeds=seeds, device=device, dtype=torch.float64)
+    opt = torch.optim.Adam(stack.parameters(), lr=1e-3, capturable=graphed)
+    samplers = [copy.copy(sampler) for _ in seeds]
+    for s, seed in zip(samplers, seeds):
+        s.rng = np.random.default_rng(seed)
+    step = StackedMetaStep(stack, opt, samplers, generators, tasks, INNER_LR, first_order, graphed=graphed)
+    losses = [step()[0] for _ in range(iterations)]
+    return stack, opt, losses
+
+
+def assert_relatively_equal(a, b, name, tolerance=1e-10):
+    scale = b.abs().max()
+    assert scale > 0, name
+    assert (a - b).abs().max() / scale < tolerance, name
+
+
+@pytest.mark.parametrize("iterations", [1, 3])
+@pytest.mark.parametrize("first_order", [False, True])
+def test_three_stacked_models_equal_three_single_runs(sampler, iterations, first_order):
+    singles = single_runs(sampler, SEEDS, iterations, first_order)
+    stack, _, _ = stacked_run(sampler, SEEDS, iterations, first_order=first_order)
+    for k, single in enumerate(singles):
+        member = dict(stack.members[k].named_parameters())
+        assert member.keys() == single.keys()
+        for name, p in single.items():
+            assert_relatively_equal(member[name].detach(), p.detach(), f"seed {SEEDS[k]} {name}")
+    start = dict(seeded_network(*TINY.values(), SEEDS[0]).named_parameters())
+    assert not torch.equal(start["rln.convBlock1.conv.weight"].double(),
+                           dict(stack.members[0].named_parameters())["rln.convBlock1.conv.weight"])
+
+
+def test_a_member_saves_and_loads_as_a_single_run(sampler):
+    """The k-th member's model and optimizer state are a single run's; loading them back restores it."""
+    stack, opt, _ = stacked_run(sampler, SEEDS, 2)
+    single = seeded_network(*TINY.values(), SEEDS[1]).double()
+    single_opt = anml.outer_optimizer(single, 1e-3)
+    single.load_state_dict(stack.members[1].state_dict())
+    single_opt.load_state_dict(MemberOptimizer(opt, 1).state_dict())
+    saved = copy.deepcopy(single_opt.state_dict())
+    assert float(saved["state"][0]["step"]) == 2
+    fresh, fresh_gens = seeded_stack(**TINY, seeds=SEEDS, dtype=torch.float64)
+    fresh_opt = torch.optim.Adam(fresh.parameters(), lr=1e-3)
+    for k in range(len(SEEDS)):
+        fresh.members[k].load_state_dict(stack.members[k].state_dict())
+        MemberOptimizer(fresh_opt, k).load_state_dict(MemberOptimizer(opt, k).state_dict())
+    for a, b in zip(fresh.parameters(), stack.parameters()):
+        assert torch.equal(a, b)
+    for a, b in zip(fresh_opt.state.values(), opt.state.values()):
+        assert all(torch.equal(a[key], b[key]) for key in ("step", "exp_avg", "exp_avg_sq"))
+    assert torch.equal(saved["state"][3]["exp_avg"], opt.state[list(opt.state)[3]]["exp_avg"][1])
+
+
+def test_a_meta_batch_is_the_mean_of_its_tasks_meta_gradients(sampler):
+    """B = 3 tasks of one model: the gradient left in the stack is the mean of the three meta-gradients
+    taken one task at a time from the same (lobotomized) weights."""
+    tasks = 3
+    stack, generators = seeded_stack(**TINY, seeds=[7], dtype=torch.float64)
+    opt = torch.optim.SGD(stack.parameters(), lr=0.0)
+    sampler_copy = copy.copy(sampler)
+    sampler_copy.rng = np.random.default_rng(7)
+    step = StackedMetaStep(stack, opt, [sampler_copy], generators, tasks, INNER_LR)
+    classes, remember = step.draw()
+    assert len(set(classes)) == tasks
+    opt.zero_grad(set_to_none=True)
+    step.graph(classes, remember)
+    batched = {n: p.grad.clone() for n, p in stack.params().items()}
+    lobotomized = {n: p.detach().clone() for n, p in stack.params().items()}
+    separate = {n: torch.zeros_like(p) for n, p in lobotomized.items()}
+    images = sampler.background.double().flatten(0, 1)
+    from cuda_graphs import gather_train_batch
+    for b in range(tasks):
+        params = {n: p.clone().requires_grad_() for n, p in lobotomized.items()}
+        batch = gather_train_batch(images, 20, torch.tensor([classes[b]]), torch.from_numpy(remember[b:b + 1]))
+        lanes_meta_loss(params, 1, INNER_LR, *batch)
+        for n, p in params.items():
+            if p.grad is not None:
+                separate[n] += p.grad / tasks
+    for n in separate:
+        if n.endswith("conv.bias"):
+            assert not batched[n].any()
+            continue
+        assert_relatively_equal(batched[n], separate[n], n)
+
+
+def test_a_meta_batch_of_one_single_model_equals_the_single_meta_gradient(sampler):
+    """The lanes' meta-gradient of one task equals anml.meta_step's (func) in float64."""
+    [single] = single_runs(sampler, [4], 1)
+    stack, _, _ = stacked_run(sampler, [4], 1)
+    for name, p in single.items():
+        assert_relatively_equal(stack.params()[name][0].detach(), p.detach(), name)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_graphed_stack_equals_single_runs(sampler):
+    """The graph backend's replay of a stack of three models, against three eager single runs on CUDA."""
+    singles = single_runs(sampler, SEEDS, 3, device="cuda")
+    stack, _, _ = stacked_run(sampler, SEEDS, 3, device="cuda", graphed=True)
+    for k, single in enumerate(singles):
+        member = dict(stack.members[k].named_parameters())
+        for name, p in single.items():
+            assert_relatively_equal(member[name].detach(), p.detach(), f"seed {SEEDS[k]} {name}")
