@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import run_loop
+from batched import MemberOptimizer, StackedMetaStep, seeded_stack
 from checkpoints import load_model
 from config import IMAGES_PER_CLASS
 from cuda_graphs import GraphedMetaStep
@@ -28,6 +29,7 @@ from datasets import OmniSampler
 from frozen_features import FeatureBank, MetaTestRun, empty_results, learn_on_features, ridge_fit, sequential_fit
 from functional import accuracy, func_meta_loss, inner_parameter_names
 from model import seeded_network
+from runtime import Ranks, any_process
 
 # ----------------------------------------------------------------------------- meta-training
 
@@ -118,13 +120,34 @@ def meta_stepper(backend, model, outer_opt, sampler, device, inner_lr=0.1, first
     return step
 
 
-def train(config, sampler=None, quiet=False):
+def train(config, sampler=None, quiet=False, ranks=Ranks()):
     """Meta-train an ANML as `config` (a config.MetaTrainConfig) says, higherANML's `train`.
 
     Writes higherANML's checkpoints `{out_dir}/{rln}_{nm}_{mask}_ANML-{it}.pth` every 1000
     iterations and at the last, a resumable checkpoint with each and every `save_minutes`, and the
     CSV log; stops cleanly on a signal or the time limit (see run_loop.run, which gives the
-    return value: the model, why it stopped early or None, the last checkpoint's path)."""
+    return value: the model, why it stopped early or None, the last checkpoint's path; lists of
+    models and paths with --seeds). With --seeds or --meta-batch the models and tasks train
+    together (`batched.py`); under torchrun (`ranks`) the seeds are shared out over the processes,
+    or, with one seed, the tasks of its meta-batch."""
+    if config.seeds is not None:
+        configs = config.members()[ranks.rank::ranks.world]
+        if config.meta_batch == 1 and len(configs) == 1:
+            model, stopped, last = train_one(configs[0], sampler, quiet, ranks.restarted)
+            return [model], stopped, [last]
+        return train_together(configs, sampler, quiet, ranks)
+    if config.meta_batch > 1 or ranks.world > 1:
+        model, stopped, last = train_together([config], sampler, quiet, ranks, shared=ranks.world > 1)
+        return model[0], stopped, last[0]
+    return train_one(config, sampler, quiet)
+
+
+def milestones(config):
+    return lambda it: it if it % SAVE_EVERY == 0 or it == config.epochs - 1 else None
+
+
+def train_one(config, sampler=None, quiet=False, restarted=False):
+    """One model, one task an iteration: the paper's algorithm, on any backend."""
     def build():  # once the run's files are locked and its start is checked
         print(f"meta-training ANML {config.name} for {config.epochs} its on {config.device} (backend "
               f"{config.backend}, seed {config.seed}{', first-order' if config.first_order else ''}"
@@ -139,16 +162,60 @@ def train(config, sampler=None, quiet=False):
         def make_step():  # after the resumable state is loaded: the CUDA graph records those weights
             step = meta_stepper(backend, model, outer_opt, data, config.device, config.inner_lr, config.first_order)
             return lambda it: step()
-        return run_loop.Steps(model, outer_opt, data, config.epochs, make_step, milestone, report,
+        return run_loop.Steps(model, outer_opt, data, config.epochs, make_step, milestones(config), report,
                               "iteration: outer loss | outer accuracy (seconds)")
-
-    def milestone(it):
-        return it if it % SAVE_EVERY == 0 or it == config.epochs - 1 else None
 
     def report(it, loss, acc, seconds):
         return f"{it}: {float(loss):.3f} | {float(acc):.3f} ({seconds:.1f}s)" if it % run_loop.LOG_EVERY == 0 else None
 
-    return run_loop.run(config, build, quiet)
+    return run_loop.run(config, build, quiet, restarted=restarted)
+
+
+def train_together(configs, sampler=None, quiet=False, ranks=Ranks(), shared=False):
+    """Several models (one per config, as --seeds makes them) and each `meta_batch` tasks an
+    iteration, as the lanes of one meta-iteration (`batched.py`). `shared`: the processes of
+    torchrun hold the same model and share its meta-batch out; rank 0 writes the files."""
+    config = configs[0]
+    seeds = [c.seed for c in configs]
+    backend = config.resolved_backend
+    if backend == "higher":
+        raise ValueError("several models or tasks an iteration run on the func and graph backends, not higher")
+
+    def build():  # once the runs' files are locked and their starts are checked
+        what = f"{len(seeds)} ANMLs" if len(seeds) > 1 else "ANML"
+        tasks = f", meta-batch {config.meta_batch}" if config.meta_batch > 1 else ""
+        where = f", process {ranks.rank} of {ranks.world}" if ranks.world > 1 else ""
+        print(f"meta-training {what} {config.name} for {config.epochs} its on {config.device} (backend {backend}, "
+              f"seed{'s' if len(seeds) > 1 else ''} {' '.join(map(str, seeds))}{tasks}"
+              f"{', first-order' if config.first_order else ''}{where}{threads_note(config.device)}) -> "
+              f"{', '.join(c.out_dir + '/' for c in configs)}", flush=True)
+        data = sampler or OmniSampler(config.data_root, download=config.download)
+        stack, generators = seeded_stack(config.rln, config.nm, config.mask, seeds, config.device)
+        outer_opt = torch.optim.Adam(stack.parameters(), lr=config.outer_lr, capturable=backend == "graph")
+        holders = []
+        for seed, generator in zip(seeds, generators):
+            holder = copy.copy(data)  # the same images, the seed's own task draws
+            holder.rng, holder.generator = np.random.default_rng(seed), generator
+            holders.append(holder)
+        optimizers = [MemberOptimizer(outer_opt, k) for k in range(len(seeds))]
+
+        def make_step():  # after the resumable states are loaded: the CUDA graph records those weights
+            step = StackedMetaStep(stack, outer_opt, holders, generators, config.meta_batch, config.inner_lr,
+                                   config.first_order, graphed=backend == "graph",
+                                   share=(ranks.rank, ranks.world) if shared else (0, 1))
+            return lambda it: step()
+        agree = (lambda stop: any_process(stop, config.device)) if shared else None
+        return run_loop.Steps(stack.members, optimizers, holders, config.epochs, make_step, milestones(config),
+                              report, f"iteration: outer loss | outer accuracy{', per seed' if len(seeds) > 1 else ''} (seconds)",
+                              agree=agree)
+
+    def report(it, loss, acc, seconds):
+        if it % run_loop.LOG_EVERY:
+            return None
+        values = lambda t: " ".join(f"{v:.3f}" for v in t.tolist())
+        return f"{it}: {values(loss)} | {values(acc)} ({seconds:.1f}s)"
+
+    return run_loop.run(configs, build, quiet, writer=ranks.rank == 0 or not shared, restarted=ranks.restarted)
 
 
 SAVE_EVERY = 1000  # iterations between higherANML's checkpoints

@@ -137,12 +137,15 @@ def images_first(ims):
     return ims.squeeze(2).transpose(0, 1)
 
 
-def lanes_meta_loss(params, tasks, inner_lr, train_ims, train_labels, valid_ims, valid_labels, first_order=False):
+def lanes_meta_loss(params, tasks, inner_lr, train_ims, train_labels, valid_ims, valid_labels, first_order=False,
+                    mean_over=None):
     """`functional.func_meta_loss` for L = K tasks lanes at once: `params` {name: [K, ...]} are K
     models' parameters (leaves), the episodes have a leading dimension L (train_ims [L, 20, 1, H, W],
     valid_ims [L, 84, 1, H, W]). Leaves in the leaves' .grad, for each model, the mean over its
     `tasks` lanes of their meta-gradients; returns each model's mean outer (loss, accuracy), [K] each.
-    The conv biases are left without gradient (zero: see functional.norm_fed_biases)."""
+    `mean_over` (default `tasks`): the count the sums over a model's lanes are divided by, when its
+    meta-batch is shared out over processes (their sums then add up to the means). The conv biases
+    are left without gradient (zero: see functional.norm_fed_biases)."""
     inner_names = [n for n in params if n.startswith(("rln.", "fc."))]
     lanes = expand_lanes(params, tasks)
     count = len(train_ims)
@@ -165,13 +168,25 @@ def lanes_meta_loss(params, tasks, inner_lr, train_ims, train_labels, valid_ims,
     weights = {**lanes, **unflatten(fast, lanes, fast_names)}
     out = fc(lane_features(weights, "rln", images_first(valid_ims)) * valid_masks, weights["fc.bias"])
     losses = F.cross_entropy(out.flatten(0, 1), valid_labels.flatten(), reduction="none").view(count, -1).mean(1)
-    (losses.sum() / tasks).backward()
-    per_model = lambda t: t.detach().view(-1, tasks).mean(1)
+    mean_over = mean_over or tasks
+    (losses.sum() / mean_over).backward()
+    per_model = lambda t: t.detach().view(-1, tasks).sum(1) / mean_over
     accuracies = (out.argmax(-1) == valid_labels).to(losses.dtype).mean(1)
     return per_model(losses), per_model(accuracies)
 
 
 # ----------------------------------------------------------------------------- the iteration
+
+
+def sum_over_processes(parameters, loss, acc):
+    """all_reduce (sum) of the parameters' gradients and of the loss and accuracy, in one call."""
+    import torch.distributed as dist
+    grads = [p.grad for p in parameters]
+    flat = torch.cat([g.flatten() for g in grads] + [loss, acc])
+    dist.all_reduce(flat)
+    for g, piece in zip(grads, flat.split([g.numel() for g in grads] + [loss.numel() + acc.numel()])):
+        g.copy_(piece.view_as(g))
+    return flat[-loss.numel() - acc.numel():].split([loss.numel(), acc.numel()])
 
 
 def kaiming_std(in_features):
@@ -182,35 +197,51 @@ def kaiming_std(in_features):
 class StackedMetaStep:
     """One meta-iteration of a ModelStack: each model draws `tasks` episodes from its own sampler and
     the new rows of its last layer from its own generator (eagerly, before the step), then the
-    lobotomy, the L lanes' meta-gradient and one Adam step run in one CUDA graph (`graphed`) or
-    eagerly. `samplers[k].rng` and `generators[k]` are model k's random state."""
+    lobotomy, the lanes' meta-gradient and one Adam step run in one CUDA graph (`graphed`) or
+    eagerly. `samplers[k].rng` and `generators[k]` are model k's random state.
 
-    def __init__(self, stack, outer_opt, samplers, generators, tasks, inner_lr, first_order=False, graphed=False):
+    `share` = (rank, world): the `tasks` of each model are shared out over `world` processes that
+    hold the same models (torchrun): each draws all of them and re-initialises all their rows, runs
+    its tasks / world lanes, and the processes' gradients are summed (`all_reduce`) before the
+    identical Adam step everywhere: the update of one process running the whole meta-batch."""
+
+    def __init__(self, stack, outer_opt, samplers, generators, tasks, inner_lr, first_order=False, graphed=False,
+                 share=(0, 1)):
         self.stack, self.samplers, self.generators, self.tasks = stack, samplers, generators, tasks
+        self.rank, self.world = share
+        if tasks % self.world:
+            raise ValueError(f"a meta-batch of {tasks} tasks cannot be shared equally by {self.world} processes")
+        self.local = tasks // self.world
         weight = stack.params()["fc.weight"]
-        self.lanes, self.outputs = len(stack) * tasks, weight.shape[1]
-        self.rows = torch.zeros(self.lanes, weight.shape[2], dtype=weight.dtype, device=weight.device)
-        self.model_of_lane = torch.arange(len(stack), device=weight.device).repeat_interleave(tasks)
+        rows, self.outputs = len(stack) * tasks, weight.shape[1]
+        self.rows = torch.zeros(rows, weight.shape[2], dtype=weight.dtype, device=weight.device)
+        self.row_classes = torch.zeros(rows, dtype=torch.long, device=weight.device)
+        self.model_of_row = torch.arange(len(stack), device=weight.device).repeat_interleave(tasks)
         conv_biases = [p for n, p in stack.params().items() if n.endswith("conv.bias")]
 
         def iteration(train_class, train_ims, train_labels, valid_ims, valid_labels):
-            self.lobotomize(train_class)
-            loss, acc = lanes_meta_loss(stack.params(), tasks, inner_lr, train_ims, train_labels, valid_ims,
-                                        valid_labels, first_order)
+            self.lobotomize()
+            loss, acc = lanes_meta_loss(stack.params(), self.local, inner_lr, train_ims, train_labels, valid_ims,
+                                        valid_labels, first_order, mean_over=tasks)
             for p in conv_biases:
                 p.grad = torch.zeros_like(p)
+            if self.world > 1:
+                loss, acc = sum_over_processes(stack.parameters(), loss, acc)
             return loss, acc
 
-        self.graph = GraphedMetaStep(stack, outer_opt, samplers[0], iteration, lanes=self.lanes, graphed=graphed)
+        self.graph = GraphedMetaStep(stack, outer_opt, samplers[0], iteration, lanes=len(stack) * self.local,
+                                     graphed=graphed)
 
-    def lobotomize(self, train_class):
-        """Write the drawn rows into each lane's class row of its model's last layer (in place)."""
+    def lobotomize(self):
+        """Write the drawn rows into the class rows of each model's last layer (in place)."""
         weight = self.stack.params()["fc.weight"]
         with torch.no_grad():
-            weight.view(-1, weight.shape[2]).index_copy_(0, self.model_of_lane * self.outputs + train_class, self.rows)
+            weight.view(-1, weight.shape[2]).index_copy_(0, self.model_of_row * self.outputs + self.row_classes,
+                                                         self.rows)
 
     def draw(self):
-        """Each lane's episode (classes [L], remembered images [L, R]) and new last-layer row."""
+        """Each task's episode and new last-layer row; returns this process's lanes' episodes
+        (classes [L], remembered images [L, R])."""
         classes, remember = [], []
         std = kaiming_std(self.rows.shape[1])
         for k, (sampler, generator) in enumerate(zip(self.samplers, self.generators)):
@@ -219,7 +250,9 @@ class StackedMetaStep:
                 classes.append(c)
                 remember.append(flat)
                 self.rows[k * self.tasks + b].normal_(0, std, generator=generator)
-        return np.array(classes), np.stack(remember)
+        self.row_classes.copy_(torch.as_tensor(classes))
+        mine = [k * self.tasks + self.rank * self.local + b for k in range(len(self.stack)) for b in range(self.local)]
+        return np.array(classes)[mine], np.stack(remember)[mine]
 
     def __call__(self):
         """One iteration; returns each model's (outer loss, outer accuracy) as [K] device tensors."""

@@ -138,15 +138,17 @@ def check_finite_parameters(model, it):
         raise Diverged(f"training diverged: non-finite weights after iteration {it} (in {', '.join(bad[:3])})")
 
 
-def save_training_state(out_dir, name, it, model, optimizer, rng, elapsed, config, kind="ANML"):
+def save_training_state(out_dir, name, it, model, optimizer, rng, elapsed, config, kind="ANML", torch_rng=None):
     """Everything needed to continue after iteration `it` exactly, with the run's configuration (a
     dict); the older resumable checkpoints of the run are removed only once this one is complete.
-    Refuses (Diverged) to save non-finite weights. Returns the path written."""
+    `torch_rng` ({"torch", "cuda"} states): the run's own, else the global generators'. Refuses
+    (Diverged) to save non-finite weights. Returns the path written."""
     check_finite_parameters(model, it)
+    torch_rng = torch_rng or {"torch": torch.get_rng_state(),
+                              "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
     state = {"model": cpu_state_dict(model), "outer_opt": optimizer.state_dict(), "iteration": it,
              "elapsed": elapsed, "config": config, "kind": kind,
-             "rng": {"numpy": rng.bit_generator.state, "torch": torch.get_rng_state(),
-                     "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}}
+             "rng": {"numpy": rng.bit_generator.state, **torch_rng}}
     path = checkpoint_path(out_dir, name, it, resumable=True, kind=kind)
     save_atomic(state, path)
     for old in checkpoints_in(out_dir, name, resumable=True, kind=kind).values():
@@ -219,9 +221,16 @@ def apply_training_state(state, path, model, optimizer, rng_holder):
     return state["iteration"] + 1, float(state["elapsed"]), state["rng"]
 
 
-def restore_torch_rng(rng):
-    """Set the torch RNG states of a resumable checkpoint (None: leave them)."""
+def restore_torch_rng(rng, generator=None):
+    """Set the torch RNG states of a resumable checkpoint (None: leave them): into `generator`, a
+    run's own (its device's state), else into the global generators."""
     if rng is None:
+        return
+    if generator is not None:
+        on_cpu = generator.device.type == "cpu"
+        state = rng["torch"] if on_cpu else (rng["cuda"][generator.device.index or 0] if rng["cuda"] else None)
+        if state is not None:
+            generator.set_state(state)
         return
     torch.set_rng_state(rng["torch"])
     if rng["cuda"] and torch.cuda.is_available():

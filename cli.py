@@ -103,7 +103,7 @@ def report_end(stopped, last):
     """A training script's last line: `done: {last checkpoint}`, the time limit, or an interruption
     (exit 130); the run left a resumable checkpoint in the last two cases."""
     if stopped is None:
-        print(f"done: {last}")
+        print(f"done: {', '.join(map(str, last)) if isinstance(last, list) else last}")
     elif stopped.startswith("time limit"):
         print("time limit reached: continue with the same command and --resume latest")
     else:

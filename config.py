@@ -2,7 +2,8 @@
 (or in Python), then passed down whole and recorded whole in resumable checkpoints and result
 files. Plain Python, no torch: a script checks its arguments before it loads anything heavy."""
 import math
-from dataclasses import asdict, dataclass, fields
+import os
+from dataclasses import asdict, dataclass, fields, replace
 
 # Omniglot, and the numbers of ANML's protocol.
 NUM_BACKGROUND = 964  # meta-training classes (images_background)
@@ -64,9 +65,9 @@ def check_positive(flag, value, integer=False):
         raise ConfigError(f"{flag} must be a {'whole' if integer else 'finite'} number > 0, got {value!r}")
 
 
-def check_seed(value):
+def check_seed(value, flag="--seed"):
     if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= MAX_SEED:
-        raise ConfigError(f"--seed must be a whole number in 0..{MAX_SEED}, got {value!r}")
+        raise ConfigError(f"{flag} must be a whole number in 0..{MAX_SEED}, got {value!r}")
 
 
 def check_device(device):
@@ -142,11 +143,14 @@ class MetaTrainConfig(RunSettings):
     seed: int = 1
     backend: str = "auto"
     first_order: bool = False
+    seeds: tuple | None = None  # several models trained together, one run each in {out_dir}/seed{s}
+    meta_batch: int = 1  # tasks per iteration, the mean of their meta-gradients (1: the paper's)
 
     KIND = "ANML"  # in checkpoint names: {name}_ANML-{iteration}.pth
     LOG = "train_log"
     UNIT = "iteration"
-    RUN_KEYS = ("rln", "nm", "mask", "inner_lr", "outer_lr", "seed", "backend", "first_order", "epochs")
+    RUN_KEYS = ("rln", "nm", "mask", "inner_lr", "outer_lr", "seed", "backend", "first_order", "meta_batch",
+                "epochs")
     DIVERGED_ADVICE = "a smaller --outer-lr is a new run: another --out-dir"
 
     def __post_init__(self):
@@ -159,6 +163,25 @@ class MetaTrainConfig(RunSettings):
                               "not by higher, the second-order reference")
         if backend == "graph" and self.device != "cuda":
             raise ConfigError("--backend graph replays CUDA graphs: it needs -d cuda (on the CPU use auto or func)")
+        check_positive("--meta-batch", self.meta_batch, integer=True)
+        if self.seeds is not None:
+            object.__setattr__(self, "seeds", tuple(self.seeds))
+            if not self.seeds:
+                raise ConfigError("--seeds needs at least one seed")
+            for seed in self.seeds:
+                check_seed(seed, "--seeds")
+            if len(set(self.seeds)) < len(self.seeds):
+                raise ConfigError(f"--seeds must differ, got {' '.join(map(str, self.seeds))}")
+        if backend == "higher" and (self.seeds or self.meta_batch > 1):
+            raise ConfigError("--seeds and --meta-batch run on the func and graph backends (--backend auto, func), "
+                              "not on higher, which trains one model one task at a time")
+
+    def members(self):
+        """The runs this configuration trains: itself, or with --seeds one run per seed, each in
+        {out_dir}/seed{s} with its own files, exactly as `--seed s --out-dir {out_dir}/seed{s}` writes them."""
+        if self.seeds is None:
+            return [self]
+        return [replace(self, seed=s, seeds=None, out_dir=os.path.join(self.out_dir, f"seed{s}")) for s in self.seeds]
 
     @property
     def resolved_backend(self):
@@ -215,7 +238,7 @@ class PretrainConfig(RunSettings):
 # The flag of each run setting, for messages.
 FLAGS = {"rln": "--rln", "nm": "--nm", "mask": "--mask", "inner_lr": "--inner-lr", "outer_lr": "--outer-lr",
          "seed": "--seed", "backend": "--backend", "first_order": "--first-order", "epochs": "--epochs",
-         "lr": "--lr", "batch_size": "--batch-size", "lobotomize": "--lobotomize"}
+         "lr": "--lr", "batch_size": "--batch-size", "lobotomize": "--lobotomize", "meta_batch": "--meta-batch"}
 MAY_CHANGE_ON_RESUME = ("epochs",)  # a run may be continued further than first planned
 
 

@@ -7,8 +7,11 @@
 - a NaN or infinite loss or weight stops the run before anything bad is saved;
 - a CSV log of every step, appended across resumes (`TrainingLog`).
 
-A kind of training gives the loop its steps as a `Steps` (anml.train, pretrain_omni.pretrain).
+A kind of training gives the loop its steps as a `Steps` (anml.train, pretrain_omni.pretrain). Several
+runs may train in one loop (`train_omni.py --seeds`): each keeps its own folder, lock, files and
+resumable checkpoints, exactly as if it ran alone.
 """
+import contextlib
 import fcntl
 import math
 import os
@@ -39,85 +42,142 @@ def notice(message):
 
 @dataclass
 class Steps:
-    """One kind of training, as the run loop drives it."""
+    """One kind of training, as the run loop drives it. With several runs in one loop, `model`,
+    `optimizer` and `rng_holder` are lists (one per run), and a step gives one loss and accuracy per run."""
     model: torch.nn.Module
     optimizer: torch.optim.Optimizer
-    rng_holder: object  # its `.rng` (a numpy Generator) is saved and restored with the run
+    rng_holder: object  # its `.rng` (a numpy Generator) is saved and restored with the run; its
+    # `.generator`, where it has one, is the run's torch generator (else the global one)
     total: int  # steps of the whole run
     make_step: Callable  # () -> step(i) -> (loss, accuracy); called once the resumable state is loaded
     milestone: Callable  # i -> the index of the checkpoint to write after step i, or None
     report: Callable  # (i, loss, accuracy, seconds) -> a line to print, or None
     header: str  # printed above the reported lines
     unit: str = "iteration"
+    agree: Callable = None  # stop requested here -> stop everywhere (the ranks of one run agree), or None
+
+    def runs(self):
+        """[(model, optimizer, rng_holder)] of each run."""
+        if isinstance(self.model, list):
+            return list(zip(self.model, self.optimizer, self.rng_holder))
+        return [(self.model, self.optimizer, self.rng_holder)]
 
 
-def run(config, build, quiet=False):
-    """Train `config`'s run to its end in `config.out_dir`: `build()` gives its `Steps` (after the lock
-    is taken, so it may load the data). Returns (model, why it stopped early or None, the path of
-    the run's last checkpoint). Raises ValueError for a run that may not start, Diverged for a
-    non-finite loss or weight, WriteError for a file that could not be written: each names the last
-    good resumable checkpoint, which a later `--resume latest` continues."""
-    out_dir, name, kind = Path(config.out_dir), config.name, config.KIND
-    check_out_dir(out_dir)
-    with RunLock(out_dir, name, kind):
-        clean_out_dir(out_dir)
-        state, path = starting_state(config)
+def per_run(values, count):
+    """A step's loss (or accuracy) as one value per run."""
+    if count == 1 and not (torch.is_tensor(values) and values.dim() == 1) and not isinstance(values, list):
+        return [values]
+    return list(values.unbind() if torch.is_tensor(values) else values)
+
+
+def run(config, build, quiet=False, writer=True, restarted=False):
+    """Train `config`'s run (or each run of a list of configs, together) to its end in its out_dir:
+    `build()` gives the `Steps` (after the locks are taken, so it may load the data). Returns (model,
+    why it stopped early or None, the path of the run's last checkpoint); lists of models and paths
+    for a list of configs. Raises ValueError for a run that may not start, Diverged for a non-finite
+    loss or weight, WriteError for a file that could not be written: each names the last good
+    resumable checkpoint, which a later `--resume latest` continues.
+
+    `writer=False`: a process that trains the run beside the one that writes its files (a torchrun
+    rank other than 0) reads them but writes nothing. `restarted`: torchrun restarted this process
+    after a failure: each run continues from its newest resumable checkpoint, or starts again."""
+    configs = list(config) if isinstance(config, (list, tuple)) else [config]
+    with contextlib.ExitStack() as locks:
+        for c in configs if writer else ():
+            check_out_dir(Path(c.out_dir))
+            locks.enter_context(RunLock(c.out_dir, c.name, c.KIND))
+            clean_out_dir(Path(c.out_dir))
+        starts = [starting_state(c, check_fresh=writer and not restarted, restarted=restarted) for c in configs]
         steps = build()
         try:
-            return run_locked(config, steps, state, path, quiet)
+            models, stopped, lasts = run_locked(configs, steps, starts, quiet, writer)
         except Diverged as e:
-            raise Diverged(f"{e}; {last_good(config)} ({config.DIVERGED_ADVICE})") from e
+            raise Diverged(f"{e}; {last_good(configs)} ({configs[0].DIVERGED_ADVICE})") from e
         except OSError as e:  # a checkpoint or the log could not be written (WriteError, a full disk)
-            raise WriteError(f"{e}; {last_good(config)}: free some space (or fix the folder), then "
+            raise WriteError(f"{e}; {last_good(configs)}: free some space (or fix the folder), then "
                              f"continue with --resume latest") from e
+    if isinstance(config, (list, tuple)):
+        return models, stopped, lasts
+    return models[0], stopped, lasts[0]
 
 
-def run_locked(config, steps, state, state_path, quiet):
-    """The loop of `run`, once the run's files are locked and its start is checked."""
-    out_dir, name, kind = Path(config.out_dir), config.name, config.KIND
-    first, elapsed, rng = 0, 0.0, None
-    if state is not None:
-        first, elapsed, rng = apply_training_state(state, state_path, steps.model, steps.optimizer, steps.rng_holder)
-    last = checkpoint_path(out_dir, name, steps.milestone(steps.total - 1), kind=kind)
+def run_locked(configs, steps, starts, quiet, writer=True):
+    """The loop of `run`, once the runs' files are locked and their starts are checked."""
+    runs, kind, count = steps.runs(), configs[0].KIND, len(configs)
+    firsts, elapsed, rngs = [], [], []
+    for (model, optimizer, holder), (state, path) in zip(runs, starts):
+        first, seconds, rng = 0, 0.0, None
+        if state is not None:
+            first, seconds, rng = apply_training_state(state, path, model, optimizer, holder)
+        firsts.append(first), elapsed.append(seconds), rngs.append(rng)
+    if len(set(firsts)) > 1:
+        shown = ", ".join(f"{c.out_dir} after {first}" for c, first in zip(configs, firsts))
+        raise ValueError(f"runs that train together must continue from the same {steps.unit}, not {shown}: "
+                         f"continue them one at a time")
+    first, elapsed = firsts[0], max(elapsed)
+    lasts = [checkpoint_path(c.out_dir, c.name, steps.milestone(steps.total - 1), kind=kind) for c in configs]
+    models = [model for model, _, _ in runs]
     if first == steps.total:  # resumed at its end: only its last checkpoint may be missing or damaged
-        if not readable_checkpoint(last):
-            save_atomic(cpu_state_dict(steps.model), last)
+        for model, last in zip(models, lasts):
+            if writer and not readable_checkpoint(last):
+                save_atomic(cpu_state_dict(model), last)
         notice(f"nothing to train: the run has already trained its {steps.total} {steps.unit}s")
-        return steps.model, None, last
+        return models, None, lasts
     step = steps.make_step()
-    restore_torch_rng(rng)  # after make_step, whose CUDA graph warm-up draws from the CUDA generator
-    log = TrainingLog(out_dir / f"{name}_{config.LOG}.csv", first)
+    for (_, _, holder), rng in zip(runs, rngs):  # after make_step, whose CUDA graph warm-up draws from the CUDA generator
+        restore_torch_rng(rng, getattr(holder, "generator", None))
+    logs = [TrainingLog(Path(c.out_dir) / f"{c.name}_{c.LOG}.csv", first) for c in configs] if writer else []
     start = time.perf_counter()
     clock = lambda: time.perf_counter() - start
     last_save = 0.0
-    with StopSignal(config.time_limit, clock) as stop:
+    with StopSignal(configs[0].time_limit, clock) as stop:
         tqdm.write(steps.header)  # once the signals stop the run cleanly
         for i in tqdm(range(first, steps.total), initial=first, total=steps.total, disable=quiet, desc=kind,
                       unit=steps.unit):
             loss, acc = step(i)
+            losses, accuracies = per_run(loss, count), per_run(acc, count)
             seconds = elapsed + clock()
-            log.add(i, loss, acc, seconds)
-            if i % LOG_EVERY == 0:
-                log.flush()  # raises Diverged on a non-finite loss
+            for log, l, a in zip(logs, losses, accuracies):
+                log.add(i, l, a, seconds)
+                if i % LOG_EVERY == 0:
+                    log.flush()  # raises Diverged on a non-finite loss
             line = steps.report(i, loss, acc, seconds)
             if line is not None:
-                log.flush()
+                for log in logs:
+                    log.flush()
                 tqdm.write(line)
             index = steps.milestone(i)
-            timed = config.save_minutes is not None and clock() - last_save >= config.save_minutes * 60
-            if index is not None or timed or stop.requested():
-                log.flush()
-                if index is not None:
-                    check_finite_parameters(steps.model, i)
-                    save_atomic(cpu_state_dict(steps.model), checkpoint_path(out_dir, name, index, kind=kind))
-                save_training_state(out_dir, name, i, steps.model, steps.optimizer, steps.rng_holder.rng,
-                                    elapsed + clock(), config.as_dict(), kind)
+            timed = configs[0].save_minutes is not None and clock() - last_save >= configs[0].save_minutes * 60
+            stopping = stop.requested() if steps.agree is None else steps.agree(stop.requested())
+            if writer and (index is not None or timed or stopping):
+                for c, log, (model, optimizer, holder) in zip(configs, logs, runs):
+                    log.flush()
+                    if index is not None:
+                        check_finite_parameters(model, i)
+                        save_atomic(cpu_state_dict(model), checkpoint_path(c.out_dir, c.name, index, kind=kind))
+                    save_training_state(c.out_dir, c.name, i, model, optimizer, holder.rng, elapsed + clock(),
+                                        c.as_dict(), kind, torch_rng_state(holder))
                 last_save = clock()
-            if stop.requested() and i < steps.total - 1:
-                tqdm.write(f"stopped after {steps.unit} {i} ({stop.reason}); continue with --resume latest")
-                return steps.model, stop.reason, last
-    log.flush()
-    return steps.model, None, last
+            if stopping and i < steps.total - 1:
+                tqdm.write(f"stopped after {steps.unit} {i} ({stop.reason or 'another process stopped'}); "
+                           f"continue with --resume latest")
+                return models, stop.reason or "another process stopped", lasts
+    for log in logs:
+        log.flush()
+    return models, None, lasts
+
+
+def torch_rng_state(holder):
+    """The torch random state a run saves: its own generator's where it has one (`batched.py`),
+    in the place a single run keeps the global one's; None: the global generators'."""
+    generator = getattr(holder, "generator", None)
+    if generator is None:
+        return None
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []
+    if generator.device.type == "cpu":
+        return {"torch": generator.get_state(), "cuda": cuda}
+    cuda[generator.device.index or 0] = generator.get_state()
+    return {"torch": torch.get_rng_state(), "cuda": cuda}
 
 
 # ----------------------------------------------------------------------------- starting a run
@@ -139,13 +199,18 @@ def clean_out_dir(out_dir):
         notice(f"removed {tmp}, left by a process that no longer runs")
 
 
-def starting_state(config):
+def starting_state(config, check_fresh=True, restarted=False):
     """(the resumable checkpoint's dict, its path) to continue from, checked against `config`,
-    or (None, None) for a new run (which must not overwrite another run's files)."""
-    if config.resume is None:
-        check_fresh_start(config)
+    or (None, None) for a new run (which must not overwrite another run's files, if `check_fresh`).
+    A `restarted` process continues from the newest resumable checkpoint, if there is one."""
+    resume = config.resume
+    if resume is None and restarted and newest_resumable(config.out_dir, config.name, config.KIND) is not None:
+        resume = "latest"
+    if resume is None:
+        if check_fresh:
+            check_fresh_start(config)
         return None, None
-    path = find_resumable(config.resume, config.out_dir, config.name, config.KIND)
+    path = find_resumable(resume, config.out_dir, config.name, config.KIND)
     state = read_training_state(path, config.KIND)
     check_finite(state["model"], path)
     check_settings(state.get("config"), config, path)
@@ -219,10 +284,12 @@ def check_settings(stored, config, path):
                          f"with these flags in another --out-dir")
 
 
-def last_good(config):
-    path = newest_resumable(config.out_dir, config.name, config.KIND)
-    return "no resumable checkpoint was written" if path is None else \
-        f"the last good resumable checkpoint is {path}"
+def last_good(configs):
+    paths = [newest_resumable(c.out_dir, c.name, c.KIND) for c in configs]
+    if all(p is None for p in paths):
+        return "no resumable checkpoint was written"
+    shown = ", ".join(str(p) for p in paths if p is not None)
+    return f"the last good resumable checkpoint{'s are' if len(configs) > 1 else ' is'} {shown}"
 
 
 # ----------------------------------------------------------------------------- the log

@@ -4,9 +4,11 @@ import hashlib
 import os
 import platform
 import time
+from dataclasses import dataclass
 from importlib import metadata
 
 import torch
+import torch.distributed as dist
 
 
 def resolve_device(parser, device):
@@ -78,3 +80,41 @@ def sha256_of(path):
         while chunk := f.read(1 << 20):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+# ----------------------------------------------------------------------------- torchrun
+
+
+@dataclass(frozen=True)
+class Ranks:
+    """This process's place among those torchrun started (rank 0 of 1 without torchrun), and
+    whether torchrun restarted it after a failure (`--max-restarts`)."""
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+    restarted: bool = False
+
+
+def torchrun_ranks(environ=os.environ):
+    """The Ranks torchrun's environment variables describe."""
+    number = lambda key, default: int(environ.get(key, default))
+    return Ranks(number("RANK", 0), number("WORLD_SIZE", 1), number("LOCAL_RANK", 0),
+                 number("TORCHELASTIC_RESTART_COUNT", 0) > 0)
+
+
+def join_processes(ranks, device):
+    """Under torchrun: this process's GPU (its local rank's) and torch.distributed's process group
+    (gloo on the CPU, nccl on CUDA). Nothing without torchrun."""
+    if ranks.world == 1:
+        return
+    if device == "cuda":
+        torch.cuda.set_device(ranks.local_rank)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device == "cuda" else "gloo")
+
+
+def any_process(flag, device):
+    """True where `flag` is True in any process of the group (the processes of one run stop together)."""
+    value = torch.tensor([float(flag)], device=device)
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return bool(value.item())

@@ -2,6 +2,9 @@
 
     python train_omni.py                                  # 256/112/2304, 30000 its, as the paper
     python train_omni.py --rln 4 --nm 3 --mask 36 --epochs 3 -d cpu   # a smoke test
+    python train_omni.py --seeds 1 2 3 4                  # four models at once, in runs/seed1 ... runs/seed4
+    python train_omni.py --meta-batch 4                   # four tasks an iteration, their mean meta-gradient
+    torchrun --nproc_per_node 2 train_omni.py --seeds 1 2 3 4     # the seeds shared out over two processes
 
 Checkpoints go to `{out_dir}/{rln}_{nm}_{mask}_ANML-{it}.pth` every 1000 iterations and at the last,
 with a resumable checkpoint beside them and every --save-minutes. Ctrl-C (or SIGTERM, SIGHUP, or
@@ -16,7 +19,7 @@ import anml
 from cli import (add_session_args, add_size_args, build_config, non_negative_int, positive_float, positive_int,
                  report_end, run_cli)
 from config import BACKENDS, MetaTrainConfig
-from runtime import resolve_device, set_threads
+from runtime import join_processes, resolve_device, set_threads, torchrun_ranks
 
 
 def parse_args(argv=None):
@@ -29,8 +32,15 @@ def parse_args(argv=None):
     parser.add_argument("--outer-lr", type=positive_float, default=1e-3,
                         help="outer-loop Adam learning rate (%(default)s, as higherANML's code and the original "
                              "ANML; higherANML's README table says 0.003)")
-    parser.add_argument("--seed", type=non_negative_int, default=1,
-                        help="seeds torch and the task sampler (%(default)s)")
+    seeds = parser.add_mutually_exclusive_group()
+    seeds.add_argument("--seed", type=non_negative_int, default=1,
+                       help="seeds torch and the task sampler (%(default)s)")
+    seeds.add_argument("--seeds", type=non_negative_int, nargs="+", metavar="SEED",
+                       help="train one model per seed together, in one batched iteration: each a run of its own "
+                            "in {out-dir}/seed{SEED}, as --seed SEED --out-dir {out-dir}/seed{SEED} would write it")
+    parser.add_argument("--meta-batch", type=positive_int, default=1, metavar="B",
+                        help="tasks per iteration, each its own class and inner loop; the outer step takes the mean "
+                             "of their meta-gradients (%(default)s: the paper's algorithm)")
     parser.add_argument("--out-dir", default="runs", help="where checkpoints and the log are written (%(default)s)")
     parser.add_argument("--backend", choices=BACKENDS, default="auto",
                         help="auto (default): graphed func on CUDA, func on CPU; higher: higherANML's code, the "
@@ -48,13 +58,31 @@ def parse_args(argv=None):
                         help="stop cleanly after the iteration in flight once this much time has passed")
     add_session_args(parser)
     args = parser.parse_args(argv)
-    return build_config(parser, MetaTrainConfig, args, device=resolve_device(parser, args.device))
+    config = build_config(parser, MetaTrainConfig, args, device=resolve_device(parser, args.device))
+    return config, check_processes(parser, config, torchrun_ranks())
+
+
+def check_processes(parser, config, ranks):
+    """The Ranks of this process, once torchrun's process count is checked against the run: each
+    process needs a seed of its own, or, with one seed, an equal share of the meta-batch."""
+    if ranks.world == 1:
+        return ranks
+    if config.seeds is not None:
+        if len(config.seeds) < ranks.world:
+            parser.error(f"torchrun started {ranks.world} processes for {len(config.seeds)} seeds: give at least "
+                         f"one seed per process")
+    elif config.meta_batch % ranks.world:
+        parser.error(f"torchrun started {ranks.world} processes: they share out --seeds, or the tasks of one "
+                     f"model's --meta-batch, which must then be a multiple of {ranks.world} "
+                     f"(got {config.meta_batch})")
+    return ranks
 
 
 def main(argv=None):
-    config = parse_args(argv)
+    config, ranks = parse_args(argv)
     set_threads(config.threads)
-    _, stopped, last = anml.train(config)  # checks the folder and the start before it loads the data
+    join_processes(ranks, config.device)
+    _, stopped, last = anml.train(config, ranks=ranks)  # checks the folders and the start before it loads the data
     report_end(stopped, last)
 
 if __name__ == "__main__":

@@ -1,0 +1,152 @@
+"""Several models in one process (`--seeds`), a meta-batch (`--meta-batch`), and torchrun sharing
+them out over processes (gloo on the CPU), run as a user runs them."""
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+import train_omni
+from model import seeded_network
+from conftest import REPO, TINY_FLAGS, assert_ok, run, same_weights, script_env
+from runtime import Ranks
+
+NAME = "4_3_36"
+
+
+def flags(root, out_dir, epochs, *args):
+    return [*TINY_FLAGS, "--epochs", epochs, "-d", "cpu", "--data-root", root, "--no-download", "--out-dir", out_dir,
+            *args]
+
+
+def torchrun(*args, processes=2, restarts=0):
+    """`torchrun --nproc_per_node N train_omni.py ...` on this machine, as a subprocess."""
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes), "--max-restarts",
+            str(restarts), "--master-port", str(29500 + os.getpid() % 1000), "train_omni.py", *map(str, args)]
+
+
+def final(out_dir, epochs):
+    return torch.load(out_dir / f"{NAME}_ANML-{epochs - 1}.pth")
+
+
+# Float32 rounding may flip the sign of a gradient that is almost zero (a class the softmax all but
+# ignores), and Adam's first steps move such a weight by about the learning rate either way: runs
+# that agree up to rounding agree within two steps (tests/test_batched.py proves them equal in float64).
+TWO_ADAM_STEPS = 2.1e-3
+
+
+def losses(out_dir):
+    return [float(line.split(",")[1]) for line in (out_dir / f"{NAME}_train_log.csv").read_text().splitlines()[1:]]
+
+
+def max_difference(a, b):
+    return max((a[k] - b[k]).abs().max().item() for k in a)
+
+
+@pytest.fixture(scope="module")
+def single_runs(omniglot_root, tmp_path_factory):
+    """--seed 3 and --seed 5, 12 iterations each, one process each."""
+    out = tmp_path_factory.mktemp("single")
+    for seed in (3, 5):
+        assert_ok(run("train_omni.py", *flags(omniglot_root, out / f"seed{seed}", 12, "--seed", seed)))
+    return out
+
+
+def test_seeds_in_one_process_write_each_seeds_run(omniglot_root, single_runs, tmp_path):
+    """--seeds 3 5: two runs in seed3/ and seed5/, each with a single run's files, equal to the single
+    runs up to float rounding; each continues alone, as the single run it is."""
+    proc = run("train_omni.py", *flags(omniglot_root, tmp_path, 12, "--seeds", 3, 5))
+    assert_ok(proc)
+    assert f"done: {tmp_path}/seed3/{NAME}_ANML-11.pth, {tmp_path}/seed5/{NAME}_ANML-11.pth" in proc.stdout
+    for seed in (3, 5):
+        files = sorted(p.name for p in (tmp_path / f"seed{seed}").iterdir())
+        assert files == sorted(p.name for p in (single_runs / f"seed{seed}").iterdir())
+        first = [torch.load(d / f"seed{seed}" / f"{NAME}_ANML-0.pth") for d in (tmp_path, single_runs)]
+        assert max_difference(*first) < TWO_ADAM_STEPS
+        assert losses(tmp_path / f"seed{seed}")[:3] == pytest.approx(losses(single_runs / f"seed{seed}")[:3], rel=1e-5)
+    alone = run("train_omni.py", *flags(omniglot_root, tmp_path / "seed5", 14, "--seed", 5, "--resume", "latest"))
+    assert_ok(alone)
+    assert "done:" in alone.stdout
+
+
+def test_torchrun_shares_the_seeds_out(omniglot_root, single_runs, tmp_path):
+    """Two processes, one seed each: each writes exactly the single run's checkpoints."""
+    proc = subprocess.run(torchrun(*flags(omniglot_root, tmp_path, 12, "--seeds", 3, 5)), cwd=REPO,
+                          env=script_env(), capture_output=True, text=True, timeout=300)
+    assert_ok(proc)
+    for seed in (3, 5):
+        assert same_weights(final(tmp_path / f"seed{seed}", 12), final(single_runs / f"seed{seed}", 12))
+
+
+def test_torchrun_meta_batch_equals_one_process(omniglot_root, tmp_path):
+    """--meta-batch 4 shared by two processes (two tasks each, gradients all-reduced) takes the step
+    one process takes with all four tasks; only process 0 writes files."""
+    one, two = tmp_path / "one", tmp_path / "two"
+    assert_ok(run("train_omni.py", *flags(omniglot_root, one, 2, "--seed", 2, "--meta-batch", 4)))
+    proc = subprocess.run(torchrun(*flags(omniglot_root, two, 2, "--seed", 2, "--meta-batch", 4)), cwd=REPO,
+                          env=script_env(), capture_output=True, text=True, timeout=300)
+    assert_ok(proc)
+    assert "process 1 of 2" in proc.stdout
+    start, a, b = seeded_network(4, 3, 36, 2).state_dict(), final(one, 2), final(two, 2)
+    assert max_difference(a, start) > 1e-3
+    assert max_difference(a, b) < TWO_ADAM_STEPS
+    assert losses(one) == pytest.approx(losses(two), rel=1e-5)
+    assert sorted(p.name for p in one.iterdir()) == sorted(p.name for p in two.iterdir())
+
+
+def test_a_killed_process_is_restarted_and_resumes(omniglot_root, single_runs, tmp_path):
+    """kill -9 of process 1 mid-run: torchrun (--max-restarts 1) stops process 0 (it saves), restarts
+    both, each resumes its seed from its last resumable checkpoint, and the runs end exactly as
+    the uninterrupted single runs."""
+    epochs = 40
+    args = flags(omniglot_root, tmp_path, epochs, "--seeds", 3, 5, "--save-minutes", 0.001)
+    proc = subprocess.Popen(torchrun(*args, restarts=1), cwd=REPO, env=script_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    lock = tmp_path / "seed5" / f".{NAME}.lock"
+    deadline = time.time() + 120
+    while not list((tmp_path / "seed5").glob("*-1[0-9]_resume.pt")) and time.time() < deadline:
+        time.sleep(0.05)
+    pid = int(lock.read_text())
+    os.kill(pid, signal.SIGKILL)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err[-3000:]
+    assert err.count("meta-training ANML") + out.count("meta-training ANML") >= 4  # two processes, twice
+    reference = {s: run("train_omni.py", *flags(omniglot_root, tmp_path / f"ref{s}", epochs, "--seed", s))
+                 for s in (3, 5)}
+    for seed in (3, 5):
+        assert_ok(reference[seed])
+        assert same_weights(final(tmp_path / f"seed{seed}", epochs), final(tmp_path / f"ref{seed}", epochs))
+        iterations = [int(line.split(",")[0]) for line in
+                      (tmp_path / f"seed{seed}" / f"{NAME}_train_log.csv").read_text().splitlines()[1:]]
+        assert iterations == list(range(epochs))
+
+
+@pytest.mark.parametrize("world, args, expected", [
+    (3, ["--seeds", "1", "2"], r"3 processes for 2 seeds"),
+    (2, ["--meta-batch", "3"], r"multiple of 2 \(got 3\)"),
+    (2, [], r"multiple of 2 \(got 1\)"),
+])
+def test_torchrun_process_counts_that_cannot_share_are_refused(world, args, expected, capsys):
+    parser = train_omni.argparse.ArgumentParser(prog="train_omni.py")
+    config, _ = train_omni.parse_args([*TINY_FLAGS, *args, "-d", "cpu"])
+    with pytest.raises(SystemExit) as e:
+        train_omni.check_processes(parser, config, Ranks(world=world))
+    assert e.value.code == 2
+    assert re.search(expected, capsys.readouterr().err)
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["--seeds", "1", "1"], r"--seeds must differ"),
+    (["--seeds", "1", "--seed", "2"], r"not allowed with argument"),
+    (["--meta-batch", "0"], r"argument --meta-batch"),
+    (["--seeds", "1", "2", "--backend", "higher"], r"not on higher"),
+])
+def test_seed_and_meta_batch_errors_are_one_line(args, expected, capsys):
+    with pytest.raises(SystemExit) as e:
+        train_omni.parse_args([*TINY_FLAGS, *args, "-d", "cpu"])
+    assert e.value.code == 2
+    assert re.search(expected, capsys.readouterr().err)
