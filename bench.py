@@ -4,6 +4,7 @@
     python bench.py --device cuda         # adds the CUDA-graphed meta-iteration
     python bench.py --rln 4 --nm 3 --mask 36 --iters 1 --classes 5   # smoke test
     python bench.py --only iteration --count-ops   # adds the ATen operations per iteration
+    python bench.py --models 1 2 4 8 --meta-batch 4 --count-ops   # several models or tasks an iteration
 
 Each case runs in a fresh subprocess, so that its peak memory (CPU max RSS, or GPU
 max_memory_allocated) is its own. Times are medians over --iters timed repetitions after
@@ -11,6 +12,7 @@ one warm-up.
 """
 import argparse
 import collections
+import copy
 import json
 import resource
 import statistics
@@ -21,9 +23,11 @@ import time
 from pathlib import Path
 
 import torch
+import numpy as np
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import anml
+from batched import StackedMetaStep, seeded_stack
 from checkpoints import checkpoint_path, save_atomic
 from cli import add_session_args, add_size_args, positive_int, run_cli
 from config import NUM_EVALUATION, ConfigError, EvalConfig, check_sizes, network_name
@@ -108,6 +112,39 @@ def count_iteration_ops(args, backend):
     return counts
 
 
+def lanes_step(args, models, tasks, backend, device):
+    """One meta-iteration of `models` stacked ANMLs with `tasks` tasks each (`batched.py`)."""
+    sampler = OmniSampler(args.data_root, download=not args.no_download, seed=0)
+    stack, generators = seeded_stack(args.rln, args.nm, args.mask, range(1, models + 1), device)
+    outer_opt = torch.optim.Adam(stack.parameters(), lr=1e-3, capturable=backend == "graph")
+    samplers = [copy.copy(sampler) for _ in range(models)]
+    for seed, s in enumerate(samplers, 1):
+        s.rng = np.random.default_rng(seed)
+    return StackedMetaStep(stack, outer_opt, samplers, generators, tasks, 0.1, graphed=backend == "graph")
+
+
+def time_lanes(args):
+    """Median seconds of one iteration of --case-models models x --case-tasks tasks (graphed on CUDA)."""
+    backend = "graph" if args.device == "cuda" else "func"
+    step = lanes_step(args, args.case_models, args.case_tasks, backend, args.device)
+    times = []
+    for _ in range(args.iters + 1):
+        synchronize(args.device)
+        start = time.perf_counter()
+        step()
+        synchronize(args.device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times[1:])
+
+
+def count_lanes_ops(args):
+    """Non-view ATen operations of one eager iteration of the lanes (after one warm-up), on the CPU."""
+    step = lanes_step(args, args.case_models, args.case_tasks, "func", "cpu")
+    step()
+    _, counts = count_ops(step)
+    return counts
+
+
 COUNTED = {"iteration-higher": "higher", "iteration-func": "func"}
 
 CASES = {
@@ -116,6 +153,7 @@ CASES = {
     "iteration-graph": lambda a: time_meta_iterations(a, "graph"),
     "meta-test-original": lambda a: time_meta_test(a, fast=False),
     "meta-test-fast": lambda a: time_meta_test(a, fast=True),
+    "lanes": time_lanes,
 }
 
 
@@ -127,8 +165,8 @@ def peak_memory_mib(device):
 
 def run_case(args):
     result = {"seconds": CASES[args.case](args), "peak_mib": peak_memory_mib(args.device)}
-    if args.count_ops and args.case in COUNTED:
-        counts = count_iteration_ops(args, COUNTED[args.case])
+    if args.count_ops and args.case in (*COUNTED, "lanes"):
+        counts = count_lanes_ops(args) if args.case == "lanes" else count_iteration_ops(args, COUNTED[args.case])
         result["ops"], result["top_ops"] = sum(counts.values()), counts.most_common(8)
     print(json.dumps(result))
 
@@ -141,7 +179,15 @@ def parse_args(argv=None):
     parser.add_argument("--only", choices=("iteration", "meta-test"), help="run one of the two comparisons")
     parser.add_argument("--count-ops", action="store_true",
                         help="also count the ATen operations of one iteration (higher and func, on the CPU)")
+    parser.add_argument("--models", type=positive_int, nargs="+", metavar="K",
+                        help="instead: time K models an iteration (`train_omni.py --seeds`) for each K, per model "
+                             "against K = 1 (graphed on CUDA, func on the CPU)")
+    parser.add_argument("--meta-batch", type=positive_int, nargs="+", metavar="B",
+                        help="instead: time B tasks an iteration of one model (`train_omni.py --meta-batch`) for "
+                             "each B, per task against B = 1")
     parser.add_argument("--case", choices=CASES, help=argparse.SUPPRESS)
+    parser.add_argument("--case-models", type=positive_int, default=1, help=argparse.SUPPRESS)
+    parser.add_argument("--case-tasks", type=positive_int, default=1, help=argparse.SUPPRESS)
     add_session_args(parser)
     args = parser.parse_args(argv)
     args.device = resolve_device(parser, args.device)
@@ -154,24 +200,51 @@ def parse_args(argv=None):
     return args
 
 
+def run_in_subprocess(argv, case, *extra):
+    """One case in a fresh process (its own peak memory): its JSON result."""
+    cmd = [sys.executable, __file__, "--case", case, *map(str, extra)] + list(argv)
+    out = subprocess.run(cmd, capture_output=True, text=True)
+    if out.returncode != 0:
+        last = (out.stderr.strip().splitlines() or ["no output"])[-1]
+        raise ValueError(f"case {case} failed (exit {out.returncode}): {last}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def compare_lanes(args, argv):
+    """K models x 1 task for each --models K, then 1 model x B tasks for each --meta-batch B: time per
+    iteration, per model-task against 1 x 1, and the operations of an iteration."""
+    shapes = [(k, 1) for k in args.models or [1]] + [(1, b) for b in args.meta_batch or [] if b > 1]
+    if (1, 1) not in shapes:
+        shapes.insert(0, (1, 1))
+    backend = "graph" if args.device == "cuda" else "func"
+    results = {shape: run_in_subprocess(argv, "lanes", "--case-models", shape[0], "--case-tasks", shape[1])
+               for shape in shapes}
+    one = results[(1, 1)]["seconds"]
+    print(f"several models (K) or tasks (B) an iteration, {backend}; per model-task: time / (K B); throughput: "
+          f"model-tasks a second against K = B = 1")
+    ops_column = f" {'ops':>8}" if args.count_ops else ""
+    print(f"{'K':>3} {'B':>3} {'time':>10} {'per model-task':>15} {'throughput':>11} {'peak memory':>12}{ops_column}")
+    for (k, b), r in results.items():
+        per = r["seconds"] / (k * b)
+        ops = f" {r.get('ops', '-'):>8}" if args.count_ops else ""
+        print(f"{k:>3} {b:>3} {r['seconds'] * 1e3:>8.1f}ms {per * 1e3:>13.1f}ms {one / per:>10.2f}x "
+              f"{r['peak_mib']:>9.0f}MiB{ops}")
+
+
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
     set_threads(args.threads)
     if args.case:
         return run_case(args)
-    cases = [c for c in CASES if (c != "iteration-graph" or args.device == "cuda")
-             and (args.only is None or c.startswith(args.only))]
     OmniSampler(args.data_root, download=not args.no_download)  # data errors here, once, not per case
     print(f"device: {device_name(args.device)}, {torch.get_num_threads()} threads, torch {torch.__version__}, "
           f"network {args.rln}/{args.nm}/{args.mask}, meta-test {args.classes} classes")
-    results = {}
-    for case in cases:
-        cmd = [sys.executable, __file__, "--case", case] + sys.argv[1:]
-        out = subprocess.run(cmd, capture_output=True, text=True)
-        if out.returncode != 0:
-            last = (out.stderr.strip().splitlines() or ["no output"])[-1]
-            raise ValueError(f"case {case} failed (exit {out.returncode}): {last}")
-        results[case] = json.loads(out.stdout.strip().splitlines()[-1])
+    if args.models or args.meta_batch:
+        return compare_lanes(args, argv)
+    cases = [c for c in CASES if (c != "iteration-graph" or args.device == "cuda") and c != "lanes"
+             and (args.only is None or c.startswith(args.only))]
+    results = {case: run_in_subprocess(argv, case) for case in cases}
     baseline = {"iteration": results.get("iteration-higher"), "meta-test": results.get("meta-test-original")}
     ops_column = f" {'ops':>8}" if args.count_ops else ""
     print(f"{'case':<18} {'time':>10} {'vs higherANML':>14} {'peak memory':>12}{ops_column}")

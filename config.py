@@ -244,8 +244,9 @@ MAY_CHANGE_ON_RESUME = ("epochs",)  # a run may be continued further than first 
 
 @dataclass(frozen=True)
 class EvalConfig(Session):
-    """eval_omni.py: meta-test runs of one checkpoint."""
+    """eval_omni.py: meta-test runs of one checkpoint, or of several (`models`) on the same runs."""
     model: str = ""
+    models: tuple | None = None  # several checkpoints (meta-training seeds): each evaluated, then across them
     classes: tuple = (10,)  # several counts are scored along one sequence per run
     method: str = "seq"
     lrs: tuple | None = None  # seq and iid: the Adam learning rates compared (default 0.001)
@@ -261,6 +262,8 @@ class EvalConfig(Session):
     def __post_init__(self):
         self.check_session()
         check_path("-m", self.model, required=True)
+        for path in self.models or ():
+            check_path("-m", path, required=True)
         object.__setattr__(self, "classes", tuple(sorted({int(n) for n in self.classes})))
         if not self.classes or not all(1 <= n <= NUM_EVALUATION for n in self.classes):
             raise ConfigError(f"--classes must be in 1..{NUM_EVALUATION} (Omniglot's evaluation classes), "

@@ -3,16 +3,20 @@
     python eval_omni.py -m trained_anmls/256_112_2304_ANML-21678.pth -c 10 -l 0.00085 -r 10
     python eval_omni.py -m ... -c 600 -l 0.001 0.0008 0.0005 --json results.json   # an lr sweep
     python eval_omni.py -m ... -c 10 600 --method lstsq --ridge 0.1 1 10 --selection-runs 10
+    python eval_omni.py -m runs/seed*/256_112_2304_ANML-29999.pth -c 600   # across meta-training seeds
 
 Every run learns `--classes` new classes in sequence (a fresh last layer over the frozen RLN and
 NM, one Adam step per training image), then is tested on each class's held-out images. `--method
 iid` shuffles the classes' images together (the oracle), `--method lstsq` solves the last layer
-in closed form (ridge least squares); both on the same runs.
+in closed form (ridge least squares); both on the same runs. Several checkpoints (-m a b c, say
+one per meta-training seed) are each evaluated on the same runs, then each row is reported as the
+mean of the models' accuracies +- their std across models.
 """
 import argparse
 import json
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -26,14 +30,16 @@ from cli import (add_session_args, as_typed, build_config, interrupted_by_signal
 from config import IMAGES_PER_CLASS, METHODS, NUM_EVALUATION, EvalConfig
 from datasets import OmniSampler
 from frozen_features import empty_results
-from results import FORMAT, choose
+from results import FORMAT, choose, reading_key
 from runtime import device_name, resolve_device, set_threads, sha256_of, versions
 
 
 def parse_args(argv=None):
     """The command line as a checked EvalConfig (a bad value: one `error:` line, exit 2)."""
     parser = argparse.ArgumentParser(prog=Path(__file__).name, description=__doc__.splitlines()[0])
-    parser.add_argument("-m", "--model", required=True, help="checkpoint (.pth state_dict) to evaluate")
+    parser.add_argument("-m", "--model", dest="models", required=True, nargs="+", metavar="MODEL",
+                        help="checkpoint (.pth state_dict) to evaluate; several (one per meta-training seed) are "
+                             "each evaluated on the same runs, then summarised across them")
     parser.add_argument("-c", "--classes", type=int, nargs="+", default=[10],
                         help=f"new classes to learn, 1..{NUM_EVALUATION} (%(default)s); several counts are "
                              f"scored along one sequence per run (the first N classes of it)")
@@ -65,7 +71,8 @@ def parse_args(argv=None):
     parser.add_argument("--json", metavar="FILE", help="write every run's accuracies and the settings to FILE")
     add_session_args(parser)
     args = parser.parse_args(argv)
-    return build_config(parser, EvalConfig, args, classes=tuple(args.classes),
+    return build_config(parser, EvalConfig, args, classes=tuple(args.classes), model=args.models[0],
+                        models=tuple(args.models) if len(args.models) > 1 else None,
                         lrs=args.lrs and tuple(args.lrs), ridges=args.ridges and tuple(args.ridges),
                         device=resolve_device(parser, args.device))
 
@@ -200,15 +207,11 @@ def print_results(config, report, selection):
                   f"{fmt(report['test'][k, b]) + f' {hyper} ' + format(grid[b], 'g'):>27}")
 
 
-def main(argv=None):
-    argv = sys.argv[1:] if argv is None else list(argv)
-    config = parse_args(argv)
-    set_threads(config.threads)
-    if config.json:
-        check_writable(config.json)
-    model = load_model(config.model, config.device)  # fails on a bad checkpoint before the data is loaded
+def evaluate(config, argv, sampler, model, finished=()):
+    """Meta-test one checkpoint (`config.model`); returns its report (as --json writes it). On an
+    interruption, writes the --json of what is finished (with the `finished` reports of the models
+    evaluated before this one) and re-raises."""
     model_sha256 = sha256_of(config.model)
-    sampler = OmniSampler(config.data_root, download=config.download, seed=config.seed)
     results = empty_results(config)
     start = time.perf_counter()
     try:
@@ -217,16 +220,71 @@ def main(argv=None):
     except KeyboardInterrupt:
         if config.json:  # keep what was finished
             report, selection = split_runs(results, config.runs)
-            write_report(config.json, build_report(config, argv, report, selection, model_sha256,
-                                                   time.perf_counter() - start, partial=True))
+            partial = build_report(config, argv, report, selection, model_sha256, time.perf_counter() - start,
+                                   partial=True)
+            write_report(config.json, partial if not finished else
+                         {"format": FORMAT, "partial": True, "per_model": [*finished, partial]})
             print(f"the runs finished before the interruption are in {config.json} (marked partial)", file=sys.stderr)
         raise
     seconds = time.perf_counter() - start
     warn_non_finite(config, results)
     report, selection = split_runs(results, config.runs)
+    if config.models:
+        print(f"Model {config.model}")
     print_results(config, report, selection)
+    return build_report(config, argv, report, selection, model_sha256, seconds)
+
+
+def across_models(config, reports):
+    """Each row's reading across the models' reports: the mean of their mean accuracies, and the std
+    of those means across models (each model's own reading: its chosen value, or its best)."""
+    key = reading_key(reports[0])
+    rows = []
+    for k, n in enumerate(config.classes):
+        readings = [r["rows"][k][key] for r in reports]
+        test = np.array([r["test_mean"] for r in readings])
+        train = np.array([r["train_mean"] for r in readings])
+        across = {"models": len(reports), "test": test.tolist(), "train": train.tolist(),
+                  "test_mean": float(test.mean()), "test_std": float(test.std()),
+                  "train_mean": float(train.mean()), "train_std": float(train.std()),
+                  "std_over_runs_mean": float(np.mean([r["test_std"] for r in readings]))}
+        rows.append({"classes": n, key: across})
+    return rows
+
+
+def print_across_models(config, rows, key):
+    print(f"\nAcross {len(config.models)} models ({'chosen' if key.startswith('chosen') else 'best'} "
+          f"{config.hyperparameter} of each; std across models)")
+    for row in rows:
+        r = row[key]
+        print(f"Classes {row['classes']} Accuracy {r['test_mean']:.3f} (std {r['test_std']:.3f} across models) "
+              f"Train accuracy {r['train_mean']:.3f} (std {r['train_std']:.3f})")
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    config = parse_args(argv)
+    set_threads(config.threads)
     if config.json:
-        write_report(config.json, build_report(config, argv, report, selection, model_sha256, seconds))
+        check_writable(config.json)
+    paths = config.models or (config.model,)
+    models = [load_model(path, config.device) for path in paths]  # a bad checkpoint fails before the data loads
+    sampler = OmniSampler(config.data_root, download=config.download, seed=config.seed)
+    reports = []
+    for path, model in zip(paths, models):
+        reports.append(evaluate(replace(config, model=path), argv, sampler, model, finished=reports))
+    if not config.models:
+        if config.json:
+            write_report(config.json, reports[0])
+        return
+    key = reading_key(reports[0])
+    rows = across_models(config, reports)
+    print_across_models(config, rows, key)
+    if config.json:
+        write_report(config.json, {**{k: v for k, v in reports[0].items() if k not in ("rows", "model", "model_sha256")},
+                                   "models": list(paths), "across_models": True,
+                                   "seconds": round(sum(r["seconds"] for r in reports), 3),
+                                   "rows": rows, "per_model": reports})
 
 
 if __name__ == "__main__":

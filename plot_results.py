@@ -43,6 +43,15 @@ def parse_args(argv=None):
     return args
 
 
+def bars_note(report):
+    """What a point and its bars are: the mean over runs and their std, or, across several models
+    (meta-training seeds), the mean of the models' means and the std across models."""
+    if report.get("across_models"):
+        return (f"{len(report['models'])} models x {report.get('runs', '?')} runs a point; "
+                f"bars: std across models (meta-training seeds)")
+    return f"{report.get('runs', '?')} runs a point; bars: std over runs"
+
+
 def plot_evaluation(report, path, baselines=()):
     """Test accuracy (error bars: std over runs), train accuracy, higherANML's table and the paper's
     number against classes; each of `baselines` ({label: report}) as a thin line of test accuracy."""
@@ -66,13 +75,14 @@ def plot_evaluation(report, path, baselines=()):
         ax.errorbar([n for n, _ in other_rows], [r["test_mean"] for _, r in other_rows],
                     yerr=[r["test_std"] for _, r in other_rows], marker=".", capsize=2, linewidth=1, color=color,
                     label=f"{name} network (test, same protocol)")
-    ax.text(0.99, 0.01, f"{report.get('runs', '?')} runs a point; bars: std over runs", transform=ax.transAxes,
-            ha="right", va="bottom", fontsize=7, color="grey")
+    ax.text(0.99, 0.01, bars_note(report), transform=ax.transAxes, ha="right", va="bottom", fontsize=7, color="grey")
     ax.set_xlabel("number of classes learned in sequence")
     ax.set_ylabel("accuracy")
     ax.set_ylim(0, 1.02)
     ax.grid(alpha=0.3)
-    ax.set_title(f"Meta-test on Omniglot, {Path(str(report.get('model', '?'))).name}", fontsize=10)
+    shown = f"{len(report['models'])} models" if report.get("across_models") else \
+        Path(str(report.get('model', '?'))).name
+    ax.set_title(f"Meta-test on Omniglot, {shown}", fontsize=10)
     ax.legend(fontsize=7.5, loc="upper center", bbox_to_anchor=(0.5, -0.12), ncol=2, frameon=False)
     save_figure(fig, path)
 

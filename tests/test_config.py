@@ -42,7 +42,8 @@ def test_meta_train_config_checks_and_records():
     config = MetaTrainConfig(rln=4, nm=3, mask=36, epochs=5, seed=2**32 - 1, out_dir="x")
     assert config.name == "4_3_36" and config.total_steps == 5 and config.epochs_for(7) == 7
     assert config.run_settings() == {"rln": 4, "nm": 3, "mask": 36, "inner_lr": 0.1, "outer_lr": 1e-3,
-                                     "seed": 2**32 - 1, "backend": "auto", "first_order": False, "epochs": 5}
+                                     "seed": 2**32 - 1, "backend": "auto", "first_order": False, "meta_batch": 1,
+                                     "epochs": 5}
     recorded = config.as_dict()
     assert recorded["out_dir"] == "x" and recorded["device"] == "cpu" and recorded["rln"] == 4
     assert MetaTrainConfig(**recorded) == config  # recorded whole: it rebuilds the same configuration
