@@ -112,8 +112,8 @@ def expand_lanes(params, tasks):
     model k are k B .. k B + B - 1), differentiably: a model's gradient is the sum over its lanes."""
     if tasks == 1:
         return dict(params)
-    return {n: p.unsqueeze(1).expand(p.shape[0], tasks, *p.shape[1:]).reshape(-1, *p.shape[1:])
-            for n, p in params.items()}
+    return {n: p.unsqueeze(1).expand(p.shape[0], tasks, *p.shape[1:]).reshape(-1, *p.shape[1:]).contiguous()
+            for n, p in params.items()}  # contiguous: a copy once, not at each use of a stride-0 view
 
 
 def grouped(params):

@@ -176,10 +176,75 @@ def conv_blocks(params, prefix, x, groups=1):
     and the ReLU's zero gradient for x <= 0 survives either order) on a 4x smaller tensor."""
     for i, pool in ((1, True), (2, True), (3, False)):
         p = f"{prefix}.convBlock{i}."
-        x = F.conv2d(x, params[p + "conv.weight"], groups=groups)  # bias skipped: see norm_fed_biases
+        x = conv(x, params[p + "conv.weight"], groups)  # bias skipped: see norm_fed_biases
         x = instance_norm(x, params[p + "norm.weight"], params[p + "norm.bias"])
         x = relu(max_pool(x) if pool else x)
     return x.flatten(1)
+
+
+def conv(x, weight, groups=1):
+    """F.conv2d(x, weight, groups=groups) (3x3, no padding); grouped, in operations that do not grow
+    with the number of groups when differentiated twice (GroupedConv)."""
+    if groups == 1:
+        return F.conv2d(x, weight)
+    return GroupedConv.apply(x, weight, groups)
+
+
+def conv_grads(grad_y, x, weight, groups, mask):
+    """(grad_x, grad_weight) of y = conv2d(x, weight, groups=groups) for grad_y, in one operation;
+    what `mask` does not ask for is None."""
+    grad_x, grad_w, _ = torch.ops.aten.convolution_backward(
+        grad_y, x, weight, None, [1, 1], [0, 0], [1, 1], False, [0, 0], groups, [mask[0], mask[1], False])
+    return grad_x, grad_w
+
+
+class GroupedConv(torch.autograd.Function):
+    """A grouped F.conv2d whose backward is ConvGrad (differentiable by hand): PyTorch's own double
+    backward of a grouped convolution loops over the groups, one convolution and one concatenation
+    per group, where grouped kernels do the same work in one operation each."""
+
+    @staticmethod
+    def forward(ctx, x, weight, groups):
+        ctx.save_for_backward(x, weight)
+        ctx.groups = groups
+        return F.conv2d(x, weight, groups=groups)
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        x, weight = ctx.saved_tensors
+        return (*ConvGrad.apply(grad_y, x, weight, ctx.groups, ctx.needs_input_grad[0]), None)
+
+
+class ConvGrad(torch.autograd.Function):
+    """(grad_x, grad_weight) of a grouped convolution, with its derivative written with grouped
+    kernels. With gx, gw the gradients given for grad_x and grad_weight:
+        d grad_y = conv(gx, weight) + conv(x, gw),
+        d weight = the weight gradient of conv(gx, weight) for grad_y,
+        d x      = the input gradient of conv(x, gw) for grad_y.
+    Checked against F.conv2d's with gradcheck and gradgradcheck (tests/test_functional.py)."""
+
+    @staticmethod
+    def forward(ctx, grad_y, x, weight, groups, input_grad=True):
+        ctx.save_for_backward(grad_y, x, weight)
+        ctx.groups = groups
+        grad_x, grad_w = conv_grads(grad_y, x, weight, groups, (input_grad, True))
+        return grad_x, grad_w
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, gg_x, gg_w):
+        grad_y, x, weight = ctx.saved_tensors
+        groups = ctx.groups
+        d_grad_y = d_weight = d_x = None
+        if gg_x is not None:
+            d_grad_y = F.conv2d(gg_x, weight, groups=groups)
+            d_weight = conv_grads(grad_y, gg_x, weight, groups, (False, True))[1]
+        if gg_w is not None:
+            from_w = F.conv2d(x, gg_w, groups=groups)
+            d_grad_y = from_w if d_grad_y is None else d_grad_y + from_w
+            if ctx.needs_input_grad[1]:
+                d_x = conv_grads(grad_y, x, gg_w, groups, (True, False))[0]
+        return d_grad_y, d_x, d_weight, None, None
 
 
 class MaxPool(torch.autograd.Function):

@@ -3,7 +3,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from functional import InnerLastLayer, InstanceNorm, instance_norm, max_pool, relu
+from functional import InnerLastLayer, InstanceNorm, conv, instance_norm, max_pool, relu
 
 
 def norm_inputs(batch, seed=0):
@@ -97,3 +97,43 @@ def test_inner_last_layer_hand_written_derivative_passes_gradcheck(steps):
     inputs = [t.double().requires_grad_() if t is not None else None for t in (f, bias, weight, U, F_)]
     lr_targets = 0.1 * torch.nn.functional.one_hot(torch.tensor([2]), 5).double()
     assert torch.autograd.gradcheck(lambda *a: InnerLastLayer.apply(*a, lr_targets, 0.1), inputs)
+
+
+def grouped_inputs(seed=3, groups=3, batch=2, requires_x=True):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, groups * 2, 6, 6, generator=g, dtype=torch.float64).requires_grad_(requires_x)
+    w = torch.randn(groups * 3, 2, 3, 3, generator=g, dtype=torch.float64).requires_grad_()
+    return x, w
+
+
+def test_grouped_conv_equals_torchs_in_value_gradient_and_second_order():
+    """GroupedConv (conv with groups > 1) against F.conv2d: the output, the gradient and the gradient
+    of a projection of the gradient (the meta-gradient's need)."""
+    ours = value_and_two_orders(lambda x, w: conv(x, w, 3), list(grouped_inputs()))
+    torchs = value_and_two_orders(lambda x, w: F.conv2d(x, w, groups=3), list(grouped_inputs()))
+    for a, b in zip(ours, torchs):
+        assert b.abs().max() > 0
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+def test_grouped_conv_of_a_constant_input_differentiates_its_weight_gradient():
+    """The first block's case: the images are constants; the weight's gradient, differentiated w.r.t.
+    the output gradient, as F.conv2d's."""
+    results = []
+    for fn in (lambda x, w: conv(x, w, 3), lambda x, w: F.conv2d(x, w, groups=3)):
+        x, w = grouped_inputs(requires_x=False)
+        y = fn(x, w)
+        v = torch.ones_like(y).mul(0.5).requires_grad_()
+        (grad_w,) = torch.autograd.grad(y, w, v, create_graph=True)
+        r = torch.linspace(-1, 1, grad_w.numel(), dtype=grad_w.dtype).view_as(grad_w)
+        results.append([grad_w.detach(), *torch.autograd.grad((grad_w * r).sum(), v)])
+    for a, b in zip(*results):
+        assert b.abs().max() > 0
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+def test_grouped_conv_passes_gradcheck_and_gradgradcheck():
+    x, w = grouped_inputs(seed=4)
+    fn = lambda x, w: conv(x, w, 3)
+    assert torch.autograd.gradcheck(fn, (x, w))
+    assert torch.autograd.gradgradcheck(fn, (x, w))
