@@ -318,7 +318,7 @@ def test_train(PATH, sampler, num_classes=10, train_examples=15, device="cpu", l
     return test_test(model, test_data, test_examples=IMAGES_PER_CLASS - train_examples), train_acc
 
 
-def meta_test(config, sampler, model=None, progress=True, features=None, results=None):
+def meta_test(config, sampler, model=None, progress=True, features=None, results=None, share=(0, 1)):
     """The meta-test runs of `config` (a config.EvalConfig): every class count and every value of
     its grid (learning rates, or ridge regularisers for lstsq), on `config.runs` reported runs and
     then `config.selection_runs` selection runs. Every value and method sees the same runs: run r
@@ -330,20 +330,51 @@ def meta_test(config, sampler, model=None, progress=True, features=None, results
     values, R runs: the reported ones, then the selection ones). `model` (already loaded) replaces
     config.model; `features`, a FeatureBank of that model, keeps its features across calls. The
     accuracies are written into `results` (`empty_results`) as runs finish, so that the caller keeps
-    them when the meta-test is interrupted."""
+    them when the meta-test is interrupted.
+
+    `share` = (rank, world): torchrun's processes share the runs out (process r takes runs r, r +
+    world, ...; each run depends on its own seed alone), then sum their results (`all_reduce`), so
+    that every process returns all of them."""
     model = load_model(config.model, config.device) if model is None else model.to(config.device)
     model.requires_grad_(False)
     seeds = run_seeds(config.seed, config.runs) + run_seeds(config.seed, config.selection_runs, selection=True)
     results = empty_results(config) if results is None else results
+    rank, world = share
+    if world > 1:
+        mine = list(range(rank, len(seeds), world))
+        shared = meta_test_runs(config, sampler, model, seeds, mine, progress, features)
+        return sum_runs_over_processes(results, shared, mine, config.device)
+    return meta_test_runs(config, sampler, model, seeds, range(len(seeds)), progress, features, results)
+
+
+def meta_test_runs(config, sampler, model, seeds, runs, progress=True, features=None, results=None):
+    """`meta_test` of the runs `runs` (indices into `seeds`) alone: results [K, L, len(runs)]. Every
+    run is drawn, and the features of every run's classes computed, as for all of them."""
+    runs = list(runs)
+    results = empty_results(config, len(runs)) if results is None else results
     if config.original_loop:
-        return original_meta_test(config, sampler, model, seeds, results, progress)
+        return original_meta_test(config, sampler, model, [seeds[r] for r in runs], results, progress)
     inits, samples = draw_runs(model, sampler, seeds, config.classes[-1], config.train_examples)
     features = features or FeatureBank(model, sampler.evaluation, progress=progress)
     features.compute(np.unique(np.concatenate([run.classes for run in samples])))
+    samples, inits = [samples[r] for r in runs], [inits[r] for r in runs]
     if config.method == "lstsq":
         return ridge_fit(features, samples, list(config.grid), list(config.classes), progress, results)
-    return learn_on_features(config, features, samples, torch.stack(inits), model.fc.bias.detach().clone(), seeds,
-                             results, progress)
+    return learn_on_features(config, features, samples, torch.stack(inits), model.fc.bias.detach().clone(),
+                             [seeds[r] for r in runs], results, progress)
+
+
+def sum_runs_over_processes(results, shared, runs, device):
+    """Each process's runs (`shared`, the results of runs `runs`) into `results`, summed over the
+    processes (every process ends with all runs; a run is computed by one process, zeros elsewhere)."""
+    import torch.distributed as dist
+    for key in ("test", "train", "non_finite"):
+        mine = np.zeros(results[key].shape)
+        mine[..., runs] = shared[key]
+        total = torch.as_tensor(mine, dtype=torch.float64, device=device)
+        dist.all_reduce(total)
+        results[key][...] = total.cpu().numpy().astype(results[key].dtype)
+    return results
 
 
 def original_meta_test(config, sampler, model, seeds, results, progress):

@@ -31,7 +31,8 @@ from config import IMAGES_PER_CLASS, METHODS, NUM_EVALUATION, EvalConfig
 from datasets import OmniSampler
 from frozen_features import empty_results
 from results import FORMAT, choose, reading_key
-from runtime import device_name, resolve_device, set_threads, sha256_of, versions
+from runtime import (Ranks, device_name, join_processes, resolve_device, set_threads, sha256_of, torchrun_ranks,
+                     versions)
 
 
 def parse_args(argv=None):
@@ -207,18 +208,20 @@ def print_results(config, report, selection):
                   f"{fmt(report['test'][k, b]) + f' {hyper} ' + format(grid[b], 'g'):>27}")
 
 
-def evaluate(config, argv, sampler, model, finished=()):
+def evaluate(config, argv, sampler, model, finished=(), ranks=Ranks()):
     """Meta-test one checkpoint (`config.model`); returns its report (as --json writes it). On an
     interruption, writes the --json of what is finished (with the `finished` reports of the models
-    evaluated before this one) and re-raises."""
+    evaluated before this one) and re-raises. Under torchrun (`ranks`) the processes share the runs
+    out; process 0 prints and writes."""
     model_sha256 = sha256_of(config.model)
     results = empty_results(config)
     start = time.perf_counter()
+    writer = ranks.rank == 0
     try:
         with interrupted_by_signals():
-            anml.meta_test(config, sampler, model, results=results)
+            anml.meta_test(config, sampler, model, progress=writer, results=results, share=(ranks.rank, ranks.world))
     except KeyboardInterrupt:
-        if config.json:  # keep what was finished
+        if config.json and writer:  # keep what was finished
             report, selection = split_runs(results, config.runs)
             partial = build_report(config, argv, report, selection, model_sha256, time.perf_counter() - start,
                                    partial=True)
@@ -227,11 +230,12 @@ def evaluate(config, argv, sampler, model, finished=()):
             print(f"the runs finished before the interruption are in {config.json} (marked partial)", file=sys.stderr)
         raise
     seconds = time.perf_counter() - start
-    warn_non_finite(config, results)
     report, selection = split_runs(results, config.runs)
-    if config.models:
-        print(f"Model {config.model}")
-    print_results(config, report, selection)
+    if writer:
+        warn_non_finite(config, results)
+        if config.models:
+            print(f"Model {config.model}")
+        print_results(config, report, selection)
     return build_report(config, argv, report, selection, model_sha256, seconds)
 
 
@@ -265,6 +269,8 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     config = parse_args(argv)
     set_threads(config.threads)
+    ranks = torchrun_ranks()
+    join_processes(ranks, config.device)
     if config.json:
         check_writable(config.json)
     paths = config.models or (config.model,)
@@ -272,7 +278,9 @@ def main(argv=None):
     sampler = OmniSampler(config.data_root, download=config.download, seed=config.seed)
     reports = []
     for path, model in zip(paths, models):
-        reports.append(evaluate(replace(config, model=path), argv, sampler, model, finished=reports))
+        reports.append(evaluate(replace(config, model=path), argv, sampler, model, finished=reports, ranks=ranks))
+    if ranks.rank > 0:
+        return
     if not config.models:
         if config.json:
             write_report(config.json, reports[0])

@@ -134,9 +134,10 @@ def sequential_fit(features, runs, weights, bias, lrs, counts=None, bar=None):
     scores["non_finite"] = layers.non_finite()
     return scores
 
-def empty_results(config):
-    """Meta-test accuracies {"test", "train": [K, L, R] NaN until computed, "non_finite": [L, R]}."""
-    runs = config.runs + config.selection_runs
+def empty_results(config, runs=None):
+    """Meta-test accuracies {"test", "train": [K, L, R] NaN until computed, "non_finite": [L, R]}, for
+    all the runs of `config` (or `runs` of them)."""
+    runs = config.runs + config.selection_runs if runs is None else runs
     shape = (len(config.classes), len(config.grid), runs)
     return {"test": np.full(shape, np.nan), "train": np.full(shape, np.nan),
             "non_finite": np.zeros(shape[1:], dtype=bool)}

@@ -1,5 +1,6 @@
 """Several models in one process (`--seeds`), a meta-batch (`--meta-batch`), and torchrun sharing
 them out over processes (gloo on the CPU), run as a user runs them."""
+import json
 import os
 import re
 import signal
@@ -7,12 +8,15 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 import torch
 
+import plot_results
 import train_omni
 from model import seeded_network
 from conftest import REPO, TINY_FLAGS, assert_ok, run, same_weights, script_env
+from results import read_results, reported
 from runtime import Ranks
 
 NAME = "4_3_36"
@@ -23,10 +27,10 @@ def flags(root, out_dir, epochs, *args):
             *args]
 
 
-def torchrun(*args, processes=2, restarts=0):
-    """`torchrun --nproc_per_node N train_omni.py ...` on this machine, as a subprocess."""
+def torchrun(*args, processes=2, restarts=0, script="train_omni.py"):
+    """`torchrun --nproc_per_node N {script} ...` on this machine, as a subprocess's command."""
     return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes), "--max-restarts",
-            str(restarts), "--master-port", str(29500 + os.getpid() % 1000), "train_omni.py", *map(str, args)]
+            str(restarts), "--master-port", str(29500 + os.getpid() % 1000), script, *map(str, args)]
 
 
 def final(out_dir, epochs):
@@ -150,3 +154,45 @@ def test_seed_and_meta_batch_errors_are_one_line(args, expected, capsys):
         train_omni.parse_args([*TINY_FLAGS, *args, "-d", "cpu"])
     assert e.value.code == 2
     assert re.search(expected, capsys.readouterr().err)
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+
+def eval_args(root, models, json_path, *args):
+    return ["-m", *models, "-c", 5, 10, "-r", 3, "--lr", 0.001, 0.003, "--selection-runs", 2, "-d", "cpu",
+            "--data-root", root, "--no-download", "--json", json_path, *args]
+
+
+def test_torchrun_shares_the_evaluation_runs_with_identical_results(omniglot_root, single_runs, tmp_path):
+    """Two processes meta-test runs 0, 2, 4 and 1, 3; process 0 prints and writes exactly what one
+    process does (each run depends on its own seed alone)."""
+    model = single_runs / "seed3" / f"{NAME}_ANML-11.pth"
+    one = run("eval_omni.py", *eval_args(omniglot_root, [model], tmp_path / "one.json"))
+    assert_ok(one)
+    two = subprocess.run(torchrun(*eval_args(omniglot_root, [model], tmp_path / "two.json"), script="eval_omni.py"),
+                         cwd=REPO, env=script_env(), capture_output=True, text=True, timeout=300)
+    assert_ok(two)
+    assert two.stdout == one.stdout
+    a, b = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("one", "two"))
+    assert a["rows"] == b["rows"]
+    assert len(a["rows"][0]["per_value"][0]["report"]["test"]) == 3
+
+
+def test_eval_of_several_models_reports_across_them(omniglot_root, single_runs, tmp_path):
+    """-m a b: each model on the same runs, then per row the mean of the models' accuracies and their
+    std across models; the JSON holds both, results.py reads it and the plot says what its bars are."""
+    models = [single_runs / f"seed{s}" / f"{NAME}_ANML-11.pth" for s in (3, 5)]
+    proc = run("eval_omni.py", *eval_args(omniglot_root, models, tmp_path / "across.json"))
+    assert_ok(proc)
+    assert proc.stdout.count("Model ") == 2 and "Across 2 models (chosen lr of each; std across models)" in proc.stdout
+    report = read_results(tmp_path / "across.json")
+    assert report["across_models"] and report["models"] == [str(m) for m in models]
+    for k, (classes, reading) in enumerate(reported(report)):
+        means = [r["rows"][k]["chosen_on_selection_runs"]["test_mean"] for r in report["per_model"]]
+        assert reading["test"] == means
+        assert reading["test_mean"] == pytest.approx(np.mean(means))
+        assert reading["test_std"] == pytest.approx(np.std(means))
+        line = f"Classes {classes} Accuracy {np.mean(means):.3f} (std {np.std(means):.3f} across models)"
+        assert line in proc.stdout
+    assert "bars: std across models" in plot_results.bars_note(report)
