@@ -180,6 +180,8 @@ def train_together(configs, sampler=None, quiet=False, ranks=Ranks(), shared=Fal
     backend = config.resolved_backend
     if backend == "higher":
         raise ValueError("several models or tasks an iteration run on the func and graph backends, not higher")
+    if shared and backend == "graph" and config.backend == "auto":
+        backend = "func"  # the all_reduce between the processes is not recorded into the CUDA graph
 
     def build():  # once the runs' files are locked and their starts are checked
         what = f"{len(seeds)} ANMLs" if len(seeds) > 1 else "ANML"

@@ -47,12 +47,16 @@ def time_meta_iterations(args, backend):
     torch.manual_seed(0)
     model = ANML(args.rln, args.nm, args.mask).to(args.device)
     outer_opt = anml.outer_optimizer(model, 1e-3, capturable=backend == "graph")
-    run = anml.meta_stepper(backend, model, outer_opt, sampler, args.device)
+    return median_seconds(anml.meta_stepper(backend, model, outer_opt, sampler, args.device), args)
+
+
+def median_seconds(step, args):
+    """The median seconds of `step()` over --iters calls, after one warm-up call."""
     times = []
-    for i in range(args.iters + 1):
+    for _ in range(args.iters + 1):
         synchronize(args.device)
         start = time.perf_counter()
-        run()
+        step()
         synchronize(args.device)
         times.append(time.perf_counter() - start)
     return statistics.median(times[1:])
@@ -126,15 +130,7 @@ def lanes_step(args, models, tasks, backend, device):
 def time_lanes(args):
     """Median seconds of one iteration of --case-models models x --case-tasks tasks (graphed on CUDA)."""
     backend = "graph" if args.device == "cuda" else "func"
-    step = lanes_step(args, args.case_models, args.case_tasks, backend, args.device)
-    times = []
-    for _ in range(args.iters + 1):
-        synchronize(args.device)
-        start = time.perf_counter()
-        step()
-        synchronize(args.device)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times[1:])
+    return median_seconds(lanes_step(args, args.case_models, args.case_tasks, backend, args.device), args)
 
 
 def count_lanes_ops(args):
