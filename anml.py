@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import run_loop
-from batched import MemberOptimizer, StackedMetaStep, seeded_stack
+from batched import MemberOptimizer, StackedMetaStep, one_or_each, seeded_stack, stacked_optimizer
 from checkpoints import load_model
 from config import IMAGES_PER_CLASS
 from cuda_graphs import GraphedMetaStep
@@ -130,7 +130,7 @@ def train(config, sampler=None, quiet=False, ranks=Ranks()):
     models and paths with --seeds). With --seeds or --meta-batch the models and tasks train
     together (`batched.py`); under torchrun (`ranks`) the seeds are shared out over the processes,
     or, with one seed, the tasks of its meta-batch."""
-    if config.seeds is not None:
+    if config.several:
         configs = config.members()[ranks.rank::ranks.world]
         if config.meta_batch == 1 and len(configs) == 1:
             model, stopped, last = train_one(configs[0], sampler, quiet, ranks.restarted)
@@ -184,16 +184,16 @@ def train_together(configs, sampler=None, quiet=False, ranks=Ranks(), shared=Fal
         backend = "func"  # the all_reduce between the processes is not recorded into the CUDA graph
 
     def build():  # once the runs' files are locked and their starts are checked
-        what = f"{len(seeds)} ANMLs" if len(seeds) > 1 else "ANML"
+        what = f"{len(seeds)} ANMLs" if len(seeds) > 1 else f"ANML {config.name}, seed {config.seed}"
         tasks = f", meta-batch {config.meta_batch}" if config.meta_batch > 1 else ""
         where = f", process {ranks.rank} of {ranks.world}" if ranks.world > 1 else ""
-        print(f"meta-training {what} {config.name} for {config.epochs} its on {config.device} (backend {backend}, "
-              f"seed{'s' if len(seeds) > 1 else ''} {' '.join(map(str, seeds))}{tasks}"
+        print(f"meta-training {what} for {config.epochs} its on {config.device} (backend {backend}{tasks}"
               f"{', first-order' if config.first_order else ''}{where}{threads_note(config.device)}) -> "
               f"{', '.join(c.out_dir + '/' for c in configs)}", flush=True)
         data = sampler or OmniSampler(config.data_root, download=config.download)
         stack, generators = seeded_stack(config.rln, config.nm, config.mask, seeds, config.device)
-        outer_opt = torch.optim.Adam(stack.parameters(), lr=config.outer_lr, capturable=backend == "graph")
+        outer_opt = stacked_optimizer(stack, [c.outer_lr for c in configs], capturable=backend == "graph")
+        inner_lr = one_or_each([c.inner_lr for c in configs], config.device)
         holders = []
         for seed, generator in zip(seeds, generators):
             holder = copy.copy(data)  # the same images, the seed's own task draws
@@ -202,14 +202,14 @@ def train_together(configs, sampler=None, quiet=False, ranks=Ranks(), shared=Fal
         optimizers = [MemberOptimizer(outer_opt, k) for k in range(len(seeds))]
 
         def make_step():  # after the resumable states are loaded: the CUDA graph records those weights
-            step = StackedMetaStep(stack, outer_opt, holders, generators, config.meta_batch, config.inner_lr,
+            step = StackedMetaStep(stack, outer_opt, holders, generators, config.meta_batch, inner_lr,
                                    config.first_order, graphed=backend == "graph",
                                    share=(ranks.rank, ranks.world) if shared else (0, 1))
             return lambda it: step()
         agree = (lambda stop: any_process(stop, config.device)) if shared else None
+        header = f"iteration: outer loss | outer accuracy{', per run' if len(seeds) > 1 else ''} (seconds)"
         return run_loop.Steps(stack.members, optimizers, holders, config.epochs, make_step, milestones(config),
-                              report, f"iteration: outer loss | outer accuracy{', per seed' if len(seeds) > 1 else ''} (seconds)",
-                              agree=agree)
+                              report, header, agree=agree)
 
     def report(it, loss, acc, seconds):
         if it % run_loop.LOG_EVERY:

@@ -66,7 +66,10 @@ class MemberOptimizer:
         whole = self.optimizer.state_dict()
         state = {i: {key: value.clone() if key == "step" else value[self.k].clone() for key, value in s.items()}
                  for i, s in whole["state"].items()}
-        return {"state": state, "param_groups": whole["param_groups"]}
+        groups = [dict(group) for group in whole["param_groups"]]
+        if isinstance(self.optimizer, StackedAdam):
+            groups[0]["lr"] = float(self.optimizer.lrs[self.k])
+        return {"state": state, "param_groups": groups}
 
     def load_state_dict(self, state_dict):
         group = self.optimizer.param_groups[0]
@@ -85,6 +88,53 @@ class MemberOptimizer:
             state["step"] = torch.tensor(float(saved["step"]), dtype=torch.float32, device=scalar_device(p))
             for key in ("exp_avg", "exp_avg_sq"):
                 state[key][self.k].copy_(saved[key])
+
+
+class StackedAdam(torch.optim.Optimizer):
+    """torch.optim.Adam's update over a ModelStack's [K, ...] parameters with one learning rate per
+    model (`lrs`): K Adams with their own rates. The same formula as torch's (for one rate it
+    equals it in float64, tests/test_batched.py), its state in torch's format (what a single run's
+    Adam loads); `capturable` keeps the step count on the device for a CUDA graph."""
+
+    def __init__(self, params, lrs, capturable=False):
+        defaults = dict(torch.optim.Adam([torch.zeros(1)]).defaults, lr=float(lrs[0]), capturable=capturable)
+        super().__init__(params, defaults)
+        self.lrs = torch.as_tensor(lrs, dtype=torch.float64)
+
+    @torch.no_grad()
+    def step(self):
+        for group in self.param_groups:
+            beta1, beta2 = group["betas"]
+            capturable = group["capturable"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                if not state:
+                    state["step"] = torch.zeros((), dtype=torch.float32, device=p.device if capturable else "cpu")
+                    state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                    state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                exp_avg, exp_avg_sq, step = state["exp_avg"], state["exp_avg_sq"], state["step"]
+                step += 1
+                exp_avg.lerp_(p.grad, 1 - beta1)
+                exp_avg_sq.mul_(beta2).addcmul_(p.grad, p.grad, value=1 - beta2)
+                count = step if capturable else step.item()
+                bias_correction1, bias_correction2 = 1 - beta1 ** count, 1 - beta2 ** count
+                lr = self.lrs.to(p.device, p.dtype).view(-1, *[1] * (p.dim() - 1))
+                denom = (exp_avg_sq.sqrt() / (bias_correction2 ** 0.5 if capturable else math.sqrt(bias_correction2)))
+                p.addcdiv_(exp_avg * (lr / bias_correction1), denom.add_(group["eps"]), value=-1)
+
+
+def stacked_optimizer(stack, lrs, capturable=False):
+    """The stack's outer optimiser: torch's Adam where every model has the same rate, else StackedAdam."""
+    if len(set(lrs)) == 1:
+        return torch.optim.Adam(stack.parameters(), lr=lrs[0], capturable=capturable)
+    return StackedAdam(stack.parameters(), lrs, capturable=capturable)
+
+
+def one_or_each(values, device):
+    """A rate shared by every model as a number, else one per model as a [K] tensor."""
+    return values[0] if len(set(values)) == 1 else torch.tensor(values, dtype=torch.float64, device=device)
 
 
 def seeded_stack(rln, nm, mask, seeds, device="cpu", dtype=None):
@@ -143,11 +193,14 @@ def lanes_meta_loss(params, tasks, inner_lr, train_ims, train_labels, valid_ims,
     models' parameters (leaves), the episodes have a leading dimension L (train_ims [L, 20, 1, H, W],
     valid_ims [L, 84, 1, H, W]). Leaves in the leaves' .grad, for each model, the mean over its
     `tasks` lanes of their meta-gradients; returns each model's mean outer (loss, accuracy), [K] each.
+    `inner_lr`: one rate, or a [K] tensor of one per model.
     `mean_over` (default `tasks`): the count the sums over a model's lanes are divided by, when its
     meta-batch is shared out over processes (their sums then add up to the means). The conv biases
     are left without gradient (zero: see functional.norm_fed_biases)."""
     inner_names = [n for n in params if n.startswith(("rln.", "fc."))]
     lanes = expand_lanes(params, tasks)
+    if torch.is_tensor(inner_lr):  # one rate per model: per lane, [L, 1, 1]
+        inner_lr = inner_lr.to(train_ims.dtype).repeat_interleave(tasks).view(-1, 1, 1)
     count = len(train_ims)
     masks = lane_gate(lanes, images_first(torch.cat([train_ims, valid_ims], 1)))
     train_masks, valid_masks = masks.split([train_ims.shape[1], valid_ims.shape[1]], 1)

@@ -144,6 +144,8 @@ class MetaTrainConfig(RunSettings):
     backend: str = "auto"
     first_order: bool = False
     seeds: tuple | None = None  # several models trained together, one run each in {out_dir}/seed{s}
+    inner_lrs: tuple | None = None  # several inner rates, one model each (with each seed)
+    outer_lrs: tuple | None = None  # several outer rates, one model each (with each seed and inner rate)
     meta_batch: int = 1  # tasks per iteration, the mean of their meta-gradients (1: the paper's)
 
     KIND = "ANML"  # in checkpoint names: {name}_ANML-{iteration}.pth
@@ -157,6 +159,12 @@ class MetaTrainConfig(RunSettings):
         self.check_run()
         check_positive("--inner-lr", self.inner_lr)
         check_positive("--outer-lr", self.outer_lr)
+        for flag, values in (("--inner-lr", self.inner_lrs), ("--outer-lr", self.outer_lrs)):
+            if values is not None:
+                for value in values:
+                    check_positive(flag, value)
+                if len(set(values)) < len(values):
+                    raise ConfigError(f"{flag} values must differ, got {' '.join(map(str, values))}")
         backend = resolve_backend(self.backend, self.device)
         if self.first_order and backend == "higher":
             raise ConfigError("--first-order is implemented by the func and graph backends (--backend auto, func), "
@@ -172,16 +180,30 @@ class MetaTrainConfig(RunSettings):
                 check_seed(seed, "--seeds")
             if len(set(self.seeds)) < len(self.seeds):
                 raise ConfigError(f"--seeds must differ, got {' '.join(map(str, self.seeds))}")
-        if backend == "higher" and (self.seeds or self.meta_batch > 1):
-            raise ConfigError("--seeds and --meta-batch run on the func and graph backends (--backend auto, func), "
-                              "not on higher, which trains one model one task at a time")
+        if backend == "higher" and (self.several or self.meta_batch > 1):
+            raise ConfigError("--seeds, several rates and --meta-batch run on the func and graph backends (--backend "
+                              "auto, func), not on higher, which trains one model one task at a time")
+
+    @property
+    def several(self):
+        """Several runs (--seeds, or several --inner-lr or --outer-lr values), each in a folder of its own."""
+        return any(v is not None for v in (self.seeds, self.inner_lrs, self.outer_lrs))
 
     def members(self):
-        """The runs this configuration trains: itself, or with --seeds one run per seed, each in
-        {out_dir}/seed{s} with its own files, exactly as `--seed s --out-dir {out_dir}/seed{s}` writes them."""
-        if self.seeds is None:
+        """The runs this configuration trains: itself, or one per seed and rate (every combination), each
+        in {out_dir}/seed{s}[_inner-lr{i}][_outer-lr{o}] with its own files, exactly as a single run with
+        those flags writes them there."""
+        if not self.several:
             return [self]
-        return [replace(self, seed=s, seeds=None, out_dir=os.path.join(self.out_dir, f"seed{s}")) for s in self.seeds]
+        runs = []
+        for seed in self.seeds or (self.seed,):
+            for inner in self.inner_lrs or (self.inner_lr,):
+                for outer in self.outer_lrs or (self.outer_lr,):
+                    folder = f"seed{seed}" + (f"_inner-lr{inner:g}" if self.inner_lrs else "") + \
+                        (f"_outer-lr{outer:g}" if self.outer_lrs else "")
+                    runs.append(replace(self, seed=seed, inner_lr=inner, outer_lr=outer, seeds=None, inner_lrs=None,
+                                        outer_lrs=None, out_dir=os.path.join(self.out_dir, folder)))
+        return runs
 
     @property
     def resolved_backend(self):

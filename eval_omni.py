@@ -289,7 +289,8 @@ def main(argv=None):
     rows = across_models(config, reports)
     print_across_models(config, rows, key)
     if config.json:
-        write_report(config.json, {**{k: v for k, v in reports[0].items() if k not in ("rows", "model", "model_sha256")},
+        common = {k: v for k, v in reports[0].items() if k not in ("rows", "model", "model_sha256")}
+        write_report(config.json, {**common,
                                    "models": list(paths), "across_models": True,
                                    "seconds": round(sum(r["seconds"] for r in reports), 3),
                                    "rows": rows, "per_model": reports})

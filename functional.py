@@ -336,7 +336,8 @@ class InnerLastLayer(torch.autograd.Function):
             f_F = f @ F.mT
             out = addmm(out, f_F, U)
         softmax = torch.softmax(out, -1)
-        u = torch.add(lr_targets, softmax, alpha=-lr)
+        u = torch.addcmul(lr_targets, softmax, lr, value=-1) if torch.is_tensor(lr) else \
+            torch.add(lr_targets, softmax, alpha=-lr)  # a tensor: one rate per layer, [L, 1, 1]
         g = u @ weight
         if U is not None:
             u_U = u @ U.mT

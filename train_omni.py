@@ -27,11 +27,12 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(prog=Path(__file__).name, description=__doc__.splitlines()[0])
     add_size_args(parser)
     parser.add_argument("--epochs", type=positive_int, default=30000, help="meta-training iterations (%(default)s)")
-    parser.add_argument("--inner-lr", type=positive_float, default=0.1,
-                        help="inner-loop SGD learning rate (%(default)s)")
-    parser.add_argument("--outer-lr", type=positive_float, default=1e-3,
-                        help="outer-loop Adam learning rate (%(default)s, as higherANML's code and the original "
-                             "ANML; higherANML's README table says 0.003)")
+    parser.add_argument("--inner-lr", type=positive_float, nargs="+", default=[0.1], metavar="LR",
+                        help="inner-loop SGD learning rate (0.1); several: one model each, trained together like "
+                             "--seeds, in {out-dir}/seed{SEED}_inner-lr{LR}")
+    parser.add_argument("--outer-lr", type=positive_float, nargs="+", default=[1e-3], metavar="LR",
+                        help="outer-loop Adam learning rate (0.001, as higherANML's code and the original ANML; "
+                             "higherANML's README table says 0.003); several: one model each, as --inner-lr")
     seeds = parser.add_mutually_exclusive_group()
     seeds.add_argument("--seed", type=non_negative_int, default=1,
                        help="seeds torch and the task sampler (%(default)s)")
@@ -58,7 +59,10 @@ def parse_args(argv=None):
                         help="stop cleanly after the iteration in flight once this much time has passed")
     add_session_args(parser)
     args = parser.parse_args(argv)
-    config = build_config(parser, MetaTrainConfig, args, device=resolve_device(parser, args.device))
+    several = lambda values: tuple(values) if len(values) > 1 else None
+    config = build_config(parser, MetaTrainConfig, args, device=resolve_device(parser, args.device),
+                          inner_lr=args.inner_lr[0], outer_lr=args.outer_lr[0], inner_lrs=several(args.inner_lr),
+                          outer_lrs=several(args.outer_lr))
     return config, check_processes(parser, config, torchrun_ranks())
 
 
@@ -67,10 +71,11 @@ def check_processes(parser, config, ranks):
     process needs a seed of its own, or, with one seed, an equal share of the meta-batch."""
     if ranks.world == 1:
         return ranks
-    if config.seeds is not None:
-        if len(config.seeds) < ranks.world:
-            parser.error(f"torchrun started {ranks.world} processes for {len(config.seeds)} seeds: give at least "
-                         f"one seed per process")
+    if config.several:
+        runs = len(config.members())
+        if runs < ranks.world:
+            parser.error(f"torchrun started {ranks.world} processes for {runs} run{'s' if runs > 1 else ''} "
+                         f"(seeds x rates): give at least one per process")
     elif config.meta_batch % ranks.world:
         parser.error(f"torchrun started {ranks.world} processes: they share out --seeds, or the tasks of one "
                      f"model's --meta-batch, which must then be a multiple of {ranks.world} "

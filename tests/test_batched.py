@@ -6,37 +6,40 @@ import pytest
 import torch
 
 import anml
-from batched import MemberOptimizer, StackedMetaStep, lanes_meta_loss, seeded_stack
+from batched import (MemberOptimizer, StackedAdam, StackedMetaStep, lanes_meta_loss, one_or_each, seeded_stack,
+                     stacked_optimizer)
 from conftest import INNER_LR, TINY
 from model import seeded_network
 
 SEEDS = (3, 5, 8)
 
 
-def single_runs(sampler, seeds, iterations, first_order=False, device="cpu"):
+def single_runs(sampler, seeds, iterations, first_order=False, device="cpu", inner_lrs=None, outer_lrs=None):
     """Each seed's parameters after `iterations` of a single run, as anml.train makes them (the same
     draws from the seed's sampler and torch generator), in float64."""
     finals = []
-    for seed in seeds:
+    for i, seed in enumerate(seeds):
         model = seeded_network(*TINY.values(), seed).to(device, torch.float64)
-        opt = anml.outer_optimizer(model, 1e-3)
+        opt = anml.outer_optimizer(model, outer_lrs[i] if outer_lrs else 1e-3)
         sampler.rng = np.random.default_rng(seed)
         for _ in range(iterations):
             train_data, train_class, (valid_ims, valid_labels) = sampler.sample_train(device=device)
             train_data = [(im.double(), label) for im, label in train_data]
-            anml.meta_step(model, opt, train_data, train_class, valid_ims.double(), valid_labels, INNER_LR, "func",
-                           first_order, outer_chunk=0)
+            anml.meta_step(model, opt, train_data, train_class, valid_ims.double(), valid_labels,
+                           inner_lrs[i] if inner_lrs else INNER_LR, "func", first_order, outer_chunk=0)
         finals.append(dict(model.named_parameters()))
     return finals
 
 
-def stacked_run(sampler, seeds, iterations, tasks=1, first_order=False, device="cpu", graphed=False):
+def stacked_run(sampler, seeds, iterations, tasks=1, first_order=False, device="cpu", graphed=False, inner_lrs=None,
+                outer_lrs=None):
     stack, generators = seeded_stack(**TINY, seeds=seeds, device=device, dtype=torch.float64)
-    opt = torch.optim.Adam(stack.parameters(), lr=1e-3, capturable=graphed)
+    opt = stacked_optimizer(stack, outer_lrs or [1e-3] * len(seeds), capturable=graphed)
+    inner_lr = one_or_each(inner_lrs, device) if inner_lrs else INNER_LR
     samplers = [copy.copy(sampler) for _ in seeds]
     for s, seed in zip(samplers, seeds):
         s.rng = np.random.default_rng(seed)
-    step = StackedMetaStep(stack, opt, samplers, generators, tasks, INNER_LR, first_order, graphed=graphed)
+    step = StackedMetaStep(stack, opt, samplers, generators, tasks, inner_lr, first_order, graphed=graphed)
     losses = [step()[0] for _ in range(iterations)]
     return stack, opt, losses
 
@@ -60,6 +63,40 @@ def test_three_stacked_models_equal_three_single_runs(sampler, iterations, first
     start = dict(seeded_network(*TINY.values(), SEEDS[0]).named_parameters())
     assert not torch.equal(start["rln.convBlock1.conv.weight"].double(),
                            dict(stack.members[0].named_parameters())["rln.convBlock1.conv.weight"])
+
+
+def test_models_with_their_own_rates_equal_single_runs_with_those_rates(sampler):
+    """--inner-lr and --outer-lr lists: each model its own inner SGD rate (per lane in the inner loop)
+    and its own Adam rate (StackedAdam), equal in float64 to single runs with those rates."""
+    rates = dict(inner_lrs=[0.1, 0.05, 0.2], outer_lrs=[1e-3, 3e-3, 5e-4])
+    singles = single_runs(sampler, SEEDS, 3, **rates)
+    stack, opt, _ = stacked_run(sampler, SEEDS, 3, **rates)
+    assert isinstance(opt, StackedAdam)
+    for k, single in enumerate(singles):
+        member = dict(stack.members[k].named_parameters())
+        for name, p in single.items():
+            assert_relatively_equal(member[name].detach(), p.detach(), f"model {k} {name}")
+    saved = MemberOptimizer(opt, 1).state_dict()
+    assert saved["param_groups"][0]["lr"] == 3e-3
+    single = seeded_network(*TINY.values(), SEEDS[1]).double()
+    torch.optim.Adam(single.parameters(), lr=1.0).load_state_dict(saved)  # a single run's Adam takes it
+
+
+def test_stacked_adam_with_one_rate_is_torchs_adam():
+    g = torch.Generator().manual_seed(0)
+    params = [torch.randn(3, 4, 5, generator=g, dtype=torch.float64) for _ in range(2)]
+    ours = [p.clone().requires_grad_() for p in params]
+    torchs = [p.clone().requires_grad_() for p in params]
+    opt_ours, opt_torch = StackedAdam(ours, [2e-3] * 3), torch.optim.Adam(torchs, lr=2e-3)
+    for _ in range(4):
+        grads = [torch.randn(p.shape, generator=g, dtype=torch.float64) for p in params]
+        for group, opt in ((ours, opt_ours), (torchs, opt_torch)):
+            for p, grad in zip(group, grads):
+                p.grad = grad.clone()
+            opt.step()
+    for a, b in zip(ours, torchs):
+        assert_relatively_equal(a.detach(), b.detach(), "param", tolerance=1e-14)
+        assert not torch.equal(a.detach(), params[0])
 
 
 def test_a_member_saves_and_loads_as_a_single_run(sampler):

@@ -89,3 +89,14 @@ def test_eval_config_grid_and_method_flags():
                          (dict(model=""), "-m must name a file"), (dict(json=""), "--json must name a file")]:
         with pytest.raises(ConfigError, match=message.replace(".", r"\.").replace("(", r"\(")):
             EvalConfig(**{"model": "m.pth", **bad})
+
+
+def test_several_seeds_and_rates_are_one_run_each_in_its_own_folder():
+    config = MetaTrainConfig(rln=4, nm=3, mask=36, seeds=(1, 2), outer_lrs=(1e-3, 3e-3), out_dir="runs")
+    runs = config.members()
+    assert [(r.seed, r.outer_lr, r.out_dir) for r in runs] == [
+        (1, 1e-3, "runs/seed1_outer-lr0.001"), (1, 3e-3, "runs/seed1_outer-lr0.003"),
+        (2, 1e-3, "runs/seed2_outer-lr0.001"), (2, 3e-3, "runs/seed2_outer-lr0.003")]
+    assert all(not r.several and r.inner_lr == 0.1 for r in runs)
+    assert [r.out_dir for r in MetaTrainConfig(seeds=(7,), out_dir="x").members()] == ["x/seed7"]
+    assert MetaTrainConfig(out_dir="x").members()[0].out_dir == "x"
