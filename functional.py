@@ -165,29 +165,22 @@ def norm_fed_biases(model):
     return [p for n, p in model.named_parameters() if n.endswith("conv.bias")]
 
 
-def conv_blocks(params, prefix, x, groups=1):
+def conv_blocks(params, prefix, x, groups=None):
     """The three conv blocks of `model.py`, written functionally over a dict of parameters.
 
     With `groups` = L, x is [N, L C_in, H, W] and the dict holds L networks' parameters side by side
-    ([L C, C_in, 3, 3] convolutions, [L C] norms): the grouped convolution runs the L networks at once
-    (`batched.py`), and the result is [N, L 9 C].
+    ([L C, C_in, 3, 3] convolutions, [L C] norms): the grouped convolution (GroupedConv, whatever L)
+    runs the L networks at once (`batched.py`), and the result is [N, L 9 C].
 
     Max-pooling before the ReLU gives the same values and gradients (both are max operations,
     and the ReLU's zero gradient for x <= 0 survives either order) on a 4x smaller tensor."""
     for i, pool in ((1, True), (2, True), (3, False)):
         p = f"{prefix}.convBlock{i}."
-        x = conv(x, params[p + "conv.weight"], groups)  # bias skipped: see norm_fed_biases
+        weight = params[p + "conv.weight"]  # bias skipped: see norm_fed_biases
+        x = F.conv2d(x, weight) if groups is None else GroupedConv.apply(x, weight, groups)
         x = instance_norm(x, params[p + "norm.weight"], params[p + "norm.bias"])
         x = relu(max_pool(x) if pool else x)
     return x.flatten(1)
-
-
-def conv(x, weight, groups=1):
-    """F.conv2d(x, weight, groups=groups) (3x3, no padding); grouped, in operations that do not grow
-    with the number of groups when differentiated twice (GroupedConv)."""
-    if groups == 1:
-        return F.conv2d(x, weight)
-    return GroupedConv.apply(x, weight, groups)
 
 
 def conv_grads(grad_y, x, weight, groups, mask):
@@ -199,9 +192,10 @@ def conv_grads(grad_y, x, weight, groups, mask):
 
 
 class GroupedConv(torch.autograd.Function):
-    """A grouped F.conv2d whose backward is ConvGrad (differentiable by hand): PyTorch's own double
-    backward of a grouped convolution loops over the groups, one convolution and one concatenation
-    per group, where grouped kernels do the same work in one operation each."""
+    """F.conv2d(x, weight, groups=groups) (3x3, no padding) whose backward is ConvGrad (differentiable
+    by hand): PyTorch's own double backward of a grouped convolution loops over the groups, one
+    convolution and one concatenation per group, where grouped kernels do the same work in one
+    operation each."""
 
     @staticmethod
     def forward(ctx, x, weight, groups):

@@ -3,7 +3,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from functional import InnerLastLayer, InstanceNorm, conv, instance_norm, max_pool, relu
+from functional import GroupedConv, InnerLastLayer, InstanceNorm, instance_norm, max_pool, relu
 
 
 def norm_inputs(batch, seed=0):
@@ -109,7 +109,7 @@ def grouped_inputs(seed=3, groups=3, batch=2, requires_x=True):
 def test_grouped_conv_equals_torchs_in_value_gradient_and_second_order():
     """GroupedConv (conv with groups > 1) against F.conv2d: the output, the gradient and the gradient
     of a projection of the gradient (the meta-gradient's need)."""
-    ours = value_and_two_orders(lambda x, w: conv(x, w, 3), list(grouped_inputs()))
+    ours = value_and_two_orders(lambda x, w: GroupedConv.apply(x, w, 3), list(grouped_inputs()))
     torchs = value_and_two_orders(lambda x, w: F.conv2d(x, w, groups=3), list(grouped_inputs()))
     for a, b in zip(ours, torchs):
         assert b.abs().max() > 0
@@ -120,7 +120,7 @@ def test_grouped_conv_of_a_constant_input_differentiates_its_weight_gradient():
     """The first block's case: the images are constants; the weight's gradient, differentiated w.r.t.
     the output gradient, as F.conv2d's."""
     results = []
-    for fn in (lambda x, w: conv(x, w, 3), lambda x, w: F.conv2d(x, w, groups=3)):
+    for fn in (lambda x, w: GroupedConv.apply(x, w, 3), lambda x, w: F.conv2d(x, w, groups=3)):
         x, w = grouped_inputs(requires_x=False)
         y = fn(x, w)
         v = torch.ones_like(y).mul(0.5).requires_grad_()
@@ -134,6 +134,6 @@ def test_grouped_conv_of_a_constant_input_differentiates_its_weight_gradient():
 
 def test_grouped_conv_passes_gradcheck_and_gradgradcheck():
     x, w = grouped_inputs(seed=4)
-    fn = lambda x, w: conv(x, w, 3)
+    fn = lambda x, w: GroupedConv.apply(x, w, 3)
     assert torch.autograd.gradcheck(fn, (x, w))
     assert torch.autograd.gradgradcheck(fn, (x, w))
