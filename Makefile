@@ -37,7 +37,7 @@ plots: $(PY)
 	$(PY) plot_results.py --results results/omniglot_eval.json --log trained_anmls/256_112_2304_train_log.csv
 
 test: $(PY)
-	$(PY) -m pytest -q -n 2 tests
+	$(PY) -m pytest -q -n 2 --dist loadgroup tests
 
 clean:
 	rm -rf $(VENV) runs/demo .pytest_cache

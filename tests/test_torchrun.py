@@ -4,6 +4,7 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -20,6 +21,9 @@ from results import read_results, reported
 from runtime import Ranks
 
 NAME = "4_3_36"
+# One process of pytest-xdist runs these one after the other (make test: --dist loadgroup): two
+# torchrun jobs at once on two cores starve each other's processes.
+pytestmark = pytest.mark.xdist_group("torchrun")
 
 
 def flags(root, out_dir, epochs, *args):
@@ -30,7 +34,14 @@ def flags(root, out_dir, epochs, *args):
 def torchrun(*args, processes=2, restarts=0, script="train_omni.py"):
     """`torchrun --nproc_per_node N {script} ...` on this machine, as a subprocess's command."""
     return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes), "--max-restarts",
-            str(restarts), "--master-port", str(29500 + os.getpid() % 1000), script, *map(str, args)]
+            str(restarts), "--master-port", str(free_port()), script, *map(str, args)]
+
+
+def free_port():
+    """A TCP port that nothing listens on now, for torchrun's rendezvous."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def final(out_dir, epochs):
@@ -130,7 +141,8 @@ def test_a_killed_process_is_restarted_and_resumes(omniglot_root, single_runs, t
 
 
 @pytest.mark.parametrize("world, args, expected", [
-    (3, ["--seeds", "1", "2"], r"3 processes for 2 seeds"),
+    (3, ["--seeds", "1", "2"], r"3 processes for 2 runs \(seeds x rates\)"),
+    (3, ["--outer-lr", "0.1", "0.2"], r"3 processes for 2 runs"),
     (2, ["--meta-batch", "3"], r"multiple of 2 \(got 3\)"),
     (2, [], r"multiple of 2 \(got 1\)"),
 ])
@@ -173,7 +185,7 @@ def test_torchrun_shares_the_evaluation_runs_with_identical_results(omniglot_roo
     two = subprocess.run(torchrun(*eval_args(omniglot_root, [model], tmp_path / "two.json"), script="eval_omni.py"),
                          cwd=REPO, env=script_env(), capture_output=True, text=True, timeout=300)
     assert_ok(two)
-    assert two.stdout == one.stdout
+    assert two.stdout == one.stdout, (one.stdout, two.stdout, two.stderr[-2000:])
     a, b = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("one", "two"))
     assert a["rows"] == b["rows"]
     assert len(a["rows"][0]["per_value"][0]["report"]["test"]) == 3
