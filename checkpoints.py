@@ -171,7 +171,7 @@ def read_training_state(path, kind="ANML"):
         raise ValueError(f"{path} is not a resumable checkpoint (a bare state_dict? give a _resume.pt file)")
     stored_kind = state.get("kind") or file_kind(path)
     if stored_kind is not None and stored_kind != kind:
-        what = {"ANML": "train_omni.py", "pretrain": "pretrain_omni.py"}
+        what = {"ANML": "train_omni.py", "pretrain": "pretrain_omni.py", "asb": "pretrain_omni.py --schedule asb"}
         raise ValueError(f"{path} is a resumable checkpoint of {what.get(stored_kind, stored_kind)}, not of "
                          f"{what.get(kind, kind)}")
     problem = damage(state)

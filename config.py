@@ -13,7 +13,8 @@ REMEMBER_SIZE = 64  # remembered background images in each outer loss, beside th
 NUM_OUTPUTS = 1000  # the last layer's classes
 
 BACKENDS = ("auto", "higher", "func", "graph")  # auto: graph on CUDA, func elsewhere
-METHODS = ("seq", "iid", "lstsq")  # how the meta-test's last layer learns: in sequence, shuffled, closed form
+METHODS = ("seq", "iid", "lstsq")
+SCHEDULES = ("iid", "asb")  # pretraining: i.i.d. minibatches; alternating sequential and batch (Frati et al.)  # how the meta-test's last layer learns: in sequence, shuffled, closed form
 MAX_PARAMETERS = 10**9  # a network above this (4 GB of weights, four times that to train) is a typo
 MAX_SEED = 2**32 - 1
 MAX_EPOCHS_IID = 1000
@@ -151,6 +152,7 @@ class MetaTrainConfig(RunSettings):
     KIND = "ANML"  # in checkpoint names: {name}_ANML-{iteration}.pth
     LOG = "train_log"
     UNIT = "iteration"
+    LENGTH_FLAG = "--epochs"
     RUN_KEYS = ("rln", "nm", "mask", "inner_lr", "outer_lr", "seed", "backend", "first_order", "meta_batch",
                 "epochs")
     DIVERGED_ADVICE = "a smaller --outer-lr is a new run: another --out-dir"
@@ -216,6 +218,10 @@ class MetaTrainConfig(RunSettings):
     def epochs_for(self, steps):
         return steps
 
+    @property
+    def length(self):
+        return self.epochs
+
 
 @dataclass(frozen=True)
 class PretrainConfig(RunSettings):
@@ -223,23 +229,49 @@ class PretrainConfig(RunSettings):
     rln: int = 256
     nm: int = 112
     mask: int = 2304
-    epochs: int = 6  # passes over the background images
-    lr: float = 1e-3
+    epochs: int = 6  # passes over the background images (iid)
+    lr: float = 1e-3  # Adam: of every minibatch (iid), of each episode's batch step (asb)
     batch_size: int = 128
     lobotomize: bool = False
     seed: int = 1
     init_only: bool = False
+    schedule: str = "iid"  # iid: shuffled minibatches; asb: alternating sequential and batch episodes
+    zap: bool = False  # iid: the whole last layer re-initialised every epoch; asb: the episode's class row
+    episodes: int = 9000  # asb
+    seq_lr: float = 0.1  # asb: SGD rate of the sequential steps
 
-    KIND = "pretrain"  # {name}_pretrain-{epoch}.pth
-    LOG = "pretrain_log"
-    UNIT = "step"
-    RUN_KEYS = ("rln", "nm", "mask", "lr", "batch_size", "lobotomize", "seed", "epochs")
+    RUN_KEYS = ("rln", "nm", "mask", "schedule", "zap", "lr", "batch_size", "lobotomize", "seq_lr", "seed", "epochs",
+                "episodes")
     DIVERGED_ADVICE = "a smaller --lr is a new run: another --out-dir"
 
     def __post_init__(self):
         self.check_run()
         check_positive("--lr", self.lr)
         check_positive("--batch-size", self.batch_size, integer=True)
+        if self.schedule not in SCHEDULES:
+            raise ConfigError(f"unknown --schedule {self.schedule!r}: choose one of {', '.join(SCHEDULES)}")
+        check_positive("--episodes", self.episodes, integer=True)
+        check_positive("--seq-lr", self.seq_lr)
+        if self.lobotomize and self.schedule == "asb":
+            raise ConfigError("--lobotomize is the iid schedule's: --schedule asb re-initialises its episodes' rows "
+                              "with --zap")
+
+    @property
+    def KIND(self):
+        """In file names: {name}_pretrain-{epoch}.pth (iid), {name}_asb-{episode}.pth (asb)."""
+        return "asb" if self.schedule == "asb" else "pretrain"
+
+    @property
+    def LOG(self):
+        return f"{self.KIND}_log"
+
+    @property
+    def UNIT(self):
+        return "episode" if self.schedule == "asb" else "step"
+
+    @property
+    def LENGTH_FLAG(self):
+        return "--episodes" if self.schedule == "asb" else "--epochs"
 
     @property
     def images_per_epoch(self):
@@ -251,17 +283,23 @@ class PretrainConfig(RunSettings):
 
     @property
     def total_steps(self):
-        return self.epochs * self.steps_per_epoch
+        return self.episodes if self.schedule == "asb" else self.epochs * self.steps_per_epoch
 
     def epochs_for(self, steps):
-        return math.ceil(steps / self.steps_per_epoch)
+        """The --epochs (--episodes for asb) that covers `steps` steps."""
+        return steps if self.schedule == "asb" else math.ceil(steps / self.steps_per_epoch)
+
+    @property
+    def length(self):
+        return self.episodes if self.schedule == "asb" else self.epochs
 
 
 # The flag of each run setting, for messages.
 FLAGS = {"rln": "--rln", "nm": "--nm", "mask": "--mask", "inner_lr": "--inner-lr", "outer_lr": "--outer-lr",
          "seed": "--seed", "backend": "--backend", "first_order": "--first-order", "epochs": "--epochs",
-         "lr": "--lr", "batch_size": "--batch-size", "lobotomize": "--lobotomize", "meta_batch": "--meta-batch"}
-MAY_CHANGE_ON_RESUME = ("epochs",)  # a run may be continued further than first planned
+         "lr": "--lr", "batch_size": "--batch-size", "lobotomize": "--lobotomize", "meta_batch": "--meta-batch",
+         "schedule": "--schedule", "zap": "--zap", "episodes": "--episodes", "seq_lr": "--seq-lr"}
+MAY_CHANGE_ON_RESUME = ("epochs", "episodes")  # a run may be continued further than first planned
 
 
 @dataclass(frozen=True)

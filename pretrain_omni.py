@@ -3,6 +3,8 @@
     python pretrain_omni.py                                   # 256/112/2304, i.i.d. minibatches
     python pretrain_omni.py --rln 4 --nm 3 --mask 36 --epochs 1 -d cpu   # a smoke test
     python pretrain_omni.py --init-only --out-dir results/random         # the network at its init
+    python pretrain_omni.py --zap                             # i.i.d., the last layer reset every epoch
+    python pretrain_omni.py --schedule asb --zap              # alternating sequential and batch, zapping
 
 The same architecture as ANML (RLN, NM gate, 1000-way last layer), trained with cross-entropy and
 Adam on shuffled minibatches of all 964 background classes' images (labels 0..963): no inner loop,
@@ -11,6 +13,15 @@ no meta-gradient. Each epoch is one pass in a new random order; `{out_dir}/{name
 kept as train_omni.py keeps its runs: a lock, no new run over another's files, resumable checkpoints
 every --save-minutes and on Ctrl-C, SIGTERM, SIGHUP or --time-limit (continue with the same command
 and --resume latest, with the same flags), a NaN stop.
+
+`--schedule asb` trains by alternating sequential and batch learning (ASB, Frati et al. 2023, "Reset
+It and Forget It"): each episode takes ANML's meta-training episode (one background class's 20
+images, then those and 64 remembered images), makes 20 one-image SGD steps (--seq-lr) over the
+parameters ANML's inner loop adapts (RLN and last layer) and keeps them, then one Adam step (--lr) on
+the 84 images: ANML's episode without a meta-gradient. It writes `{name}_asb-{episode}.pth` every 1000
+episodes and at the last. `--zap` re-initialises (Kaiming normal, bias kept) the whole last layer at
+the start of every epoch after the first (iid), or the episode's class row before its sequential
+steps (asb), as that paper's code does.
 
 --init-only writes `{out_dir}/{name}_init.pth`: the network as `torch.manual_seed(seed)` initialises
 it, before any training; with the same --seed it is where this script and train_omni.py start.
@@ -27,7 +38,7 @@ import run_loop
 from checkpoints import cpu_state_dict, save_atomic
 from cli import (add_session_args, add_size_args, build_config, non_negative_int, positive_float, positive_int,
                  report_end, run_cli)
-from config import PretrainConfig
+from config import SCHEDULES, PretrainConfig
 from datasets import OmniSampler
 from model import seeded_network
 from runtime import resolve_device, set_threads
@@ -44,8 +55,16 @@ def parse_args(argv=None):
     parser.add_argument("--lobotomize", action="store_true",
                         help="before each step, re-initialise the last-layer row of the batch's first image's "
                              "class, as ANML does for the class it is about to learn")
+    parser.add_argument("--schedule", choices=SCHEDULES, default="iid",
+                        help="iid: shuffled minibatches (default); asb: alternating sequential and batch episodes")
+    parser.add_argument("--zap", action="store_true",
+                        help="re-initialise the last layer: all of it every epoch (iid), the episode's class row "
+                             "before its sequential steps (asb)")
+    parser.add_argument("--episodes", type=positive_int, default=9000, help="asb: episodes (%(default)s)")
+    parser.add_argument("--seq-lr", type=positive_float, default=0.1,
+                        help="asb: SGD rate of the sequential one-image steps (%(default)s)")
     parser.add_argument("--seed", type=non_negative_int, default=1,
-                        help="seeds the initialisation (torch) and the epochs' orders (%(default)s)")
+                        help="seeds the initialisation (torch) and the epochs' orders or the episodes (%(default)s)")
     parser.add_argument("--out-dir", default="runs", help="where checkpoints and the log go (%(default)s)")
     parser.add_argument("--resume", metavar="PATH|latest",
                         help="continue a stopped run exactly from its resumable checkpoint (latest: the newest "
@@ -95,14 +114,40 @@ def train_step(model, opt, x, y, lobotomize=False):
     return loss.detach(), (out.argmax(1) == y).float().mean()
 
 
+def sequential_steps(model, train_data, lr):
+    """ASB's sequential phase: one SGD step per (image, label) of `train_data` over the RLN and the
+    last layer (the parameters ANML's inner loop adapts), kept in the model."""
+    params = [p for n, p in model.named_parameters() if n.startswith(("rln.", "fc."))]
+    for ims, labels in train_data:
+        grads = torch.autograd.grad(F.cross_entropy(model(ims), labels), params)
+        with torch.no_grad():
+            for p, g in zip(params, grads):
+                p.sub_(g, alpha=lr)
+
+
+def asb_episode(model, opt, episode, seq_lr, zap=False):
+    """One episode of alternating sequential and batch learning: the class's row re-initialised if
+    `zap`, its 20 images learned one SGD step each, then one `opt` step on the episode's batch (those
+    images and the remembered ones). Returns the batch's (loss, accuracy) before its step."""
+    train_data, train_class, (valid_ims, valid_labels) = episode
+    if zap:
+        anml.lobotomize(model.fc, train_class)
+    sequential_steps(model, train_data, seq_lr)
+    return train_step(model, opt, valid_ims, valid_labels)
+
+
 def pretrain(config, sampler=None, quiet=False):
-    """Train for config.epochs in the run loop that train_omni.py uses (run_loop.run, which gives the
-    return value: the model, why it stopped early or None, the last checkpoint's path)."""
+    """Train for config.epochs (config.episodes with --schedule asb) in the run loop that
+    train_omni.py uses (run_loop.run, which gives the return value: the model, why it stopped early
+    or None, the last checkpoint's path)."""
+    if config.schedule == "asb":
+        return pretrain_asb(config, sampler, quiet)
     per_epoch = config.steps_per_epoch
 
     def build():  # once the run's files are locked and its start is checked
         print(f"pretraining {config.name} for {config.epochs} epochs of batch {config.batch_size} on {config.device} "
               f"(lr {config.lr:g}, seed {config.seed}{', lobotomize' if config.lobotomize else ''}"
+              f"{', zapping every epoch' if config.zap else ''}"
               f"{anml.threads_note(config.device)}) -> {config.out_dir}/", flush=True)
         data = sampler or OmniSampler(config.data_root, download=config.download, seed=config.seed)
         model = initial_model(config).to(config.device)
@@ -114,6 +159,8 @@ def pretrain(config, sampler=None, quiet=False):
 
         def step(i):
             epoch, j = divmod(i, per_epoch)
+            if config.zap and j == 0 and epoch > 0:
+                anml.reset_last_layer(model)  # zapping: the whole last layer afresh every epoch
             if epoch not in orders:
                 orders.clear()
                 orders[epoch] = epoch_order(config.seed, epoch, len(images))
@@ -130,6 +177,32 @@ def pretrain(config, sampler=None, quiet=False):
         if i % per_epoch == per_epoch - 1:
             return f"epoch {i // per_epoch}: loss {float(loss):.3f} | accuracy {float(acc):.3f} ({seconds:.1f}s)"
         return None
+
+    return run_loop.run(config, build, quiet)
+
+
+def pretrain_asb(config, sampler=None, quiet=False):
+    """`pretrain` with --schedule asb: config.episodes episodes of `asb_episode`."""
+    def build():  # once the run's files are locked and its start is checked
+        print(f"pretraining {config.name} by alternating sequential and batch learning for {config.episodes} "
+              f"episodes on {config.device} (sequential SGD {config.seq_lr:g}, batch Adam {config.lr:g}, seed "
+              f"{config.seed}{', zapping' if config.zap else ''}{anml.threads_note(config.device)}) -> "
+              f"{config.out_dir}/", flush=True)
+        data = sampler or OmniSampler(config.data_root, download=config.download)
+        data.rng = np.random.default_rng(config.seed)  # the run's seed draws its episodes (a resume restores them)
+        model = initial_model(config).to(config.device)
+        opt = torch.optim.Adam(model.parameters(), lr=config.lr)
+
+        def step(i):
+            return asb_episode(model, opt, data.sample_train(device=config.device), config.seq_lr, config.zap)
+        return run_loop.Steps(model, opt, data, config.episodes, lambda: step, milestone, report,
+                              "episode: batch loss | batch accuracy (seconds)", unit="episode")
+
+    def milestone(i):
+        return i if i % anml.SAVE_EVERY == 0 or i == config.episodes - 1 else None
+
+    def report(i, loss, acc, seconds):
+        return f"{i}: {float(loss):.3f} | {float(acc):.3f} ({seconds:.1f}s)" if i % 100 == 0 else None
 
     return run_loop.run(config, build, quiet)
 

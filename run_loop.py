@@ -217,9 +217,10 @@ def starting_state(config, check_fresh=True, restarted=False):
     done, total = state["iteration"] + 1, config.total_steps
     if done > total:
         unit = config.UNIT
-        steps = "" if config.UNIT == "iteration" else f" ({total} {unit}s)"
-        raise ValueError(f"{path} has already trained {done} {unit}s, more than --epochs {config.epochs}{steps}: "
-                         f"nothing to train (give --epochs {config.epochs_for(done)} or more to continue it)")
+        steps = "" if config.UNIT in ("iteration", "episode") else f" ({total} {unit}s)"
+        flag = config.LENGTH_FLAG
+        raise ValueError(f"{path} has already trained {done} {unit}s, more than {flag} {config.length}{steps}: "
+                         f"nothing to train (give {flag} {config.epochs_for(done)} or more to continue it)")
     return state, path
 
 

@@ -21,8 +21,9 @@ from conftest import TINY, same_weights, weights
 from run_loop import TrainingLog, log_row_iteration
 
 NAME = "4_3_36"
-KINDS = ["ANML", "pretrain"]
-LOG = {"ANML": f"{NAME}_train_log.csv", "pretrain": f"{NAME}_pretrain_log.csv"}
+KINDS = ["ANML", "pretrain", "asb"]
+STEPWISE = ("ANML", "asb")  # a checkpoint index per step (iteration, episode); pretraining's is per epoch
+LOG = {"ANML": f"{NAME}_train_log.csv", "pretrain": f"{NAME}_pretrain_log.csv", "asb": f"{NAME}_asb_log.csv"}
 PRETRAIN_CLASSES, PRETRAIN_BATCH = 100, 400  # pretraining here: 2,000 images, 5 steps an epoch
 
 
@@ -41,10 +42,14 @@ def few_background_classes(monkeypatch):
 
 
 def config_of(kind, out_dir, steps, seed=1, **kw):
-    """A tiny run of `steps` iterations (ANML) or epochs of 5 steps (pretrain) in `out_dir`."""
+    """A tiny run of `steps` iterations (ANML), epochs of 5 steps (pretrain) or episodes (asb, zapping)
+    in `out_dir`."""
     if kind == "ANML":
         return MetaTrainConfig(**TINY, epochs=steps, seed=seed, out_dir=str(out_dir), **kw)
     lr = kw.pop("outer_lr", 1e-3)
+    if kind == "asb":
+        return PretrainConfig(**TINY, schedule="asb", episodes=steps, seed=seed, out_dir=str(out_dir), lr=lr,
+                              **{"zap": True, **kw})
     return PretrainConfig(**TINY, epochs=steps, seed=seed, out_dir=str(out_dir), batch_size=PRETRAIN_BATCH, lr=lr, **kw)
 
 
@@ -54,7 +59,7 @@ def run_tiny(kind, sampler, out_dir, steps, seed=1, **kw):
     config = config_of(kind, out_dir, steps, seed, **kw)
     if kind == "ANML":
         return anml.train(config, sampler, quiet=True)
-    return pretrain_omni.pretrain(config, FewClasses(sampler), quiet=True)
+    return pretrain_omni.pretrain(config, sampler if kind == "asb" else FewClasses(sampler), quiet=True)
 
 
 def last_checkpoint(kind, out_dir, steps):
@@ -100,7 +105,7 @@ def test_stopped_then_resumed_equals_one_run(kind, sampler, tmp_path):
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_a_locked_folder_is_refused_naming_the_holder(kind, sampler, tmp_path):
-    lock = tmp_path / (f".{NAME}.lock" if kind == "ANML" else f".{NAME}_pretrain.lock")
+    lock = tmp_path / (f".{NAME}.lock" if kind == "ANML" else f".{NAME}_{kind}.lock")
     holder = subprocess.Popen([sys.executable, "-c", f"import fcntl, os, time; fd = os.open({str(lock)!r}, os.O_RDWR | "
                                f"os.O_CREAT); os.write(fd, str(os.getpid()).encode()); fcntl.flock(fd, fcntl.LOCK_EX); "
                                f"print('locked', flush=True); time.sleep(60)"], stdout=subprocess.PIPE, text=True)
@@ -131,7 +136,7 @@ def test_a_new_run_does_not_overwrite_an_unfinished_one(kind, sampler, tmp_path)
     assert stopped is not None
     before = {p.name: p.read_bytes() for p in (tmp_path / "a").iterdir()}
     with pytest.raises(ValueError, match=rf"already holds a run of {NAME} \(.*--seed 7.*\), resumable after "
-                                         rf"(iteration|step) 0: continue it with --resume latest"):
+                                         rf"(iteration|step|episode) 0: continue it with --resume latest"):
         run_tiny(kind, sampler, tmp_path / "a", 3, seed=8)
     assert {p.name: p.read_bytes() for p in (tmp_path / "a").iterdir()} == before
     run_tiny(kind, sampler, tmp_path / "a", 2, seed=7, resume="latest")
@@ -184,6 +189,9 @@ def test_resume_refuses_other_settings_but_not_more_epochs(kind, sampler, tmp_pa
             run_tiny(kind, sampler, tmp_path, 2, backend="higher", resume="latest")
         with pytest.raises(ValueError, match=r"was trained with no --first-order, not --first-order"):
             run_tiny(kind, sampler, tmp_path, 2, first_order=True, resume="latest")
+    elif kind == "asb":
+        with pytest.raises(ValueError, match=r"was trained with --zap --seq-lr 0.1, not no --zap --seq-lr 0.2"):
+            run_tiny(kind, sampler, tmp_path, 2, zap=False, seq_lr=0.2, resume="latest")
     else:
         with pytest.raises(ValueError, match=r"was trained with --batch-size 400, not --batch-size 200"):
             pretrain_omni.pretrain(PretrainConfig(**TINY, epochs=2, batch_size=200, out_dir=str(tmp_path),
@@ -298,11 +306,12 @@ def test_a_failed_checkpoint_write_keeps_the_last_good_one(kind, sampler, tmp_pa
         return real_save(obj, f)
 
     monkeypatch.setattr(checkpoints.torch, "save", full_disk)
-    steps = 6 if kind == "ANML" else 2
-    first = f"{NAME}_{kind}-4_resume.pt"  # ANML saves at every iteration here, pretraining after each epoch
+    stepwise = kind in STEPWISE
+    steps = 6 if stepwise else 2
+    first = f"{NAME}_{kind}-4_resume.pt"  # ANML and asb save at every step here, pretraining after each epoch
     with pytest.raises(WriteError, match=rf"could not write .*_resume\.pt: RuntimeError: \[enforce fail.*; the last "
                                          rf"good resumable checkpoint is .*{first}: free some space"):
-        run_tiny(kind, sampler, tmp_path / "split", steps, save_minutes=1e-9 if kind == "ANML" else 5)
+        run_tiny(kind, sampler, tmp_path / "split", steps, save_minutes=1e-9 if stepwise else 5)
     monkeypatch.setattr(checkpoints.torch, "save", real_save)
     assert resumables(tmp_path / "split") == [first] and not list((tmp_path / "split").glob(".*.tmp"))
     run_tiny(kind, sampler, tmp_path / "split", steps, resume="latest")
@@ -335,12 +344,13 @@ def test_resumable_checkpoints_are_also_saved_on_a_clock(kind, sampler, tmp_path
     real = run_loop.save_training_state
     monkeypatch.setattr(run_loop, "save_training_state", lambda out_dir, name, it, *a: (saved.append(it),
                                                                                          real(out_dir, name, it, *a))[1])
-    steps = 4 if kind == "ANML" else 1
+    stepwise = kind in STEPWISE
+    steps = 4 if stepwise else 1
     run_tiny(kind, sampler, tmp_path / "often", steps, save_minutes=1e-9)
-    assert saved == list(range(steps if kind == "ANML" else 5))
+    assert saved == list(range(steps if stepwise else 5))
     saved.clear()
     run_tiny(kind, sampler, tmp_path / "default", steps)
-    assert saved == ([0, 3] if kind == "ANML" else [4])
+    assert saved == ([0, 3] if stepwise else [4])
 
 
 # ----------------------------------------------------------------------------- NaN stops the run

@@ -120,14 +120,18 @@ def test_a_killed_process_is_restarted_and_resumes(omniglot_root, single_runs, t
     epochs = 40
     args = flags(omniglot_root, tmp_path, epochs, "--seeds", 3, 5, "--save-minutes", 0.001)
     proc = subprocess.Popen(torchrun(*args, restarts=1), cwd=REPO, env=script_env(), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
-    lock = tmp_path / "seed5" / f".{NAME}.lock"
-    deadline = time.time() + 120
-    while not list((tmp_path / "seed5").glob("*-1[0-9]_resume.pt")) and time.time() < deadline:
-        time.sleep(0.05)
-    pid = int(lock.read_text())
-    os.kill(pid, signal.SIGKILL)
-    out, err = proc.communicate(timeout=300)
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        lock = tmp_path / "seed5" / f".{NAME}.lock"
+        deadline = time.time() + 120
+        while not list((tmp_path / "seed5").glob("*-1[0-9]_resume.pt")) and time.time() < deadline:
+            time.sleep(0.05)
+        pid = int(lock.read_text())
+        os.kill(pid, signal.SIGKILL)
+        out, err = proc.communicate(timeout=300)
+    finally:  # never leave torchrun or its workers behind
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
     assert proc.returncode == 0, err[-3000:]
     assert err.count("meta-training ANML") + out.count("meta-training ANML") >= 4  # two processes, twice
     reference = {s: run("train_omni.py", *flags(omniglot_root, tmp_path / f"ref{s}", epochs, "--seed", s))

@@ -1,0 +1,76 @@
+"""Pretraining's schedules (`pretrain_omni.py`): alternating sequential and batch learning (ASB) and
+zapping, against direct computations."""
+import copy
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import anml
+import pretrain_omni
+from config import PretrainConfig
+from conftest import INNER_LR, TINY
+from model import seeded_network
+
+
+def episode(sampler, seed=4):
+    sampler.rng = np.random.default_rng(seed)
+    train_data, train_class, (valid_ims, valid_labels) = sampler.sample_train()
+    return [(im.double(), label) for im, label in train_data], train_class, (valid_ims.double(), valid_labels)
+
+
+def reference_episode(model, batch, zap):
+    """ASB written plainly: the class row re-initialised (if zap), one torch.optim.SGD step per image
+    over the RLN and the last layer, then one Adam step over everything on the episode's batch."""
+    train_data, train_class, (valid_ims, valid_labels) = batch
+    if zap:
+        anml.lobotomize(model.fc, train_class)
+    sgd = torch.optim.SGD([p for n, p in model.named_parameters() if n.startswith(("rln.", "fc."))], lr=INNER_LR)
+    for im, label in train_data:
+        sgd.zero_grad()
+        F.cross_entropy(model(im), label).backward()
+        sgd.step()
+    after_sequence = copy.deepcopy(model.state_dict())
+    adam = torch.optim.Adam(model.parameters(), lr=1e-3)
+    adam.zero_grad()
+    F.cross_entropy(model(valid_ims), valid_labels).backward()
+    adam.step()
+    return after_sequence
+
+
+@pytest.mark.parametrize("zap", [False, True])
+def test_an_asb_episode_is_sequential_sgd_then_one_batch_adam_step(sampler, zap):
+    batch = episode(sampler)
+    start = seeded_network(*TINY.values(), 3).double()
+    reference, ours = copy.deepcopy(start), copy.deepcopy(start)
+    torch.manual_seed(9)
+    after_sequence = reference_episode(reference, batch, zap)
+    torch.manual_seed(9)
+    pretrain_omni.asb_episode(ours, torch.optim.Adam(ours.parameters(), lr=1e-3), batch, INNER_LR, zap)
+    for name, p in ours.state_dict().items():
+        torch.testing.assert_close(p, reference.state_dict()[name], rtol=1e-12, atol=1e-14)
+    for name, p in start.state_dict().items():  # the sequence adapts the RLN and fc, not the NM
+        moved = (after_sequence[name] - p).abs().max()
+        if name.startswith("nm."):
+            assert moved == 0, name
+        elif not name.endswith("conv.bias"):  # a norm removes those biases: their gradient is rounding
+            assert moved > 1e-6, name
+
+
+def test_iid_zapping_draws_the_last_layer_afresh_every_epoch(sampler, tmp_path):
+    """With an Adam rate too small to move anything, a zapping run's last layer ends as a new Kaiming
+    draw, the other weights where they started; without zapping the last layer stays put."""
+    finals = {}
+    for zap in (False, True):
+        config = PretrainConfig(**TINY, epochs=2, batch_size=8192, lr=1e-12, zap=zap, out_dir=str(tmp_path / str(zap)))
+        model, _, _ = pretrain_omni.pretrain(config, sampler, quiet=True)
+        finals[zap] = model.state_dict()
+    start = seeded_network(*TINY.values(), 1).state_dict()
+    for name in start:
+        if name != "fc.weight":
+            torch.testing.assert_close(finals[True][name], start[name], atol=1e-9, rtol=0)
+    torch.testing.assert_close(finals[False]["fc.weight"], start["fc.weight"], atol=1e-9, rtol=0)
+    drawn = finals[True]["fc.weight"]
+    assert (drawn - start["fc.weight"]).abs().mean() > 0.1
+    assert drawn.std().item() == pytest.approx(anml.kaiming_std(drawn), rel=0.05)
