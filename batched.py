@@ -20,7 +20,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from cuda_graphs import GraphedMetaStep
-from functional import (AdaptedLinear, InnerLastLayer, accuracy, conv_blocks, flatten, linear, one_hot,
+from functional import (AdaptedLinear, InnerLastLayer, conv_blocks, flatten, linear, one_hot,
                         unflatten)
 from model import seeded_network
 

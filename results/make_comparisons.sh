@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
-# The comparisons at full size: ANML (seq, iid, lstsq), the same network pretrained the
-# ordinary way (seq, lstsq) and at its initialisation (seq), for 10 50 100 200 600 classes, each row's
-# learning rate (ridge for lstsq) chosen on separate selection runs and reported on other runs.
+# The comparisons at full size: ANML (seq, iid, lstsq), ANML meta-trained first order (seq), the same
+# network pretrained the ordinary way (seq, lstsq), with zapping (seq), by alternating sequential and
+# batch learning with and without zapping (seq), and at its initialisation (seq), for 10 50 100 200 600
+# classes, each row's learning rate (ridge for lstsq) chosen on separate selection runs and reported on
+# other runs.
 #
 #   results/make_comparisons.sh                       # on a GPU machine (DEVICE=cuda)
 #   results/make_comparisons.sh --data-root /path/to/omniglot --no-download
@@ -9,9 +11,10 @@
 #
 # Extra arguments go to every script (data flags). Writes results/comparisons/{label}.json (one
 # file per network and method, with a "method" key) and results/comparisons/comparisons.png.
-# Re-running skips what is done: a finished pretraining and evaluations whose JSON exists are kept
-# (FORCE=1 redoes the evaluations), a stopped pretraining is resumed, so the work can be split into
-# calls of limited length (e.g. TIME_LIMIT=500 stops the pretraining cleanly after 500 s).
+# Re-running skips what is done: finished trainings and evaluations whose JSON exists are kept
+# (FORCE=1 redoes the evaluations), a stopped training is resumed, so the work can be split into
+# calls of limited length (e.g. TIME_LIMIT=500 stops each training cleanly after 500 s; the script
+# then stops and says to run it again).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -23,6 +26,9 @@ NAME=${NAME:-256_112_2304}
 EPOCHS=${EPOCHS:-6}                    # pretrain_omni.py's defaults (docs/comparisons.md gives the times)
 BATCH=${BATCH:-128}
 PRETRAIN_DIR=${PRETRAIN_DIR:-trained_pretrain}
+ASB_EPISODES=${ASB_EPISODES:-9000}     # pretrain_omni.py --schedule asb's default (Frati et al.'s count)
+FO_EPOCHS=${FO_EPOCHS:-30000}          # first-order ANML: the paper's iterations
+FO_DIR=${FO_DIR:-trained_anml_first_order}
 OUT=${OUT:-results/comparisons}
 RUNS=${RUNS:-10}                       # reported runs per row
 SEL=${SEL:-10}                         # selection runs per row (other seeds)
@@ -31,19 +37,38 @@ LRS=${LRS:-"0.01 0.003 0.001 0.0008 0.0005 0.0003 0.0001"}
 RIDGES=${RIDGES:-"0.01 0.1 1 10 100 1000 10000"}
 
 mkdir -p "$OUT"
-PRETRAINED="$PRETRAIN_DIR/${NAME}_pretrain-$((EPOCHS - 1)).pth"
 RANDOM_INIT="$PRETRAIN_DIR/${NAME}_init.pth"
 
-# (a) the same architecture pretrained on i.i.d. minibatches of the background classes
-if [ ! -f "$PRETRAINED" ]; then
-    resume=()
-    if ls "$PRETRAIN_DIR/${NAME}"_pretrain-*_resume.pt >/dev/null 2>&1; then resume=(--resume latest); fi
-    limit=()
+# (a) the trainings: each resumed if it stopped, skipped once its last checkpoint exists
+train() {  # final-checkpoint resumable-glob script flags...
+    local final=$1 resumables=$2
+    shift 2
+    if [ -f "$final" ]; then return 0; fi
+    local resume=() limit=()
+    if ls $resumables >/dev/null 2>&1; then resume=(--resume latest); fi
     if [ -n "${TIME_LIMIT:-}" ]; then limit=(--time-limit "$TIME_LIMIT"); fi
-    $PY pretrain_omni.py $SIZES --epochs "$EPOCHS" --batch-size "$BATCH" -d "$DEVICE" --out-dir "$PRETRAIN_DIR" \
-        "${resume[@]}" "${limit[@]}" "$@"
-    if [ ! -f "$PRETRAINED" ]; then echo "pretraining stopped early: run this script again to resume it"; exit 0; fi
-fi
+    $PY "$@" -d "$DEVICE" "${resume[@]}" "${limit[@]}" "${DATA_ARGS[@]}"
+    if [ ! -f "$final" ]; then echo "a training stopped early: run this script again to resume it"; exit 0; fi
+}
+DATA_ARGS=("$@")
+PRETRAINED="$PRETRAIN_DIR/${NAME}_pretrain-$((EPOCHS - 1)).pth"
+ZAPPED="$PRETRAIN_DIR/iid_zap/${NAME}_pretrain-$((EPOCHS - 1)).pth"
+ASB="$PRETRAIN_DIR/asb/${NAME}_asb-$((ASB_EPISODES - 1)).pth"
+ASB_ZAP="$PRETRAIN_DIR/asb_zap/${NAME}_asb-$((ASB_EPISODES - 1)).pth"
+FIRST_ORDER="$FO_DIR/${NAME}_ANML-$((FO_EPOCHS - 1)).pth"
+# i.i.d. minibatches of the background classes, then the same with the whole last layer zapped every epoch
+train "$PRETRAINED" "$PRETRAIN_DIR/${NAME}_pretrain-*_resume.pt" pretrain_omni.py $SIZES --epochs "$EPOCHS" \
+    --batch-size "$BATCH" --out-dir "$PRETRAIN_DIR"
+train "$ZAPPED" "$PRETRAIN_DIR/iid_zap/${NAME}_pretrain-*_resume.pt" pretrain_omni.py $SIZES --epochs "$EPOCHS" \
+    --batch-size "$BATCH" --zap --out-dir "$PRETRAIN_DIR/iid_zap"
+# alternating sequential and batch learning, without and with zapping the episode's class
+train "$ASB" "$PRETRAIN_DIR/asb/${NAME}_asb-*_resume.pt" pretrain_omni.py $SIZES --schedule asb \
+    --episodes "$ASB_EPISODES" --out-dir "$PRETRAIN_DIR/asb"
+train "$ASB_ZAP" "$PRETRAIN_DIR/asb_zap/${NAME}_asb-*_resume.pt" pretrain_omni.py $SIZES --schedule asb --zap \
+    --episodes "$ASB_EPISODES" --out-dir "$PRETRAIN_DIR/asb_zap"
+# ANML meta-trained with the first-order meta-gradient (what the original ANML code computed)
+train "$FIRST_ORDER" "$FO_DIR/${NAME}_ANML-*_resume.pt" train_omni.py $SIZES --first-order --epochs "$FO_EPOCHS" \
+    --out-dir "$FO_DIR"
 
 # (b) the network at its initialisation (seed 1: where train_omni.py and pretrain_omni.py start)
 $PY pretrain_omni.py $SIZES --init-only --seed 1 --out-dir "$PRETRAIN_DIR" "$@"
@@ -57,13 +82,16 @@ evaluate() {  # label model method-flags...
     $PY eval_omni.py -m "$model" -d "$DEVICE" -c $CLASSES -r "$RUNS" --selection-runs "$SEL" \
         --json "$OUT/$label.json" "${@}" "${DATA_ARGS[@]}"
 }
-DATA_ARGS=("$@")
 evaluate anml_seq      "$ANML"        --method seq   -l $LRS
 evaluate anml_iid      "$ANML"        --method iid   -l $LRS
 evaluate anml_lstsq    "$ANML"        --method lstsq --ridge $RIDGES
 evaluate pretrain_seq  "$PRETRAINED"  --method seq   -l $LRS
 evaluate pretrain_lstsq "$PRETRAINED" --method lstsq --ridge $RIDGES
 evaluate random_seq    "$RANDOM_INIT" --method seq   -l $LRS
+evaluate anml_first_order_seq "$FIRST_ORDER" --method seq -l $LRS
+evaluate pretrain_zap_seq "$ZAPPED"   --method seq   -l $LRS
+evaluate asb_seq       "$ASB"         --method seq   -l $LRS
+evaluate asb_zap_seq   "$ASB_ZAP"     --method seq   -l $LRS
 
 # (d) one picture, one line per method
 $PY plot_comparisons.py "$OUT"/*.json -o "$OUT/comparisons.png"

@@ -335,22 +335,31 @@ def test_count_ops_counts_operations_not_views():
 
 
 def test_make_comparisons_at_tiny_scale(omniglot_root, checkpoint, tmp_path):
-    """results/make_comparisons.sh end to end with a tiny network: pretraining, the init checkpoint, six
-    evaluations on the same runs, and the picture; run again, it keeps what is done."""
+    """results/make_comparisons.sh end to end with a tiny network: five trainings (i.i.d. with and without
+    zapping, ASB with and without, first-order ANML), the init checkpoint, ten evaluations on the same
+    runs, and the picture; run again, it keeps what is done."""
     env = script_env(PY=sys.executable, DEVICE="cpu", ANML=str(checkpoint), SIZES=" ".join(TINY_FLAGS), NAME="4_3_36",
                      EPOCHS="1", BATCH="4096", PRETRAIN_DIR=str(tmp_path / "pre"), OUT=str(tmp_path / "out"),
-                     RUNS="1", SEL="2", CLASSES="2 4", LRS="0.03 0.01", RIDGES="1 10")
+                     RUNS="1", SEL="2", CLASSES="2 4", LRS="0.03 0.01", RIDGES="1 10", ASB_EPISODES="2",
+                     FO_EPOCHS="2", FO_DIR=str(tmp_path / "fo"))
     script = ["bash", "results/make_comparisons.sh", "--data-root", str(omniglot_root)]
     proc = subprocess.run(script, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
     assert_ok(proc)
-    labels = ["anml_seq", "anml_iid", "anml_lstsq", "pretrain_seq", "pretrain_lstsq", "random_seq"]
+    labels = ["anml_seq", "anml_iid", "anml_lstsq", "pretrain_seq", "pretrain_lstsq", "random_seq",
+              "anml_first_order_seq", "pretrain_zap_seq", "asb_seq", "asb_zap_seq"]
     reports = {label: json.loads((tmp_path / "out" / f"{label}.json").read_text()) for label in labels}
-    assert [r["method"] for r in reports.values()] == ["seq", "iid", "lstsq", "seq", "lstsq", "seq"]
+    assert [r["method"] for r in reports.values()] == ["seq", "iid", "lstsq", "seq", "lstsq", "seq"] + ["seq"] * 4
     assert reports["pretrain_seq"]["model"].endswith("4_3_36_pretrain-0.pth")
     assert reports["random_seq"]["model"].endswith("4_3_36_init.pth")
+    assert reports["anml_first_order_seq"]["model"].endswith("fo/4_3_36_ANML-1.pth")
+    assert reports["pretrain_zap_seq"]["model"].endswith("iid_zap/4_3_36_pretrain-0.pth")
+    assert reports["asb_zap_seq"]["model"].endswith("asb_zap/4_3_36_asb-1.pth")
+    settings = [torch.load(tmp_path / "pre" / d / f"4_3_36_{k}-{i}_resume.pt")["config"]
+                for d, k, i in (("iid_zap", "pretrain", 4), ("asb", "asb", 1), ("asb_zap", "asb", 1))]
+    assert [(c["schedule"], c["zap"]) for c in settings] == [("iid", True), ("asb", False), ("asb", True)]
     assert len({json.dumps(r["report_run_seeds"]) for r in reports.values()}) == 1
     assert all([row["classes"] for row in r["rows"]] == [2, 4] for r in reports.values())
     assert plt.imread(tmp_path / "out" / "comparisons.png").std() > 0.01
     again = subprocess.run(script, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
     assert_ok(again)
-    assert "pretraining" not in again.stdout and again.stdout.count(": done (") == 6
+    assert "training" not in again.stdout and again.stdout.count(": done (") == 10
