@@ -29,6 +29,7 @@ from datasets import OmniSampler
 from frozen_features import FeatureBank, MetaTestRun, empty_results, learn_on_features, ridge_fit, sequential_fit
 from functional import accuracy, func_meta_loss, inner_parameter_names
 from model import seeded_network
+from oml import IMAGE_SIZE, OML, oml_meta_loss, seeded_oml
 from runtime import Ranks, any_process
 
 # ----------------------------------------------------------------------------- meta-training
@@ -76,9 +77,18 @@ def meta_loss(model, train_data, valid_ims, valid_labels, inner_lr, backend, fir
     if backend == "func":
         ims = torch.cat([im for im, _ in train_data])
         labels = torch.cat([label for _, label in train_data])
-        return func_meta_loss(model, inner_lr, ims, labels, valid_ims, valid_labels, first_order, outer_chunk)
+        return functional_meta_loss(model, inner_lr, ims, labels, valid_ims, valid_labels, first_order, outer_chunk)
     raise ValueError(f"meta_step: unknown backend {backend!r}: choose 'higher' or 'func' "
                      f"(the CUDA graph is `meta_stepper(backend='graph')`)")
+
+
+def functional_meta_loss(model, inner_lr, train_ims, train_labels, valid_ims, valid_labels, first_order=False,
+                         outer_chunk=None):
+    """The func backend's meta-gradient of either network: `functional.func_meta_loss` for ANML,
+    `oml.oml_meta_loss` for OML."""
+    if isinstance(model, OML):
+        return oml_meta_loss(model, inner_lr, train_ims, train_labels, valid_ims, valid_labels, first_order)
+    return func_meta_loss(model, inner_lr, train_ims, train_labels, valid_ims, valid_labels, first_order, outer_chunk)
 
 
 def higher_meta_loss(model, train_data, valid_ims, valid_labels, inner_lr):
@@ -108,8 +118,8 @@ def meta_stepper(backend, model, outer_opt, sampler, device, inner_lr=0.1, first
     if backend == "graph":
         def iteration(train_class, train_ims, train_labels, valid_ims, valid_labels):
             lobotomize(model.fc, train_class)
-            return func_meta_loss(model, inner_lr, train_ims, train_labels, valid_ims, valid_labels,
-                                  first_order=first_order)
+            return functional_meta_loss(model, inner_lr, train_ims, train_labels, valid_ims, valid_labels,
+                                        first_order=first_order)
         graph = GraphedMetaStep(model, outer_opt, sampler, iteration)
         return lambda: graph(*sampler.sample_train_indices())
 
@@ -149,13 +159,15 @@ def milestones(config):
 def train_one(config, sampler=None, quiet=False, restarted=False):
     """One model, one task an iteration: the paper's algorithm, on any backend."""
     def build():  # once the run's files are locked and its start is checked
-        print(f"meta-training ANML {config.name} for {config.epochs} its on {config.device} (backend "
+        print(f"meta-training {config.KIND} {config.name} for {config.epochs} its on {config.device} (backend "
               f"{config.backend}, seed {config.seed}{', first-order' if config.first_order else ''}"
               f"{threads_note(config.device)}) -> {config.out_dir}/",
               flush=True)
-        data = sampler or OmniSampler(config.data_root, download=config.download)
+        oml = config.arch == "oml"
+        data = sampler or OmniSampler(config.data_root, download=config.download, im_size=IMAGE_SIZE if oml else 28)
         data.rng = np.random.default_rng(config.seed)  # the run's seed draws its tasks (a resume restores them)
-        model = seeded_network(config.rln, config.nm, config.mask, config.seed).to(config.device)
+        model = (seeded_oml(config.rln, config.seed) if oml else
+                 seeded_network(config.rln, config.nm, config.mask, config.seed)).to(config.device)
         backend = config.resolved_backend
         outer_opt = outer_optimizer(model, config.outer_lr, capturable=backend == "graph")
 

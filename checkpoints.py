@@ -13,6 +13,7 @@ import torch
 
 from atomic import WriteError, one_line, write_atomic
 from model import ANML, sizes_from_state_dict
+from oml import OML, oml_sizes
 
 RESUMABLE_KEYS = {"model", "outer_opt", "iteration", "elapsed", "rng"}
 
@@ -100,12 +101,13 @@ def load_model(path, device="cpu"):
     if not isinstance(state, dict):
         raise ValueError(f"{path} does not hold a state_dict")
     check_finite(state, path)
+    arch = "OML" if "rln.0.weight" in state else "ANML"
     try:
-        model = ANML(*sizes_from_state_dict(state))
+        model = OML(*oml_sizes(state)) if arch == "OML" else ANML(*sizes_from_state_dict(state))
         model.load_state_dict(state, strict=True)
-    except (ValueError, RuntimeError) as e:
+    except (ValueError, RuntimeError, AttributeError, IndexError, KeyError) as e:
         reason = " ".join(str(e).split())[:500]
-        raise ValueError(f"{path} does not fit the ANML architecture: {reason}") from None
+        raise ValueError(f"{path} does not fit the {arch} architecture: {reason}") from None
     return model.to(device)
 
 
@@ -171,7 +173,8 @@ def read_training_state(path, kind="ANML"):
         raise ValueError(f"{path} is not a resumable checkpoint (a bare state_dict? give a _resume.pt file)")
     stored_kind = state.get("kind") or file_kind(path)
     if stored_kind is not None and stored_kind != kind:
-        what = {"ANML": "train_omni.py", "pretrain": "pretrain_omni.py", "asb": "pretrain_omni.py --schedule asb"}
+        what = {"ANML": "train_omni.py", "pretrain": "pretrain_omni.py", "asb": "pretrain_omni.py --schedule asb",
+                "OML": "train_omni.py --arch oml"}
         raise ValueError(f"{path} is a resumable checkpoint of {what.get(stored_kind, stored_kind)}, not of "
                          f"{what.get(kind, kind)}")
     problem = damage(state)

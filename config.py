@@ -14,7 +14,8 @@ NUM_OUTPUTS = 1000  # the last layer's classes
 
 BACKENDS = ("auto", "higher", "func", "graph")  # auto: graph on CUDA, func elsewhere
 METHODS = ("seq", "iid", "lstsq")
-SCHEDULES = ("iid", "asb")  # pretraining: i.i.d. minibatches; alternating sequential and batch (Frati et al.)  # how the meta-test's last layer learns: in sequence, shuffled, closed form
+SCHEDULES = ("iid", "asb")
+ARCHS = ("anml", "oml")  # meta-training: ANML's network, or OML's (oml.py)  # pretraining: i.i.d. minibatches; alternating sequential and batch (Frati et al.)  # how the meta-test's last layer learns: in sequence, shuffled, closed form
 MAX_PARAMETERS = 10**9  # a network above this (4 GB of weights, four times that to train) is a typo
 MAX_SEED = 2**32 - 1
 MAX_EPOCHS_IID = 1000
@@ -119,9 +120,12 @@ class RunSettings(Session):
             check_positive("--time-limit", self.time_limit)
         if self.save_minutes is not None:
             check_positive("--save-minutes", self.save_minutes)
-        check_sizes(self.rln, self.nm, self.mask)
+        self.check_network()
         check_positive("--epochs", self.epochs, integer=True)
         check_seed(self.seed)
+
+    def check_network(self):
+        check_sizes(self.rln, self.nm, self.mask)
 
     @property
     def name(self):
@@ -144,16 +148,16 @@ class MetaTrainConfig(RunSettings):
     seed: int = 1
     backend: str = "auto"
     first_order: bool = False
+    arch: str = "anml"  # anml, or oml: OML's network (--rln: its channels), its inner loop over the last layer
     seeds: tuple | None = None  # several models trained together, one run each in {out_dir}/seed{s}
     inner_lrs: tuple | None = None  # several inner rates, one model each (with each seed)
     outer_lrs: tuple | None = None  # several outer rates, one model each (with each seed and inner rate)
     meta_batch: int = 1  # tasks per iteration, the mean of their meta-gradients (1: the paper's)
 
-    KIND = "ANML"  # in checkpoint names: {name}_ANML-{iteration}.pth
     LOG = "train_log"
     UNIT = "iteration"
     LENGTH_FLAG = "--epochs"
-    RUN_KEYS = ("rln", "nm", "mask", "inner_lr", "outer_lr", "seed", "backend", "first_order", "meta_batch",
+    RUN_KEYS = ("arch", "rln", "nm", "mask", "inner_lr", "outer_lr", "seed", "backend", "first_order", "meta_batch",
                 "epochs")
     DIVERGED_ADVICE = "a smaller --outer-lr is a new run: another --out-dir"
 
@@ -182,9 +186,32 @@ class MetaTrainConfig(RunSettings):
                 check_seed(seed, "--seeds")
             if len(set(self.seeds)) < len(self.seeds):
                 raise ConfigError(f"--seeds must differ, got {' '.join(map(str, self.seeds))}")
+        if self.arch not in ARCHS:
+            raise ConfigError(f"unknown --arch {self.arch!r}: choose one of {', '.join(ARCHS)}")
+        if self.arch == "oml" and (backend == "higher" or self.several or self.meta_batch > 1):
+            raise ConfigError("--arch oml trains one model, one task an iteration, on the func and graph backends: "
+                              "not with --backend higher, --seeds, several rates or --meta-batch")
         if backend == "higher" and (self.several or self.meta_batch > 1):
             raise ConfigError("--seeds, several rates and --meta-batch run on the func and graph backends (--backend "
                               "auto, func), not on higher, which trains one model one task at a time")
+
+    @property
+    def KIND(self):
+        """In checkpoint names: {name}_ANML-{iteration}.pth, or {channels}_OML-{iteration}.pth."""
+        return "OML" if self.arch == "oml" else "ANML"
+
+    @property
+    def name(self):
+        return str(self.rln) if self.arch == "oml" else network_name(self.rln, self.nm, self.mask)
+
+    def check_network(self):
+        if self.arch != "oml":
+            return check_sizes(self.rln, self.nm, self.mask)
+        check_positive("--rln", self.rln, integer=True)
+        count = 9 * self.rln + 5 * (9 * self.rln * self.rln + self.rln) + (9 * self.rln + 1) * NUM_OUTPUTS
+        if count > MAX_PARAMETERS:
+            raise ConfigError(f"--arch oml --rln {self.rln} makes a network of {count / 1e9:.1f} billion parameters: "
+                              f"at most {MAX_PARAMETERS:,}")
 
     @property
     def several(self):
@@ -298,7 +325,7 @@ class PretrainConfig(RunSettings):
 FLAGS = {"rln": "--rln", "nm": "--nm", "mask": "--mask", "inner_lr": "--inner-lr", "outer_lr": "--outer-lr",
          "seed": "--seed", "backend": "--backend", "first_order": "--first-order", "epochs": "--epochs",
          "lr": "--lr", "batch_size": "--batch-size", "lobotomize": "--lobotomize", "meta_batch": "--meta-batch",
-         "schedule": "--schedule", "zap": "--zap", "episodes": "--episodes", "seq_lr": "--seq-lr"}
+         "schedule": "--schedule", "zap": "--zap", "episodes": "--episodes", "seq_lr": "--seq-lr", "arch": "--arch"}
 MAY_CHANGE_ON_RESUME = ("epochs", "episodes")  # a run may be continued further than first planned
 
 

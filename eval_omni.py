@@ -30,6 +30,7 @@ from cli import (add_session_args, as_typed, build_config, interrupted_by_signal
 from config import IMAGES_PER_CLASS, METHODS, NUM_EVALUATION, EvalConfig
 from datasets import OmniSampler
 from frozen_features import empty_results
+from oml import image_size
 from results import FORMAT, choose, reading_key
 from runtime import (Ranks, device_name, join_processes, resolve_device, set_threads, sha256_of, torchrun_ranks,
                      versions)
@@ -275,7 +276,11 @@ def main(argv=None):
         check_writable(config.json)
     paths = config.models or (config.model,)
     models = [load_model(path, config.device) for path in paths]  # a bad checkpoint fails before the data loads
-    sampler = OmniSampler(config.data_root, download=config.download, seed=config.seed)
+    sizes = {image_size(model) for model in models}
+    if len(sizes) > 1:
+        raise ValueError("-m: the models read images of different sizes (ANML's 28x28, OML's 84x84): evaluate "
+                         "them separately")
+    sampler = OmniSampler(config.data_root, download=config.download, seed=config.seed, im_size=sizes.pop())
     reports = []
     for path, model in zip(paths, models):
         reports.append(evaluate(replace(config, model=path), argv, sampler, model, finished=reports, ranks=ranks))

@@ -44,6 +44,22 @@ class OML(nn.Module):
         return self.fc(self.features(x))
 
 
+def oml_sizes(state_dict):
+    """(channels, classes) of an OML checkpoint, read from its tensors' shapes."""
+    return int(state_dict["rln.0.weight"].shape[0]), int(state_dict["fc.weight"].shape[0])
+
+
+def seeded_oml(channels, seed):
+    """OML(channels) right after torch.manual_seed(seed), as model.seeded_network is for ANML."""
+    torch.manual_seed(seed)
+    return OML(channels)
+
+
+def image_size(model):
+    """The image side a network reads: OML's 84, ANML's 28."""
+    return IMAGE_SIZE if isinstance(model, OML) else 28
+
+
 def oml_meta_loss(model, inner_lr, train_ims, train_labels, valid_ims, valid_labels, first_order=False):
     """OML's meta-gradient, left in the parameters' .grad; returns (loss, accuracy) tensors.
 

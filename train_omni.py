@@ -2,6 +2,7 @@
 
     python train_omni.py                                  # 256/112/2304, 30000 its, as the paper
     python train_omni.py --rln 4 --nm 3 --mask 36 --epochs 3 -d cpu   # a smoke test
+    python train_omni.py --arch oml                       # OML's network (84x84 images), the ANML paper's rival
     python train_omni.py --seeds 1 2 3 4                  # four models at once, in runs/seed1 ... runs/seed4
     python train_omni.py --meta-batch 4                   # four tasks an iteration, their mean meta-gradient
     torchrun --nproc_per_node 2 train_omni.py --seeds 1 2 3 4     # the seeds shared out over two processes
@@ -20,7 +21,7 @@ import torch
 import anml
 from cli import (add_session_args, add_size_args, build_config, non_negative_int, positive_float, positive_int,
                  report_end, run_cli)
-from config import BACKENDS, MetaTrainConfig
+from config import ARCHS, BACKENDS, MetaTrainConfig
 from runtime import join_processes, resolve_device, set_threads, torchrun_ranks
 
 
@@ -29,12 +30,16 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(prog=Path(__file__).name, description=__doc__.splitlines()[0])
     add_size_args(parser)
     parser.add_argument("--epochs", type=positive_int, default=30000, help="meta-training iterations (%(default)s)")
-    parser.add_argument("--inner-lr", type=positive_float, nargs="+", default=[0.1], metavar="LR",
-                        help="inner-loop SGD learning rate (0.1); several: one model each, trained together like "
-                             "--seeds, in {out-dir}/seed{SEED}_inner-lr{LR}")
-    parser.add_argument("--outer-lr", type=positive_float, nargs="+", default=[1e-3], metavar="LR",
+    parser.add_argument("--arch", choices=ARCHS, default="anml",
+                        help="anml (default), or oml: OML's network (six strided convolutions of --rln channels and "
+                             "a linear last layer, on 84x84 images), its inner loop over the last layer only")
+    parser.add_argument("--inner-lr", type=positive_float, nargs="+", metavar="LR",
+                        help="inner-loop SGD learning rate (0.1; 0.03 with --arch oml, as OML's code); several: one "
+                             "model each, trained together like --seeds, in {out-dir}/seed{SEED}_inner-lr{LR}")
+    parser.add_argument("--outer-lr", type=positive_float, nargs="+", metavar="LR",
                         help="outer-loop Adam learning rate (0.001, as higherANML's code and the original ANML; "
-                             "higherANML's README table says 0.003); several: one model each, as --inner-lr")
+                             "higherANML's README table says 0.003; 0.0001 with --arch oml, as OML's code); "
+                             "several: one model each, as --inner-lr")
     seeds = parser.add_mutually_exclusive_group()
     seeds.add_argument("--seed", type=non_negative_int, default=1,
                        help="seeds torch and the task sampler (%(default)s)")
@@ -62,6 +67,9 @@ def parse_args(argv=None):
     add_session_args(parser)
     args = parser.parse_args(argv)
     several = lambda values: tuple(values) if len(values) > 1 else None
+    oml = args.arch == "oml"
+    args.inner_lr = args.inner_lr or [0.03 if oml else 0.1]
+    args.outer_lr = args.outer_lr or [1e-4 if oml else 1e-3]
     config = build_config(parser, MetaTrainConfig, args, device=resolve_device(parser, args.device),
                           inner_lr=args.inner_lr[0], outer_lr=args.outer_lr[0], inner_lrs=several(args.inner_lr),
                           outer_lrs=several(args.outer_lr))

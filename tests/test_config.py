@@ -41,7 +41,7 @@ def test_backend_resolution():
 def test_meta_train_config_checks_and_records():
     config = MetaTrainConfig(rln=4, nm=3, mask=36, epochs=5, seed=2**32 - 1, out_dir="x")
     assert config.name == "4_3_36" and config.total_steps == 5 and config.epochs_for(7) == 7
-    assert config.run_settings() == {"rln": 4, "nm": 3, "mask": 36, "inner_lr": 0.1, "outer_lr": 1e-3,
+    assert config.run_settings() == {"arch": "anml", "rln": 4, "nm": 3, "mask": 36, "inner_lr": 0.1, "outer_lr": 1e-3,
                                      "seed": 2**32 - 1, "backend": "auto", "first_order": False, "meta_batch": 1,
                                      "epochs": 5}
     recorded = config.as_dict()
@@ -65,9 +65,26 @@ def test_pretrain_config_counts_steps_in_epochs():
     config = PretrainConfig(rln=4, nm=3, mask=36, epochs=2, batch_size=1024)
     assert config.steps_per_epoch == 19 and config.total_steps == 38  # 19,280 images, the last batch partial
     assert config.epochs_for(38) == 2 and config.epochs_for(39) == 3
-    assert set(config.run_settings()) == {"rln", "nm", "mask", "lr", "batch_size", "lobotomize", "seed", "epochs"}
+    assert set(config.run_settings()) == {"rln", "nm", "mask", "lr", "batch_size", "lobotomize", "seed", "epochs",
+                                          "schedule", "zap", "episodes", "seq_lr"}
+    assert (config.KIND, config.UNIT, config.LENGTH_FLAG) == ("pretrain", "step", "--epochs")
+    asb = PretrainConfig(rln=4, nm=3, mask=36, schedule="asb", episodes=30)
+    assert (asb.KIND, asb.LOG, asb.UNIT, asb.total_steps, asb.epochs_for(31)) == ("asb", "asb_log", "episode", 30, 31)
     with pytest.raises(ConfigError, match="--batch-size"):
         PretrainConfig(batch_size=0)
+    with pytest.raises(ConfigError, match="unknown --schedule 'sgd'"):
+        PretrainConfig(schedule="sgd")
+    with pytest.raises(ConfigError, match="--lobotomize is the iid schedule's"):
+        PretrainConfig(schedule="asb", lobotomize=True)
+
+
+def test_an_oml_run_is_named_by_its_channels_and_checked_as_oml():
+    config = MetaTrainConfig(arch="oml", rln=8, nm=3, mask=35)  # ANML's sizes play no part
+    assert (config.name, config.KIND) == ("8", "OML")
+    with pytest.raises(ConfigError, match="makes a network of"):
+        MetaTrainConfig(arch="oml", rln=100000)
+    with pytest.raises(ConfigError, match="unknown --arch"):
+        MetaTrainConfig(arch="maml")
 
 
 def test_eval_config_grid_and_method_flags():

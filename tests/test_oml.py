@@ -5,7 +5,9 @@ import torch
 import torch.nn.functional as F
 from torch.func import functional_call
 
-from oml import IMAGE_SIZE, OML, oml_meta_loss
+from checkpoints import load_model
+from conftest import assert_ok, run
+from oml import IMAGE_SIZE, OML, image_size, oml_meta_loss
 
 INNER_LR = 0.03
 
@@ -85,3 +87,35 @@ def test_meta_gradient_matches_finite_differences():
     numeric = (loss_at(eps) - loss_at(-eps)) / (2 * eps)
     assert numeric == pytest.approx(analytic, rel=1e-5)
     assert abs(analytic) > 1e-6
+
+
+def test_an_oml_checkpoint_loads_as_oml_and_a_damaged_one_is_named(tmp_path):
+    model = tiny_oml()
+    path = tmp_path / "3_OML-0.pth"
+    torch.save(model.state_dict(), path)
+    loaded = load_model(path)
+    assert isinstance(loaded, OML) and image_size(loaded) == IMAGE_SIZE
+    assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), model.state_dict().values()))
+    state = model.state_dict()
+    state["rln.2.weight"] = state["rln.2.weight"][:, :2]
+    torch.save(state, path)
+    with pytest.raises(ValueError, match=r"does not fit the OML architecture"):
+        load_model(path)
+
+
+def test_train_and_evaluate_oml_as_a_user_does(omniglot_root, tmp_path):
+    """train_omni.py --arch oml writes {channels}_OML-{it}.pth from 84x84 images with OML's rates;
+    eval_omni.py meta-tests it on 84x84 images; a resume takes the run's own architecture."""
+    flags = ["--arch", "oml", "--rln", 2, "-d", "cpu", "--data-root", omniglot_root, "--no-download",
+             "--out-dir", tmp_path]
+    proc = run("train_omni.py", *flags, "--epochs", 2)
+    assert_ok(proc)
+    assert f"done: {tmp_path}/2_OML-1.pth" in proc.stdout
+    settings = torch.load(tmp_path / "2_OML-1_resume.pt")["config"]
+    assert (settings["arch"], settings["inner_lr"], settings["outer_lr"]) == ("oml", 0.03, 1e-4)
+    evaluation = run("eval_omni.py", "-m", tmp_path / "2_OML-1.pth", "-c", 3, "-r", 1, "-d", "cpu",
+                     "--data-root", omniglot_root, "--no-download")
+    assert_ok(evaluation)
+    assert evaluation.stdout.startswith("Classes 3 Accuracy ")
+    again = run("train_omni.py", *flags[2:], "--epochs", 3, "--resume", "latest")  # ANML's flags: refused
+    assert again.returncode == 2 and "no 4_3_36" not in again.stderr
