@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The comparisons at full size: ANML (seq, iid, lstsq), ANML meta-trained first order (seq), the same
+# The comparisons at full size: ANML (seq, iid, lstsq), ANML meta-trained first order (seq), OML (seq), the same
 # network pretrained the ordinary way (seq, lstsq), with zapping (seq), by alternating sequential and
 # batch learning with and without zapping (seq), and at its initialisation (seq), for 10 50 100 200 600
 # classes, each row's learning rate (ridge for lstsq) chosen on separate selection runs and reported on
@@ -29,6 +29,10 @@ PRETRAIN_DIR=${PRETRAIN_DIR:-trained_pretrain}
 ASB_EPISODES=${ASB_EPISODES:-9000}     # pretrain_omni.py --schedule asb's default (Frati et al.'s count)
 FO_EPOCHS=${FO_EPOCHS:-30000}          # first-order ANML: the paper's iterations
 FO_DIR=${FO_DIR:-trained_anml_first_order}
+OML_SIZES=${OML_SIZES:-"--rln 256"}    # OML's network: six convolutions of 256 channels, 84x84 images
+OML_NAME=${OML_NAME:-256}
+OML_EPOCHS=${OML_EPOCHS:-30000}        # as many meta-iterations as the paper gives ANML
+OML_DIR=${OML_DIR:-trained_oml}
 OUT=${OUT:-results/comparisons}
 RUNS=${RUNS:-10}                       # reported runs per row
 SEL=${SEL:-10}                         # selection runs per row (other seeds)
@@ -56,6 +60,7 @@ ZAPPED="$PRETRAIN_DIR/iid_zap/${NAME}_pretrain-$((EPOCHS - 1)).pth"
 ASB="$PRETRAIN_DIR/asb/${NAME}_asb-$((ASB_EPISODES - 1)).pth"
 ASB_ZAP="$PRETRAIN_DIR/asb_zap/${NAME}_asb-$((ASB_EPISODES - 1)).pth"
 FIRST_ORDER="$FO_DIR/${NAME}_ANML-$((FO_EPOCHS - 1)).pth"
+OML="$OML_DIR/${OML_NAME}_OML-$((OML_EPOCHS - 1)).pth"
 # i.i.d. minibatches of the background classes, then the same with the whole last layer zapped every epoch
 train "$PRETRAINED" "$PRETRAIN_DIR/${NAME}_pretrain-*_resume.pt" pretrain_omni.py $SIZES --epochs "$EPOCHS" \
     --batch-size "$BATCH" --out-dir "$PRETRAIN_DIR"
@@ -69,6 +74,9 @@ train "$ASB_ZAP" "$PRETRAIN_DIR/asb_zap/${NAME}_asb-*_resume.pt" pretrain_omni.p
 # ANML meta-trained with the first-order meta-gradient (what the original ANML code computed)
 train "$FIRST_ORDER" "$FO_DIR/${NAME}_ANML-*_resume.pt" train_omni.py $SIZES --first-order --epochs "$FO_EPOCHS" \
     --out-dir "$FO_DIR"
+# OML (its network, its inner loop over the last layer, its rates), on ANML's episodes
+train "$OML" "$OML_DIR/${OML_NAME}_OML-*_resume.pt" train_omni.py --arch oml $OML_SIZES --epochs "$OML_EPOCHS" \
+    --out-dir "$OML_DIR"
 
 # (b) the network at its initialisation (seed 1: where train_omni.py and pretrain_omni.py start)
 $PY pretrain_omni.py $SIZES --init-only --seed 1 --out-dir "$PRETRAIN_DIR" "$@"
@@ -92,6 +100,7 @@ evaluate anml_first_order_seq "$FIRST_ORDER" --method seq -l $LRS
 evaluate pretrain_zap_seq "$ZAPPED"   --method seq   -l $LRS
 evaluate asb_seq       "$ASB"         --method seq   -l $LRS
 evaluate asb_zap_seq   "$ASB_ZAP"     --method seq   -l $LRS
+evaluate oml_seq       "$OML"         --method seq   -l $LRS
 
 # (d) one picture, one line per method
 $PY plot_comparisons.py "$OUT"/*.json -o "$OUT/comparisons.png"
