@@ -1,5 +1,4 @@
 """OML's network and meta-gradient (`oml.py`), against an independent unroll and finite differences."""
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
