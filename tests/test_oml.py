@@ -4,8 +4,10 @@ import torch
 import torch.nn.functional as F
 from torch.func import functional_call
 
+import anml
 from checkpoints import load_model
-from conftest import assert_ok, run
+from config import MetaTrainConfig
+from conftest import assert_ok, run, same_weights, weights
 from oml import IMAGE_SIZE, OML, image_size, oml_meta_loss
 
 INNER_LR = 0.03
@@ -118,3 +120,25 @@ def test_train_and_evaluate_oml_as_a_user_does(omniglot_root, tmp_path):
     assert evaluation.stdout.startswith("Classes 3 Accuracy ")
     again = run("train_omni.py", *flags[2:], "--epochs", 3, "--resume", "latest")  # ANML's flags: refused
     assert again.returncode == 2 and "no 4_3_36" not in again.stderr
+
+
+@pytest.fixture(scope="module")
+def sampler84(omniglot_root, cache_dir):
+    """Omniglot at OML's 84x84, preprocessed once into the session's cache."""
+    from datasets import OmniSampler
+    return OmniSampler(omniglot_root, seed=0, cache_dir=cache_dir, im_size=IMAGE_SIZE)
+
+
+def test_an_oml_run_keeps_the_run_loops_promises(sampler84, tmp_path):
+    """Stopped after its first iteration and resumed, an OML run ends exactly as one run straight
+    through; meanwhile a new run in its folder is refused."""
+    config = lambda out, **kw: MetaTrainConfig(arch="oml", rln=2, epochs=4, inner_lr=0.03, outer_lr=1e-4,
+                                               out_dir=str(out), **kw)
+    anml.train(config(tmp_path / "straight"), sampler84, quiet=True)
+    _, stopped, _ = anml.train(config(tmp_path / "split", time_limit=1e-9), sampler84, quiet=True)
+    assert stopped is not None and (tmp_path / "split" / "2_OML-0_resume.pt").is_file()
+    with pytest.raises(ValueError, match=r"already holds a run of 2 \(--arch oml .*--seed 1.*\), resumable after "
+                                         r"iteration 0"):
+        anml.train(config(tmp_path / "split", seed=5), sampler84, quiet=True)
+    anml.train(config(tmp_path / "split", resume="latest"), sampler84, quiet=True)
+    assert same_weights(weights(tmp_path / "split" / "2_OML-3.pth"), weights(tmp_path / "straight" / "2_OML-3.pth"))

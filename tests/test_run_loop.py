@@ -366,6 +366,21 @@ def test_a_diverging_run_stops_before_saving_nan(kind, sampler, tmp_path):
     assert not list(tmp_path.glob(f"{NAME}_{kind}-{steps - 1}.pth"))
 
 
+def test_runs_trained_together_stop_together_when_one_diverges(sampler, tmp_path):
+    """--outer-lr 1e9 0.001: the first run diverges; both stop before anything non-finite is saved,
+    and the message names each run's last good resumable checkpoint."""
+    config = MetaTrainConfig(**TINY, epochs=30, outer_lrs=(1e9, 1e-3), out_dir=str(tmp_path), save_minutes=1e-9)
+    sampler.rng = np.random.default_rng(1)
+    with pytest.raises(Diverged, match=r"training diverged.*last good resumable checkpoints are .*seed1_outer-lr1e\+09"
+                                       r"/.*_resume\.pt, .*seed1_outer-lr0\.001/.*_resume\.pt"):
+        anml.train(config, sampler, quiet=True)
+    folders = sorted(p.name for p in tmp_path.iterdir())
+    assert folders == ["seed1_outer-lr0.001", "seed1_outer-lr1e+09"]
+    for path in list(tmp_path.glob("*/*.pth")) + list(tmp_path.glob("*/*_resume.pt")):
+        assert all(torch.isfinite(v).all() for v in weights(path).values()), path
+    assert "nan" in (tmp_path / "seed1_outer-lr1e+09" / LOG["ANML"]).read_text()
+
+
 def test_a_nan_loss_is_caught_when_the_log_is_written(tmp_path):
     log = TrainingLog(tmp_path / "log.csv", 0)
     log.add(0, torch.tensor(1.5), torch.tensor(0.5), 0.1)
