@@ -61,22 +61,24 @@ ASB="$PRETRAIN_DIR/asb/${NAME}_asb-$((ASB_EPISODES - 1)).pth"
 ASB_ZAP="$PRETRAIN_DIR/asb_zap/${NAME}_asb-$((ASB_EPISODES - 1)).pth"
 FIRST_ORDER="$FO_DIR/${NAME}_ANML-$((FO_EPOCHS - 1)).pth"
 OML="$OML_DIR/${OML_NAME}_OML-$((OML_EPOCHS - 1)).pth"
-# i.i.d. minibatches of the background classes, then the same with the whole last layer zapped every epoch
+# In the order to follow when GPU time is short: the i.i.d. pretraining (seconds on a GPU), first-order
+# ANML, ASB with zapping, OML, then ASB without zapping and the i.i.d. pretraining with it.
 train "$PRETRAINED" "$PRETRAIN_DIR/${NAME}_pretrain-*_resume.pt" pretrain_omni.py $SIZES --epochs "$EPOCHS" \
     --batch-size "$BATCH" --out-dir "$PRETRAIN_DIR"
-train "$ZAPPED" "$PRETRAIN_DIR/iid_zap/${NAME}_pretrain-*_resume.pt" pretrain_omni.py $SIZES --epochs "$EPOCHS" \
-    --batch-size "$BATCH" --zap --out-dir "$PRETRAIN_DIR/iid_zap"
-# alternating sequential and batch learning, without and with zapping the episode's class
-train "$ASB" "$PRETRAIN_DIR/asb/${NAME}_asb-*_resume.pt" pretrain_omni.py $SIZES --schedule asb \
-    --episodes "$ASB_EPISODES" --out-dir "$PRETRAIN_DIR/asb"
-train "$ASB_ZAP" "$PRETRAIN_DIR/asb_zap/${NAME}_asb-*_resume.pt" pretrain_omni.py $SIZES --schedule asb --zap \
-    --episodes "$ASB_EPISODES" --out-dir "$PRETRAIN_DIR/asb_zap"
 # ANML meta-trained with the first-order meta-gradient (what the original ANML code computed)
 train "$FIRST_ORDER" "$FO_DIR/${NAME}_ANML-*_resume.pt" train_omni.py $SIZES --first-order --epochs "$FO_EPOCHS" \
     --out-dir "$FO_DIR"
+# alternating sequential and batch learning, zapping the episode's class
+train "$ASB_ZAP" "$PRETRAIN_DIR/asb_zap/${NAME}_asb-*_resume.pt" pretrain_omni.py $SIZES --schedule asb --zap \
+    --episodes "$ASB_EPISODES" --out-dir "$PRETRAIN_DIR/asb_zap"
 # OML (its network, its inner loop over the last layer, its rates), on ANML's episodes
 train "$OML" "$OML_DIR/${OML_NAME}_OML-*_resume.pt" train_omni.py --arch oml $OML_SIZES --epochs "$OML_EPOCHS" \
     --out-dir "$OML_DIR"
+# ASB without zapping, and the i.i.d. pretraining with the whole last layer zapped every epoch
+train "$ASB" "$PRETRAIN_DIR/asb/${NAME}_asb-*_resume.pt" pretrain_omni.py $SIZES --schedule asb \
+    --episodes "$ASB_EPISODES" --out-dir "$PRETRAIN_DIR/asb"
+train "$ZAPPED" "$PRETRAIN_DIR/iid_zap/${NAME}_pretrain-*_resume.pt" pretrain_omni.py $SIZES --epochs "$EPOCHS" \
+    --batch-size "$BATCH" --zap --out-dir "$PRETRAIN_DIR/iid_zap"
 
 # (b) the network at its initialisation (seed 1: where train_omni.py and pretrain_omni.py start)
 $PY pretrain_omni.py $SIZES --init-only --seed 1 --out-dir "$PRETRAIN_DIR" "$@"
