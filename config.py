@@ -13,9 +13,9 @@ REMEMBER_SIZE = 64  # remembered background images in each outer loss, beside th
 NUM_OUTPUTS = 1000  # the last layer's classes
 
 BACKENDS = ("auto", "higher", "func", "graph")  # auto: graph on CUDA, func elsewhere
-METHODS = ("seq", "iid", "lstsq")
-SCHEDULES = ("iid", "asb")
-ARCHS = ("anml", "oml")  # meta-training: ANML's network, or OML's (oml.py)  # pretraining: i.i.d. minibatches; alternating sequential and batch (Frati et al.)  # how the meta-test's last layer learns: in sequence, shuffled, closed form
+METHODS = ("seq", "iid", "lstsq")  # how the meta-test's last layer learns: in sequence, shuffled, closed form
+SCHEDULES = ("iid", "asb")  # pretraining: i.i.d. minibatches; alternating sequential and batch (Frati et al.)
+ARCHS = ("anml", "oml")  # meta-training: ANML's network, or OML's (oml.py)
 MAX_PARAMETERS = 10**9  # a network above this (4 GB of weights, four times that to train) is a typo
 MAX_SEED = 2**32 - 1
 MAX_EPOCHS_IID = 1000
