@@ -12,7 +12,6 @@ meta-gradient faster (`functional.py`) and "graph" replays it from a CUDA graph 
 frozen features (`frozen_features.py`) unless higherANML's loop is asked for.
 """
 import copy
-import math
 
 import higher
 import numpy as np
@@ -28,16 +27,11 @@ from cuda_graphs import GraphedMetaStep
 from datasets import OmniSampler
 from frozen_features import FeatureBank, MetaTestRun, empty_results, learn_on_features, ridge_fit, sequential_fit
 from functional import accuracy, func_meta_loss, inner_parameter_names
-from model import seeded_network
+from model import kaiming_std, seeded_network
 from oml import IMAGE_SIZE, OML, oml_meta_loss, seeded_oml
 from runtime import Ranks, any_process
 
 # ----------------------------------------------------------------------------- meta-training
-
-
-def kaiming_std(weight):
-    """The std of kaiming_normal_ (fan_in, gain sqrt(2)) for a [out, in] weight."""
-    return math.sqrt(2.0 / weight.shape[1])
 
 
 def lobotomize(layer, class_num):

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from cuda_graphs import GraphedMetaStep
 from functional import (AdaptedLinear, InnerLastLayer, conv_blocks, flatten, linear, one_hot,
                         unflatten)
-from model import seeded_network
+from model import kaiming_std, seeded_network
 
 # ----------------------------------------------------------------------------- K models as one
 
@@ -242,11 +242,6 @@ def sum_over_processes(parameters, loss, acc):
     return flat[-loss.numel() - acc.numel():].split([loss.numel(), acc.numel()])
 
 
-def kaiming_std(in_features):
-    """anml.kaiming_std of a last layer with `in_features` inputs."""
-    return math.sqrt(2.0 / in_features)
-
-
 class StackedMetaStep:
     """One meta-iteration of a ModelStack: each model draws `tasks` episodes from its own sampler and
     the new rows of its last layer from its own generator (eagerly, before the step), then the
@@ -296,7 +291,7 @@ class StackedMetaStep:
         """Each task's episode and new last-layer row; returns this process's lanes' episodes
         (classes [L], remembered images [L, R])."""
         classes, remember = [], []
-        std = kaiming_std(self.rows.shape[1])
+        std = kaiming_std(self.rows)
         for k, (sampler, generator) in enumerate(zip(self.samplers, self.generators)):
             for b in range(self.tasks):
                 c, flat = sampler.sample_train_indices()

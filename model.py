@@ -3,6 +3,8 @@
 Layout and parameter names follow higherANML, so its checkpoints
 (e.g. `256_112_2304_ANML-29999.pth`) load here with `strict=True`.
 """
+import math
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -72,6 +74,12 @@ class ANML(nn.Module):
     def features(self, x):
         """The gated representation that the last layer reads (frozen during meta-testing)."""
         return self.rln(x) * self.nm(x)
+
+
+def kaiming_std(weight):
+    """The std of kaiming_normal_ (fan_in, gain sqrt(2)) for a [out, in] weight: a last layer's
+    re-initialisation (its rows, or all of it)."""
+    return math.sqrt(2.0 / weight.shape[1])
 
 
 def seeded_network(rln_chs, nm_chs, mask_size, seed):
