@@ -146,8 +146,10 @@ def train(config, sampler=None, quiet=False, ranks=Ranks()):
     return train_one(config, sampler, quiet)
 
 
-def milestones(config):
-    return lambda it: it if it % SAVE_EVERY == 0 or it == config.epochs - 1 else None
+def milestones(total):
+    """step -> the index of higherANML's checkpoint to write after it (every SAVE_EVERY and the last
+    of `total`), or None."""
+    return lambda it: it if it % SAVE_EVERY == 0 or it == total - 1 else None
 
 
 def train_one(config, sampler=None, quiet=False, restarted=False):
@@ -168,7 +170,7 @@ def train_one(config, sampler=None, quiet=False, restarted=False):
         def make_step():  # after the resumable state is loaded: the CUDA graph records those weights
             step = meta_stepper(backend, model, outer_opt, data, config.device, config.inner_lr, config.first_order)
             return lambda it: step()
-        return run_loop.Steps(model, outer_opt, data, config.epochs, make_step, milestones(config), report,
+        return run_loop.Steps(model, outer_opt, data, config.epochs, make_step, milestones(config.epochs), report,
                               "iteration: outer loss | outer accuracy (seconds)")
 
     def report(it, loss, acc, seconds):
@@ -184,7 +186,7 @@ def train_together(configs, sampler=None, quiet=False, ranks=Ranks(), shared=Fal
     config = configs[0]
     seeds = [c.seed for c in configs]
     backend = config.resolved_backend
-    if backend == "higher":
+    if backend == "higher":  # MetaTrainConfig refuses it with several models or tasks, not with several processes
         raise ValueError("several models or tasks an iteration run on the func and graph backends, not higher")
     if shared and backend == "graph" and config.backend == "auto":
         backend = "func"  # the all_reduce between the processes is not recorded into the CUDA graph
@@ -214,7 +216,7 @@ def train_together(configs, sampler=None, quiet=False, ranks=Ranks(), shared=Fal
             return lambda it: step()
         agree = (lambda stop: any_process(stop, config.device)) if shared else None
         header = f"iteration: outer loss | outer accuracy{', per run' if len(seeds) > 1 else ''} (seconds)"
-        return run_loop.Steps(stack.members, optimizers, holders, config.epochs, make_step, milestones(config),
+        return run_loop.Steps(stack.members, optimizers, holders, config.epochs, make_step, milestones(config.epochs),
                               report, header, agree=agree)
 
     def report(it, loss, acc, seconds):

@@ -195,11 +195,8 @@ def pretrain_asb(config, sampler=None, quiet=False):
 
         def step(i):
             return asb_episode(model, opt, data.sample_train(device=config.device), config.seq_lr, config.zap)
-        return run_loop.Steps(model, opt, data, config.episodes, lambda: step, milestone, report,
-                              "episode: batch loss | batch accuracy (seconds)", unit="episode")
-
-    def milestone(i):
-        return i if i % anml.SAVE_EVERY == 0 or i == config.episodes - 1 else None
+        return run_loop.Steps(model, opt, data, config.episodes, lambda: step, anml.milestones(config.episodes),
+                              report, "episode: batch loss | batch accuracy (seconds)", unit="episode")
 
     def report(i, loss, acc, seconds):
         return f"{i}: {float(loss):.3f} | {float(acc):.3f} ({seconds:.1f}s)" if i % 100 == 0 else None

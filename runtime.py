@@ -102,14 +102,14 @@ def torchrun_ranks(environ=os.environ):
                  number("TORCHELASTIC_RESTART_COUNT", 0) > 0)
 
 
-def join_processes(ranks, device):
-    """Under torchrun: this process's GPU (its local rank's) and torch.distributed's process group
-    (gloo on the CPU, nccl on CUDA). Nothing without torchrun."""
+def join_processes(ranks, device, connect=True):
+    """Under torchrun: this process's GPU (its local rank's) and, if `connect`, torch.distributed's
+    process group (gloo on the CPU, nccl on CUDA). Nothing without torchrun."""
     if ranks.world == 1:
         return
     if device == "cuda":
         torch.cuda.set_device(ranks.local_rank)
-    if not dist.is_initialized():
+    if connect and not dist.is_initialized():
         dist.init_process_group("nccl" if device == "cuda" else "gloo")
 
 

@@ -16,8 +16,6 @@ runs, and a new run does not start in a folder that holds another run of the sam
 import argparse
 from pathlib import Path
 
-import torch
-
 import anml
 from cli import (add_session_args, add_size_args, build_config, non_negative_int, positive_float, positive_int,
                  report_end, run_cli)
@@ -96,10 +94,7 @@ def check_processes(parser, config, ranks):
 def main(argv=None):
     config, ranks = parse_args(argv)
     set_threads(config.threads)
-    if not config.several:  # a shared meta-batch all-reduces; seeds and rates train apart, unconnected
-        join_processes(ranks, config.device)
-    elif ranks.world > 1 and config.device == "cuda":
-        torch.cuda.set_device(ranks.local_rank)
+    join_processes(ranks, config.device, connect=not config.several)  # seeds and rates train apart, unconnected
     _, stopped, last = anml.train(config, ranks=ranks)  # checks the folders and the start before it loads the data
     report_end(stopped, last)
 
