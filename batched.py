@@ -100,6 +100,10 @@ class StackedAdam(torch.optim.Optimizer):
         defaults = dict(torch.optim.Adam([torch.zeros(1)]).defaults, lr=float(lrs[0]), capturable=capturable)
         super().__init__(params, defaults)
         self.lrs = torch.as_tensor(lrs, dtype=torch.float64)
+        # the rates on each parameter's device, copied there once: a copy from the host inside the
+        # step would be recorded into (and break) the CUDA graph that replays it
+        self.device_lrs = {(p.device, p.dtype): self.lrs.to(p.device, p.dtype)
+                           for group in self.param_groups for p in group["params"]}
 
     @torch.no_grad()
     def step(self):
@@ -120,7 +124,7 @@ class StackedAdam(torch.optim.Optimizer):
                 exp_avg_sq.mul_(beta2).addcmul_(p.grad, p.grad, value=1 - beta2)
                 count = step if capturable else step.item()
                 bias_correction1, bias_correction2 = 1 - beta1 ** count, 1 - beta2 ** count
-                lr = self.lrs.to(p.device, p.dtype).view(-1, *[1] * (p.dim() - 1))
+                lr = self.device_lrs[p.device, p.dtype].view(-1, *[1] * (p.dim() - 1))
                 denom = (exp_avg_sq.sqrt() / (bias_correction2 ** 0.5 if capturable else math.sqrt(bias_correction2)))
                 p.addcdiv_(exp_avg * (lr / bias_correction1), denom.add_(group["eps"]), value=-1)
 
@@ -287,6 +291,19 @@ class StackedMetaStep:
             weight.view(-1, weight.shape[2]).index_copy_(0, self.model_of_row * self.outputs + self.row_classes,
                                                          self.rows)
 
+    def share_repeated_rows(self, classes):
+        """Where two tasks of one model drew the same class, give both the later task's row: the
+        lobotomy's index_copy_ then writes one value to that row whichever write lands last (the
+        order of repeated indices is not fixed on CUDA, and a meta-batch shared by processes must
+        stay identical everywhere); on the CPU, where the later write wins, nothing changes."""
+        latest = {}
+        for i, c in enumerate(classes):
+            latest[i // self.tasks, c] = i
+        for i, c in enumerate(classes):
+            j = latest[i // self.tasks, c]
+            if j != i:
+                self.rows[i].copy_(self.rows[j])
+
     def draw(self):
         """Each task's episode and new last-layer row; returns this process's lanes' episodes
         (classes [L], remembered images [L, R])."""
@@ -298,6 +315,7 @@ class StackedMetaStep:
                 classes.append(c)
                 remember.append(flat)
                 self.rows[k * self.tasks + b].normal_(0, std, generator=generator)
+        self.share_repeated_rows(classes)
         self.row_classes.copy_(torch.as_tensor(classes))
         mine = [k * self.tasks + self.rank * self.local + b for k in range(len(self.stack)) for b in range(self.local)]
         return np.array(classes)[mine], np.stack(remember)[mine]

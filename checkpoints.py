@@ -217,11 +217,33 @@ def apply_training_state(state, path, model, optimizer, rng_holder):
     check_finite(state["model"], path)
     try:
         model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["outer_opt"])
+        load_optimizer_state(optimizer, state["outer_opt"])
         rng_holder.rng.bit_generator.state = state["rng"]["numpy"]
     except Exception as e:
         raise ValueError(f"{path} is not a resumable checkpoint of this network ({one_line(e)})") from None
     return state["iteration"] + 1, float(state["elapsed"]), state["rng"]
+
+
+def load_optimizer_state(optimizer, state_dict):
+    """optimizer.load_state_dict, keeping this run's `capturable` flag: a checkpoint records the flag
+    of the device it was saved on (True for a CUDA graph), and a run resumed on another device needs
+    its own (Adam refuses capturable state on the CPU, and a CUDA graph cannot read a step count
+    from the host). The step counts move where that flag keeps them: the parameter's device, else
+    the CPU, as torch's Adam makes them."""
+    if not isinstance(optimizer, torch.optim.Optimizer):  # a MemberOptimizer keeps the stack's own flags
+        optimizer.load_state_dict(state_dict)
+        return
+    flags = [group.get("capturable") for group in optimizer.param_groups]
+    optimizer.load_state_dict(state_dict)
+    for group, capturable in zip(optimizer.param_groups, flags):
+        if capturable is None:
+            continue
+        group["capturable"] = capturable
+        on_device = capturable or group.get("fused")
+        for p in group["params"]:
+            step = optimizer.state.get(p, {}).get("step")
+            if torch.is_tensor(step):
+                optimizer.state[p]["step"] = step.to(device=p.device if on_device else "cpu", dtype=torch.float32)
 
 
 def restore_torch_rng(rng, generator=None):

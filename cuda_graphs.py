@@ -6,6 +6,10 @@ import torch
 
 from config import REMEMBER_SIZE
 
+# Whether CUDA tensors' steps are recorded into graphs. The tests that run the CUDA paths on fake
+# CUDA tensors (a CPU build has no graphs) turn it off: everything else then runs as on a GPU.
+CAPTURE = True
+
 
 @contextlib.contextmanager
 def side_stream(enabled=True):
@@ -18,6 +22,22 @@ def side_stream(enabled=True):
     with torch.cuda.stream(stream):
         yield
     torch.cuda.current_stream().wait_stream(stream)
+
+
+def rng_state(device):
+    """The state of `device`'s default torch generator (None for CUDA tensors without CUDA: fake ones)."""
+    if device.type == "cpu":
+        return torch.get_rng_state()
+    return torch.cuda.get_rng_state(device) if torch.cuda.is_available() else None
+
+
+def set_rng_state(device, state):
+    if state is None:
+        return
+    if device.type == "cpu":
+        torch.set_rng_state(state)
+    else:
+        torch.cuda.set_rng_state(state, device)
 
 
 def gather_train_batch(images, per_class, train_class, remember):
@@ -56,12 +76,13 @@ class GraphedMetaStep:
         on_cuda = device.type == "cuda" if graphed is None else graphed
         if not on_cuda and graphed is not None:
             return  # eager by request: no warm-up to undo
+        capture = on_cuda and CAPTURE
         snapshot = self._snapshot()
-        with side_stream(on_cuda):
+        with side_stream(capture):
             for _ in range(warmup):  # autograd and Adam allocate their state outside the graph
                 self.outer_opt.zero_grad(set_to_none=True)
                 self._step()
-        if on_cuda:
+        if capture:
             self.graph = torch.cuda.CUDAGraph()
             self.outer_opt.zero_grad(set_to_none=True)
             with torch.cuda.graph(self.graph):
@@ -76,12 +97,15 @@ class GraphedMetaStep:
         return loss, acc
 
     def _snapshot(self):
+        """What the warm-up and the capture change: the weights, the Adam state, and the state of
+        the generator that the lobotomy draws its rows from (the device's default one)."""
         params = [p.detach().clone() for p in self.model.parameters()]
         state = {p: {k: v.clone() for k, v in s.items()} for p, s in self.outer_opt.state.items()}
-        return params, state
+        return params, state, rng_state(self.images.device)
 
     def _restore(self, snapshot):
-        params, state = snapshot
+        params, state, rng = snapshot
+        set_rng_state(self.images.device, rng)
         with torch.no_grad():
             for p, saved in zip(self.model.parameters(), params):
                 p.copy_(saved)
@@ -108,13 +132,13 @@ class ReplayedSteps:
     records it once (the meta-test's `frozen_features.SequenceStep` does)."""
 
     def __init__(self, step, chunk, on_cuda):
-        self.step, self.chunk, self.on_cuda = step, chunk, on_cuda
+        self.step, self.chunk, self.capture = step, chunk, on_cuda and CAPTURE
         self.done, self.graph = 0, None  # calls made so far
 
     def advance(self, steps, bar=None):
         """Make `steps` more calls, counted on the tqdm `bar` if given."""
         while steps > 0:
-            if self.on_cuda and self.graph is None and self.done >= self.chunk and steps >= self.chunk:
+            if self.capture and self.graph is None and self.done >= self.chunk and steps >= self.chunk:
                 self.graph = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(self.graph):  # capture records, it does not run
                     for _ in range(self.chunk):
@@ -123,7 +147,7 @@ class ReplayedSteps:
                 self.graph.replay()
                 taken = self.chunk
             else:
-                with side_stream(self.on_cuda and self.graph is None):
+                with side_stream(self.capture and self.graph is None):
                     self.step()
                 taken = 1
             self.done += taken

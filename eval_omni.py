@@ -32,8 +32,8 @@ from datasets import OmniSampler
 from frozen_features import empty_results
 from oml import image_size
 from results import FORMAT, choose, reading_key
-from runtime import (Ranks, device_name, join_processes, resolve_device, set_threads, sha256_of, torchrun_ranks,
-                     versions)
+from runtime import (Ranks, device_name, join_processes, leave_processes, resolve_device, set_threads, sha256_of,
+                     torchrun_ranks, versions)
 
 
 def parse_args(argv=None):
@@ -272,6 +272,14 @@ def main(argv=None):
     set_threads(config.threads)
     ranks = torchrun_ranks()
     join_processes(ranks, config.device)
+    try:
+        evaluate_all(config, argv, ranks)
+    finally:
+        leave_processes()
+
+
+def evaluate_all(config, argv, ranks):
+    """Each model of `config` on the same runs, then (several models) the reading across them."""
     if config.json:
         check_writable(config.json)
     paths = config.models or (config.model,)

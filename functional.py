@@ -39,6 +39,24 @@ def as_channels(t):
     return t.reshape(1, n * c, h, w)
 
 
+_UNIT_WEIGHTS = {}
+
+
+def unit_weight(like):
+    """A ones weight shaped like `like` ([N C] batch-norm channels), kept per (size, dtype, device).
+
+    Batch norm's backward kernels need a defined weight to return the weight and bias sums on CUDA
+    (the CPU kernel allocates them from the input, the CUDA kernel from the weight); a ones weight
+    gives bit-identical results. Kept, so that an iteration allocates and fills no new one (and a
+    CUDA graph records none); built fresh for tensor subclasses (fake tensors of the CPU tests)."""
+    if type(like) is not torch.Tensor:
+        return torch.ones_like(like)
+    key = (like.numel(), like.dtype, like.device)
+    if key not in _UNIT_WEIGHTS:
+        _UNIT_WEIGHTS[key] = torch.ones(like.numel(), dtype=like.dtype, device=like.device)
+    return _UNIT_WEIGHTS[key]
+
+
 def norm_backward(g, stats, projection=True, sums=True):
     """Batch norm's backward kernel on the instance norm seen as one image with N C channels, in one
     operation: the projection rstd (g - A S[g] - A xhat S[g xhat]) (A = 1 / (H W), S a spatial sum),
@@ -47,7 +65,8 @@ def norm_backward(g, stats, projection=True, sums=True):
     of the forward."""
     x, mean, rstd, eps = stats
     grad_x, sum_g_xhat, sum_g = torch.ops.aten.native_batch_norm_backward(
-        as_channels(g), as_channels(x), None, None, None, mean, rstd, True, eps, [projection, sums, sums])
+        as_channels(g), as_channels(x), unit_weight(mean), None, None, mean, rstd, True, eps,
+        [projection, sums, sums])
     shape = (*g.shape[:2], 1, 1)
     return (grad_x.view(g.shape) if projection else None,
             *(t.view(shape) if sums else None for t in (sum_g_xhat, sum_g)))

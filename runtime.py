@@ -12,10 +12,27 @@ import torch.distributed as dist
 
 
 def resolve_device(parser, device):
-    """-d as given (cuda refused, as a usage error, where CUDA is missing), else cuda if available."""
+    """-d as given (cuda refused, as a usage error, where CUDA is missing), else cuda if available;
+    float32 arithmetic in full on either (use_float32)."""
     if device == "cuda" and not torch.cuda.is_available():
         parser.error("-d cuda: CUDA is not available on this machine (use -d cpu)")
+    use_float32()
     return device or ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def use_float32():
+    """Full float32 in CUDA's matrix products and convolutions, as on the CPU: the paper's numbers are
+    float32, and PyTorch would otherwise run cuDNN's convolutions in TF32 (10-bit mantissa) on Ampere
+    and later GPUs. Returns the precisions set."""
+    conv = getattr(torch.backends.cudnn, "conv", None)
+    if conv is not None and hasattr(conv, "fp32_precision"):  # torch 2.9 and later
+        torch.backends.cuda.matmul.fp32_precision = "ieee"
+        torch.backends.cudnn.conv.fp32_precision = "ieee"
+        torch.backends.cudnn.rnn.fp32_precision = "ieee"
+        return torch.backends.cuda.matmul.fp32_precision, torch.backends.cudnn.conv.fp32_precision
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    return torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
 
 
 def free_cores(interval=0.2):
@@ -102,15 +119,31 @@ def torchrun_ranks(environ=os.environ):
                  number("TORCHELASTIC_RESTART_COUNT", 0) > 0)
 
 
+class TooFewGPUs(ValueError):
+    """torchrun started more processes on a node than it has GPUs."""
+
+
 def join_processes(ranks, device, connect=True):
     """Under torchrun: this process's GPU (its local rank's) and, if `connect`, torch.distributed's
-    process group (gloo on the CPU, nccl on CUDA). Nothing without torchrun."""
+    process group (gloo on the CPU, nccl on CUDA). Nothing without torchrun. Raises TooFewGPUs
+    where the local rank has no GPU of its own."""
     if ranks.world == 1:
         return
     if device == "cuda":
+        gpus = torch.cuda.device_count()
+        if ranks.local_rank >= gpus:
+            raise TooFewGPUs(f"torchrun started process {ranks.local_rank} on a node with {gpus} GPU"
+                             f"{'s' if gpus != 1 else ''}: give --nproc_per_node at most {gpus} with -d cuda "
+                             f"(or -d cpu)")
         torch.cuda.set_device(ranks.local_rank)
     if connect and not dist.is_initialized():
         dist.init_process_group("nccl" if device == "cuda" else "gloo")
+
+
+def leave_processes():
+    """Close torch.distributed's process group, if this process joined one (at the script's end)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def any_process(flag, device):

@@ -20,7 +20,7 @@ import anml
 from cli import (add_session_args, add_size_args, build_config, non_negative_int, positive_float, positive_int,
                  report_end, run_cli)
 from config import ARCHS, BACKENDS, MetaTrainConfig
-from runtime import join_processes, resolve_device, set_threads, torchrun_ranks
+from runtime import join_processes, leave_processes, resolve_device, set_threads, torchrun_ranks
 
 
 def parse_args(argv=None):
@@ -95,7 +95,10 @@ def main(argv=None):
     config, ranks = parse_args(argv)
     set_threads(config.threads)
     join_processes(ranks, config.device, connect=not config.several)  # seeds and rates train apart, unconnected
-    _, stopped, last = anml.train(config, ranks=ranks)  # checks the folders and the start before it loads the data
+    try:
+        _, stopped, last = anml.train(config, ranks=ranks)  # checks the folders and the start before it loads the data
+    finally:
+        leave_processes()
     report_end(stopped, last)
 
 if __name__ == "__main__":

@@ -40,9 +40,9 @@ def test_graph_gathers_the_samplers_batch(sampler):
 
 @pytest.mark.parametrize("first_order", [False, True])
 def test_graphed_step_logic_equals_meta_step_on_cpu(sampler, first_order):
-    """GraphedMetaStep without CUDA runs its steps eagerly: warm-up, undoing the warm-up, the
-    on-device gather and the step itself must give exactly what meta_step gives (second and first
-    order)."""
+    """GraphedMetaStep without CUDA runs its steps eagerly: warm-up, undoing the warm-up (weights,
+    Adam state and the generator the lobotomy draws from), the on-device gather and the step itself
+    must give exactly what meta_step gives from the same seed (second and first order)."""
     torch.manual_seed(0)
     base = ANML(4, 3, 36).double()
     images = sampler.background.flatten(0, 1).double()
@@ -50,10 +50,10 @@ def test_graphed_step_logic_equals_meta_step_on_cpu(sampler, first_order):
     for graphed in (False, True):
         model = copy.deepcopy(base)
         outer_opt = anml.outer_optimizer(model, 1e-3)
+        sampler.rng = np.random.default_rng(8)
+        torch.manual_seed(1)  # before the warm-up, which must leave the generator as it found it
         if graphed:
             step = graph_step(model, outer_opt, sampler, first_order)
-        sampler.rng = np.random.default_rng(8)
-        torch.manual_seed(1)
         for _ in range(3):
             cls, remember = sampler.sample_train_indices()
             if graphed:
@@ -82,9 +82,9 @@ def test_graphed_step_equals_eager_on_cuda(sampler):
     for graphed in (False, True):
         model = copy.deepcopy(base)
         outer_opt = anml.outer_optimizer(model, 1e-3, capturable=True)
+        torch.cuda.manual_seed(1)  # before the warm-up and capture, which must leave the generator as it was
         step = graph_step(model, outer_opt, sampler) if graphed else None
         rng = np.random.default_rng(0)
-        torch.cuda.manual_seed(1)
         for _ in range(3):
             cls = int(rng.integers(sampler.background.shape[0]))
             remember = rng.choice(sampler.background.shape[0] * 20, 64, replace=False)
@@ -107,5 +107,9 @@ def test_graphed_meta_test_on_cuda_equals_cpu(small_checkpoint, sampler):
                                        device=device)
     gpu = anml.meta_test(config("cuda"), sampler, progress=False)
     cpu = anml.meta_test(config("cpu"), sampler, progress=False)
-    np.testing.assert_allclose(gpu["test"], cpu["test"], atol=0.02)
-    np.testing.assert_allclose(gpu["train"], cpu["train"], atol=0.02)
+    # float32 on both (TF32 is off: runtime.use_float32), but the GPU sums in another order, which may
+    # flip a near-tie: allow one image of the smallest set (5 classes x 5 test images: 0.04, x 15
+    # training images: 0.013) per run, and no more
+    np.testing.assert_allclose(gpu["test"], cpu["test"], atol=0.04 + 1e-9)
+    np.testing.assert_allclose(gpu["train"], cpu["train"], atol=1 / 75 + 1e-9)
+    assert np.abs(gpu["test"] - cpu["test"]).mean() < 0.01
