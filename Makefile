@@ -10,7 +10,7 @@ MODEL  := trained_anmls/256_112_2304_ANML-21678.pth
 CLASSES := 10 50 75 100 200 300 400 600
 LRS     := 0.002 0.001 0.00085 0.0008 0.0005 0.0003
 
-.PHONY: demo demo-train results plots test venv clean
+.PHONY: demo demo-train results plots test gpu-check venv clean
 
 $(PY): requirements.txt
 	$(PYTHON) -m venv $(VENV)
@@ -38,6 +38,12 @@ plots: $(PY)
 
 test: $(PY)
 	$(PY) -m pytest -q -n 2 --dist loadgroup tests
+
+# Every CUDA path once, on a machine with one NVIDIA GPU (at most 10 minutes on an H200): one line per
+# check, exit 1 on any failure. DEVICE=cpu runs the same steps at tiny sizes (CI does).
+DEVICE ?= cuda
+gpu-check: $(PY)
+	$(PY) tools/gpu_check.py --device $(DEVICE) $(DATA)
 
 clean:
 	rm -rf $(VENV) runs/demo .pytest_cache

@@ -110,13 +110,14 @@ class Ranks:
     world: int = 1
     local_rank: int = 0
     restarted: bool = False
+    local_world: int = 1  # the processes on this node
 
 
 def torchrun_ranks(environ=os.environ):
     """The Ranks torchrun's environment variables describe."""
     number = lambda key, default: int(environ.get(key, default))
     return Ranks(number("RANK", 0), number("WORLD_SIZE", 1), number("LOCAL_RANK", 0),
-                 number("TORCHELASTIC_RESTART_COUNT", 0) > 0)
+                 number("TORCHELASTIC_RESTART_COUNT", 0) > 0, number("LOCAL_WORLD_SIZE", 1))
 
 
 class TooFewGPUs(ValueError):
@@ -131,10 +132,10 @@ def join_processes(ranks, device, connect=True):
         return
     if device == "cuda":
         gpus = torch.cuda.device_count()
-        if ranks.local_rank >= gpus:
-            raise TooFewGPUs(f"torchrun started process {ranks.local_rank} on a node with {gpus} GPU"
-                             f"{'s' if gpus != 1 else ''}: give --nproc_per_node at most {gpus} with -d cuda "
-                             f"(or -d cpu)")
+        if max(ranks.local_world, ranks.local_rank + 1) > gpus:  # every process refuses, not only the extra ones
+            raise TooFewGPUs(f"torchrun started {max(ranks.local_world, ranks.local_rank + 1)} processes on a node "
+                             f"with {gpus} GPU{'s' if gpus != 1 else ''}: give --nproc_per_node at most {gpus} "
+                             f"with -d cuda (one GPU each), or -d cpu")
         torch.cuda.set_device(ranks.local_rank)
     if connect and not dist.is_initialized():
         dist.init_process_group("nccl" if device == "cuda" else "gloo")

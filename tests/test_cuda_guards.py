@@ -339,8 +339,9 @@ def test_torchrun_with_more_processes_than_gpus_is_refused_in_one_line(monkeypat
     from runtime import Ranks, TooFewGPUs, join_processes
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     monkeypatch.setattr(torch.cuda, "set_device", lambda i: pytest.fail("set_device reached"))
-    with pytest.raises(TooFewGPUs, match="process 1 on a node with 1 GPU: give --nproc_per_node at most 1"):
-        join_processes(Ranks(rank=1, world=2, local_rank=1), "cuda", connect=False)
+    for rank in (0, 1):
+        with pytest.raises(TooFewGPUs, match="started 2 processes on a node with 1 GPU: give --nproc_per_node at most 1"):
+            join_processes(Ranks(rank=rank, world=2, local_rank=rank, local_world=2), "cuda", connect=False)
 
 
 def test_scripts_leave_the_process_group_they_joined(monkeypatch):
