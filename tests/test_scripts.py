@@ -19,6 +19,7 @@ import plot_comparisons
 import plot_results
 from conftest import (REPO, TINY_FLAGS, assert_ok, assert_one_error, command, run, same_weights, script_env,
                       weights)
+from results import chosen_value, read_results
 
 NUMBER = r"(\d+\.\d\d)"
 ACCURACY = rf"Classes (\d+) Accuracy {NUMBER} \(std {NUMBER}\)"
@@ -164,32 +165,43 @@ def test_eval_lr_sweep_and_selection_runs(omniglot_root, checkpoint, tmp_path, c
 
 
 def test_eval_methods_share_runs_and_layout(omniglot_root, checkpoint, tmp_path, capsys):
-    """seq, iid and lstsq on the same runs: the same seeds and JSON layout with a "method" key; lstsq
-    chooses its ridge on the selection runs as seq chooses its rate; iid repeats exactly."""
-    reports = {}
+    """seq, iid, lstsq, ncm and seq with every parameter learning, on the same runs: the same seeds and
+    JSON layout with "method" and "no_freeze" keys, which results.py reads; lstsq chooses its ridge and
+    ncm its distance on the selection runs as seq chooses its rate; iid repeats exactly."""
+    reports, texts = {}, {}
     flags = {"seq": ["-l", 0.03, 0.01], "iid": ["--method", "iid", "-l", 0.03, 0.01, "--epochs-iid", 2],
-             "lstsq": ["--method", "lstsq", "--ridge", 0.01, 1, 100]}
-    for method, extra in flags.items():
-        out = tmp_path / f"{method}.json"
-        text = evaluate_in_process(omniglot_root, capsys, "-m", checkpoint, "-c", 2, 4, "-r", 2, "--selection-runs",
-                                   2, *extra, "--json", out)
-        reports[method] = json.loads(out.read_text())
-        assert reports[method]["method"] == method
-    assert "Chosen ridge" in text and "Best ridge" in text
+             "lstsq": ["--method", "lstsq", "--ridge", 0.01, 1, 100], "ncm": ["--method", "ncm"],
+             "seq_no_freeze": ["-l", 0.03, 0.01, "--no-freeze"]}
+    for label, extra in flags.items():
+        out = tmp_path / f"{label}.json"
+        texts[label] = evaluate_in_process(omniglot_root, capsys, "-m", checkpoint, "-c", 2, 4, "-r", 2,
+                                           "--selection-runs", 2, *extra, "--json", out)
+        reports[label] = read_results(out)
+    assert [r["method"] for r in reports.values()] == ["seq", "iid", "lstsq", "ncm", "seq"]
+    assert [r["no_freeze"] for r in reports.values()] == [False] * 4 + [True]
+    assert reports["seq_no_freeze"]["config"]["no_freeze"] and not reports["seq_no_freeze"]["fast"]
+    assert "Chosen ridge" in texts["lstsq"] and "Best ridge" in texts["lstsq"]
     assert reports["iid"]["epochs_iid"] == 2 and "epochs_iid" not in reports["seq"]
     assert reports["lstsq"]["hyperparameter"] == "ridge" and reports["lstsq"]["grid"] == [0.01, 1, 100]
+    assert reports["ncm"]["hyperparameter"] == "distance" and reports["ncm"]["grid"] == ["euclidean", "cosine"]
+    assert re.search(rf"^{ACCURACY} distance cosine$", texts["ncm"], re.M)
+    assert re.search(r"^Chosen distance (euclidean|cosine) on 2 selection runs: Classes 4 ", texts["ncm"], re.M)
+    assert "every parameter learning" in texts["seq_no_freeze"]
     for key in ("report_run_seeds", "selection_run_seeds", "classes", "train_examples"):
-        assert reports["seq"][key] == reports["iid"][key] == reports["lstsq"][key], key
-    for row in reports["lstsq"]["rows"]:
-        selection_means = [r["selection"]["test_mean"] for r in row["per_value"]]
-        assert row["chosen_on_selection_runs"]["ridge"] == [0.01, 1, 100][int(np.argmax(selection_means))]
+        assert len({json.dumps(r[key]) for r in reports.values()}) == 1, key
+    for label, hyper, grid in (("lstsq", "ridge", [0.01, 1, 100]), ("ncm", "distance", ["euclidean", "cosine"])):
+        for row in reports[label]["rows"]:
+            selection_means = [r["selection"]["test_mean"] for r in row["per_value"]]
+            assert row["chosen_on_selection_runs"][hyper] == grid[int(np.argmax(selection_means))]
+            assert chosen_value(reports[label], row["classes"]) == row["chosen_on_selection_runs"][hyper]
     again = tmp_path / "again.json"
     evaluate_in_process(omniglot_root, capsys, "-m", checkpoint, "-c", 2, 4, "-r", 2, "--selection-runs", 2,
                         *flags["iid"], "--json", again)
     assert json.loads(again.read_text())["rows"] == reports["iid"]["rows"]
-    seq_tests = [r["report"]["test"] for row in reports["seq"]["rows"] for r in row["per_value"]]
-    iid_tests = [r["report"]["test"] for row in reports["iid"]["rows"] for r in row["per_value"]]
-    assert seq_tests != iid_tests
+    tests = {label: [r["report"]["test"] for row in reports[label]["rows"] for r in row["per_value"]]
+             for label in ("seq", "iid", "seq_no_freeze")}
+    assert tests["seq"] != tests["iid"] and tests["seq"] != tests["seq_no_freeze"]
+    assert "lr" not in reports["ncm"]["rows"][0]["chosen_on_selection_runs"]
 
 
 def test_an_interrupted_evaluation_keeps_its_finished_runs(omniglot_root, checkpoint, tmp_path, capsys, monkeypatch):
