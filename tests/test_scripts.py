@@ -301,15 +301,28 @@ def test_plot_results_reads_the_shipped_results_and_a_damaged_log(tmp_path, caps
 
 
 def test_plot_comparisons_reads_the_reports(tmp_path, capsys):
+    """Each file's curve, labelled by the network its name gives and by how it learned, which the file
+    says (its method, and whether every parameter learned)."""
     row = lambda n, key, mean: {"classes": n, key: {"test_mean": mean, "test_std": 0.1, "train_mean": 1.0,
                                                     "train_std": 0.0}}
-    (tmp_path / "a_seq.json").write_text(json.dumps({"selection_runs": 2, "rows": [
-        row(10, "chosen_on_selection_runs", 0.9), row(50, "chosen_on_selection_runs", 0.7)]}))
-    (tmp_path / "b_lstsq.json").write_text(json.dumps({"selection_runs": 0, "rows": [
-        row(10, "best_on_reported_runs", 0.5)]}))
-    curves = plot_comparisons.load_curves([tmp_path / "a_seq.json", tmp_path / "b_lstsq.json"])
-    assert curves["a_seq"] == ([10, 50], [0.9, 0.7], [0.1, 0.1], "chosen_on_selection_runs")
-    assert curves["b_lstsq"] == ([10], [0.5], [0.1], "best_on_reported_runs")
+    chosen = [row(10, "chosen_on_selection_runs", 0.9), row(50, "chosen_on_selection_runs", 0.7)]
+    files = {"a_seq": {"selection_runs": 2, "rows": chosen},
+             "b_lstsq": {"selection_runs": 0, "method": "lstsq", "rows": [row(10, "best_on_reported_runs", 0.5)]},
+             "pretrain_seq": {"selection_runs": 2, "method": "seq", "no_freeze": False, "rows": chosen},
+             "pretrain_seq_no_freeze": {"selection_runs": 2, "method": "seq", "no_freeze": True, "rows": chosen},
+             "pretrain_zap_iid_no_freeze": {"selection_runs": 2, "method": "iid", "no_freeze": True, "rows": chosen},
+             "anml_ncm": {"selection_runs": 2, "method": "ncm", "rows": chosen}}
+    for name, report in files.items():
+        (tmp_path / f"{name}.json").write_text(json.dumps(report))
+    curves = plot_comparisons.load_curves([tmp_path / f"{name}.json" for name in files])
+    assert curves["a_seq"] == ([10, 50], [0.9, 0.7], [0.1, 0.1], "chosen_on_selection_runs",
+                               "a_seq, last layer on frozen features")
+    assert curves["b_lstsq"] == ([10], [0.5], [0.1], "best_on_reported_runs", "b_lstsq, closed-form last layer")
+    assert {name: c[4] for name, c in curves.items() if name not in ("a_seq", "b_lstsq")} == {
+        "pretrain_seq": "pretrained, last layer on frozen features",
+        "pretrain_seq_no_freeze": "pretrained, all parameters learn",
+        "pretrain_zap_iid_no_freeze": "pretrained with zapping, i.i.d. oracle, all parameters learn",
+        "anml_ncm": "ANML + NCM"}
     plot_comparisons.main([str(tmp_path / "a_seq.json"), str(tmp_path / "b_lstsq.json"), "-o", str(tmp_path / "c")])
     assert capsys.readouterr().out == f"wrote {tmp_path / 'c.png'}: a_seq, b_lstsq\n"
     assert plt.imread(tmp_path / "c.png").std() > 0.01 and not list(tmp_path.glob(".*.tmp"))
