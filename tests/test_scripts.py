@@ -361,20 +361,27 @@ def test_count_ops_counts_operations_not_views():
 
 def test_make_comparisons_at_tiny_scale(omniglot_root, checkpoint, tmp_path):
     """results/make_comparisons.sh end to end with tiny networks: six trainings (i.i.d. with and without
-    zapping, ASB with and without, first-order ANML, OML), the init checkpoint, eleven evaluations on
-    the same runs, and the picture; run again, it keeps what is done."""
+    zapping, ASB with and without, first-order ANML, OML), the init checkpoint, seventeen evaluations on
+    the same runs (ncm and every parameter learning among them), and the picture; run again, it keeps
+    what is done."""
     env = script_env(PY=sys.executable, DEVICE="cpu", ANML=str(checkpoint), SIZES=" ".join(TINY_FLAGS), NAME="4_3_36",
                      EPOCHS="1", BATCH="4096", PRETRAIN_DIR=str(tmp_path / "pre"), OUT=str(tmp_path / "out"),
                      RUNS="1", SEL="2", CLASSES="2 4", LRS="0.03 0.01", RIDGES="1 10", ASB_EPISODES="2",
                      FO_EPOCHS="2", FO_DIR=str(tmp_path / "fo"), OML_SIZES="--rln 2", OML_NAME="2", OML_EPOCHS="2",
-                     OML_DIR=str(tmp_path / "oml"))
+                     OML_DIR=str(tmp_path / "oml"), NF_LRS="0.01 0.001")
     script = ["bash", "results/make_comparisons.sh", "--data-root", str(omniglot_root)]
     proc = subprocess.run(script, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
     assert_ok(proc)
-    labels = ["anml_seq", "anml_iid", "anml_lstsq", "pretrain_seq", "pretrain_lstsq", "random_seq",
-              "anml_first_order_seq", "pretrain_zap_seq", "asb_seq", "asb_zap_seq", "oml_seq"]
+    labels = ["anml_seq", "anml_iid", "anml_lstsq", "pretrain_seq", "pretrain_lstsq", "random_seq", "anml_ncm",
+              "pretrain_ncm", "random_ncm", "anml_first_order_seq", "pretrain_zap_seq", "asb_seq", "asb_zap_seq",
+              "oml_seq", "pretrain_seq_no_freeze", "random_seq_no_freeze", "anml_seq_no_freeze"]
     reports = {label: json.loads((tmp_path / "out" / f"{label}.json").read_text()) for label in labels}
-    assert [r["method"] for r in reports.values()] == ["seq", "iid", "lstsq", "seq", "lstsq", "seq"] + ["seq"] * 5
+    assert [r["method"] for r in reports.values()] == \
+        ["seq", "iid", "lstsq", "seq", "lstsq", "seq", "ncm", "ncm", "ncm"] + ["seq"] * 8
+    assert [label for label, r in reports.items() if r["no_freeze"]] == labels[-3:]
+    assert reports["random_ncm"]["grid"] == ["euclidean", "cosine"] and reports["anml_seq_no_freeze"]["grid"] == \
+        [0.01, 0.001]
+    assert reports["random_ncm"]["model"] == reports["random_seq_no_freeze"]["model"] == reports["random_seq"]["model"]
     assert reports["oml_seq"]["model"].endswith("oml/2_OML-1.pth")
     assert reports["pretrain_seq"]["model"].endswith("4_3_36_pretrain-0.pth")
     assert reports["random_seq"]["model"].endswith("4_3_36_init.pth")
@@ -389,4 +396,4 @@ def test_make_comparisons_at_tiny_scale(omniglot_root, checkpoint, tmp_path):
     assert plt.imread(tmp_path / "out" / "comparisons.png").std() > 0.01
     again = subprocess.run(script, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
     assert_ok(again)
-    assert "training" not in again.stdout and again.stdout.count(": done (") == 11
+    assert "training" not in again.stdout and again.stdout.count(": done (") == 17
