@@ -335,8 +335,8 @@ def test_train(PATH, sampler, num_classes=10, train_examples=15, device="cpu", l
     Loads the checkpoint (`PATH`, or a model, which is copied), freezes RLN and NM, re-initialises
     fc.weight from `generator`, learns `num_classes` new classes in sequence (one Adam step per
     training image), then tests on the rest. `fast=True` computes the frozen features once and runs
-    the same Adam steps on fc alone. `no_freeze` (with fast=False) lets every parameter learn, as the
-    original ANML code's --no_freeze does."""
+    the same Adam steps on fc alone. `no_freeze` (with fast=False) freezes nothing: every parameter
+    learns, as with the original ANML code's --no_freeze."""
     if fast and no_freeze:
         raise ValueError("test_train: no_freeze trains the whole network, which the frozen features cannot "
                          "(give fast=False)")

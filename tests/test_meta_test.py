@@ -276,6 +276,10 @@ def test_no_freeze_run_equals_adam_over_every_parameter_one_image_at_a_time(smal
     net = anml.run_network(model, generator, no_freeze=True)
     anml.full_network_run(net, sampler, counts, lrs[1], config)
     assert all(torch.equal(v, weights[k]) for k, v in net.state_dict().items())
+    sampler.rng, generator = anml.run_generators(seed, 1)
+    per_class, train = anml.test_train(model, sampler, 4, lr=lrs[1], quiet=True, fast=False, generator=generator,
+                                       no_freeze=True)  # higherANML's one-run API, every parameter learning
+    assert (per_class.mean(), train) == pytest.approx(scores[-1], abs=1e-6)
     assert results["train"][-1].min() > 0.3  # it learned: chance among 1000 outputs is 0.001
     alone = anml.meta_test(replace(config, classes=(4,)), sampler, model, progress=False)
     np.testing.assert_array_equal(alone["test"][0], results["test"][1])
