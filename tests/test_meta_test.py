@@ -176,11 +176,12 @@ def test_lstsq_meta_test(small_checkpoint, sampler):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("method", ["iid", "lstsq"])
+@pytest.mark.parametrize("method", ["iid", "lstsq", "ncm"])
 def test_other_methods_on_cuda_equal_cpu(small_checkpoint, sampler, method):
     """The batched (CUDA-graphed for iid) GPU path against the CPU's, as for seq in test_cuda_graphs."""
-    kwargs = dict(num_classes=[5, 20], runs=2, seed=3, method=method,
-                  **(dict(ridges=(0.1, 10.0)) if method == "lstsq" else dict(lrs=(1e-3, 5e-4), epochs_iid=2)))
+    grid = {"lstsq": dict(ridges=(0.1, 10.0)), "ncm": dict(distances=("euclidean", "cosine")),
+            "iid": dict(lrs=(1e-3, 5e-4), epochs_iid=2)}[method]
+    kwargs = dict(num_classes=[5, 20], runs=2, seed=3, method=method, **grid)
     gpu = evaluate(small_checkpoint, sampler, device="cuda", **kwargs)
     cpu = evaluate(small_checkpoint, sampler, device="cpu", **kwargs)
     np.testing.assert_allclose(gpu["test"], cpu["test"], atol=0.02)
