@@ -9,7 +9,8 @@
 `meta_step(..., backend="higher")` is the reference, higherANML's own code; "func" computes the same
 meta-gradient faster (`functional.py`) and "graph" replays it from a CUDA graph (`cuda_graphs.py`).
 `train` runs the iterations in the loop that keeps a run safe (`run_loop.py`). The meta-test runs on
-frozen features (`frozen_features.py`) unless higherANML's loop is asked for.
+frozen features (`frozen_features.py`) unless higherANML's loop is asked for, or every parameter is
+to learn (`no_freeze`, the original ANML code's baseline), which only that loop can do.
 """
 import copy
 
@@ -25,7 +26,8 @@ from checkpoints import load_model
 from config import IMAGES_PER_CLASS
 from cuda_graphs import GraphedMetaStep
 from datasets import OmniSampler
-from frozen_features import FeatureBank, MetaTestRun, empty_results, learn_on_features, ridge_fit, sequential_fit
+from frozen_features import (FeatureBank, MetaTestRun, empty_results, iid_orders, learn_on_features, ncm_fit, ridge_fit,
+                             sequential_fit, shuffle_rng)
 from functional import accuracy, func_meta_loss, inner_parameter_names
 from model import kaiming_std, seeded_network
 from oml import IMAGE_SIZE, OML, oml_meta_loss, seeded_oml
@@ -290,36 +292,62 @@ def test_test(model, test_data, test_examples=5):
     return correct.view(-1, test_examples).float().mean(1).cpu().numpy()
 
 
-def original_fit(model, train_tasks, lr):
-    """higherANML's test-train loop: Adam over the model (only fc is trainable), one step an image."""
+def original_fit(model, train_tasks, lr, after_task=None):
+    """higherANML's test-train loop: Adam over model.parameters(), one step an image, task after task.
+    The parameters that require grad learn: fc alone when RLN and NM are frozen, every one of them
+    with --no-freeze. `after_task(t)`, if given, runs after task t (counted from 1) is learned."""
     opt = torch.optim.Adam(model.parameters(), lr=lr)
-    for task in train_tasks:
+    for t, task in enumerate(train_tasks, 1):
         for image, label in task:
             loss = F.cross_entropy(model(image), label)
             opt.zero_grad()
             loss.backward()
             opt.step()
+        if after_task is not None:
+            after_task(t)
     return model
 
 
+def run_network(model, generator=None, no_freeze=False):
+    """The network one meta-test run trains: a copy of `model` with fc.weight re-initialised from
+    `generator` (bias kept), fc learning, and RLN and NM learning too with `no_freeze` (frozen
+    otherwise). `model` itself is left as it is."""
+    net = copy.deepcopy(model)
+    net.requires_grad_(no_freeze)
+    net.fc.requires_grad_(True)
+    reset_last_layer(net, generator)
+    return net
+
+
+def scores_after(model, train_tasks, test_data, n, test_examples):
+    """(test accuracy, train accuracy) of `model` on the first n classes' held-out and training images."""
+    ims, labels = test_data
+    rows = n * test_examples
+    test = test_test(model, (ims[:rows], labels[:rows]), test_examples)
+    return float(test.mean()), train_accuracy(model, train_tasks[:n])
+
+
 def test_train(PATH, sampler, num_classes=10, train_examples=15, device="cpu", lr=1e-3, quiet=False,
-               fast=True, generator=None):
+               fast=True, generator=None, no_freeze=False):
     """higherANML's meta-test of one run: returns the per-class test accuracies (numpy) and, which
     higherANML does not, the accuracy on the training images after the whole sequence.
 
     Loads the checkpoint (`PATH`, or a model, which is copied), freezes RLN and NM, re-initialises
     fc.weight from `generator`, learns `num_classes` new classes in sequence (one Adam step per
     training image), then tests on the rest. `fast=True` computes the frozen features once and runs
-    the same Adam steps on fc alone."""
-    model = copy.deepcopy(PATH).to(device) if isinstance(PATH, torch.nn.Module) else load_model(PATH, device)
-    model.requires_grad_(False)
-    reset_last_layer(model, generator)
+    the same Adam steps on fc alone. `no_freeze` (with fast=False) freezes nothing: every parameter
+    learns, as with the original ANML code's --no_freeze."""
+    if fast and no_freeze:
+        raise ValueError("test_train: no_freeze trains the whole network, which the frozen features cannot "
+                         "(give fast=False)")
+    model = PATH if isinstance(PATH, torch.nn.Module) else load_model(PATH)
+    model = run_network(model, generator, no_freeze).to(device)
     if fast:
+        model.requires_grad_(False)
         run = MetaTestRun(*sampler.sample_test_indices(num_classes, train_examples))
         result = sequential_fit(FeatureBank(model, sampler.evaluation), [run], model.fc.weight[None], model.fc.bias,
                                 [lr])
         return result["test_per_class"][0, 0], float(result["train"][0, 0, 0])
-    model.fc.requires_grad_(True)
     train_tasks, test_data, _ = sampler.sample_test(num_classes, train_examples, device=device)
     original_fit(model, train_tasks, lr)
     train_acc = train_accuracy(model, train_tasks)
@@ -362,7 +390,7 @@ def meta_test_runs(config, sampler, model, seeds, runs, progress=True, features=
     run is drawn, and the features of every run's classes computed, as for all of them."""
     runs = list(runs)
     results = empty_results(config, len(runs)) if results is None else results
-    if config.original_loop:
+    if config.original_loop or config.no_freeze:
         return original_meta_test(config, sampler, model, [seeds[r] for r in runs], results, progress)
     inits, samples = draw_runs(model, sampler, seeds, config.classes[-1], config.train_examples)
     features = features or FeatureBank(model, sampler.evaluation, progress=progress)
@@ -370,6 +398,8 @@ def meta_test_runs(config, sampler, model, seeds, runs, progress=True, features=
     samples, inits = [samples[r] for r in runs], [inits[r] for r in runs]
     if config.method == "lstsq":
         return ridge_fit(features, samples, list(config.grid), list(config.classes), progress, results)
+    if config.method == "ncm":
+        return ncm_fit(features, samples, list(config.grid), list(config.classes), progress, results)
     return learn_on_features(config, features, samples, torch.stack(inits), model.fc.bias.detach().clone(),
                              [seeds[r] for r in runs], results, progress)
 
@@ -388,13 +418,57 @@ def sum_runs_over_processes(results, shared, runs, device):
 
 
 def original_meta_test(config, sampler, model, seeds, results, progress):
-    """`meta_test` with higherANML's loop: `test_train` (full network, one Adam step an image) for
-    every run, class count and learning rate."""
-    for r in tqdm(range(len(seeds)), disable=not progress, desc="runs"):
-        for k, n in enumerate(config.classes):
-            for l, lr in enumerate(config.grid):
-                sampler.rng, generator = run_generators(*seeds[r])
-                test, train = test_train(model, sampler, n, config.train_examples, config.device, lr, quiet=True,
-                                         fast=False, generator=generator)
-                results["test"][k, l, r], results["train"][k, l, r] = test.mean(), train
+    """`meta_test` with higherANML's loop, the whole network run on every image (`original_fit`):
+    fc learns, and with config.no_freeze RLN and NM too, one Adam step an image, for every run and
+    learning rate. seq learns each run's sequence once and is scored after the first N classes for
+    each count N; iid trains each count afresh, from the same initialisation, on the first N classes'
+    images in the shuffled orders of the frozen-feature iid (`iid_orders`, from the run's entropy)."""
+    counts, lrs = list(config.classes), list(config.grid)
+    steps = (sum(counts) * config.iid_epochs if config.method == "iid" else counts[-1]) * config.train_examples
+    with tqdm(total=steps * len(seeds) * len(lrs), disable=not progress, desc="test-train (full network)",
+              unit="step", unit_scale=True, smoothing=0) as bar:
+        for r, entropy in enumerate(seeds):
+            orders = (iid_orders(shuffle_rng(entropy), counts, config.train_examples, config.iid_epochs)
+                      if config.method == "iid" else None)
+            for l, lr in enumerate(lrs):
+                sampler.rng, generator = run_generators(*entropy)
+                net = run_network(model, generator, config.no_freeze)
+                scores, finite = full_network_run(net, sampler, counts, lr, config, orders, bar)
+                for k, (test, train) in enumerate(scores):
+                    results["test"][k, l, r], results["train"][k, l, r] = test, train
+                results["non_finite"][l, r] = not finite
     return results
+
+
+def full_network_run(net, sampler, counts, lr, config, orders=None, bar=None):
+    """One run of `original_meta_test` from the run's network `net` (`run_network`), its sample drawn
+    from `sampler`: ([(test, train accuracy)] per count, whether every trained weight stayed finite).
+    Without `orders`, one sequence of classes scored along the way; with them (iid), a copy of `net`
+    per count trained on the images in `orders[k]` (indices into the first N classes' class-major
+    training images)."""
+    train_tasks, test_data, _ = sampler.sample_test(counts[-1], config.train_examples, device=config.device)
+    score = lambda model, n: scores_after(model, train_tasks, test_data, n, config.test_examples)
+    scores = []
+    if orders is None:
+        def after_task(t):
+            if bar is not None:
+                bar.update(config.train_examples)
+            if t in counts:
+                scores.append(score(net, t))
+        original_fit(net, train_tasks, lr, after_task)
+        return scores, all_finite(net)
+    finite = True
+    for n, order in zip(counts, orders):
+        images = [pair for task in train_tasks[:n] for pair in task]
+        learner = copy.deepcopy(net)
+        original_fit(learner, [[images[i] for i in order]], lr)
+        if bar is not None:
+            bar.update(len(order))
+        scores.append(score(learner, n))
+        finite &= all_finite(learner)
+    return scores, finite
+
+
+def all_finite(model):
+    """Whether every parameter of `model` is finite (a far too large rate makes them NaN)."""
+    return all(bool(torch.isfinite(p).all()) for p in model.parameters())

@@ -13,7 +13,9 @@ REMEMBER_SIZE = 64  # remembered background images in each outer loss, beside th
 NUM_OUTPUTS = 1000  # the last layer's classes
 
 BACKENDS = ("auto", "higher", "func", "graph")  # auto: graph on CUDA, func elsewhere
-METHODS = ("seq", "iid", "lstsq")  # how the meta-test's last layer learns: in sequence, shuffled, closed form
+# How the meta-test learns: in sequence, shuffled, a closed-form last layer, the nearest class mean.
+METHODS = ("seq", "iid", "lstsq", "ncm")
+DISTANCES = ("euclidean", "cosine")  # ncm's distances to the class means
 SCHEDULES = ("iid", "asb")  # pretraining: i.i.d. minibatches; alternating sequential and batch (Frati et al.)
 ARCHS = ("anml", "oml")  # meta-training: ANML's network, or OML's (oml.py)
 MAX_PARAMETERS = 10**9  # a network above this (4 GB of weights, four times that to train) is a typo
@@ -338,12 +340,14 @@ class EvalConfig(Session):
     method: str = "seq"
     lrs: tuple | None = None  # seq and iid: the Adam learning rates compared (default 0.001)
     ridges: tuple | None = None  # lstsq: the regularisers compared (default 1.0)
+    distances: tuple | None = None  # ncm: the distances compared (default both with selection runs, else euclidean)
     epochs_iid: int | None = None  # iid: passes over the shuffled images (default 1)
     runs: int = 10
     selection_runs: int = 0
     train_examples: int = 15
     seed: int = 0
     original_loop: bool = False  # higherANML's full-network loop instead of the frozen-feature one
+    no_freeze: bool = False  # seq, iid: Adam over every parameter (RLN, NM, fc), the original ANML code's baseline
     json: str | None = None
 
     def __post_init__(self):
@@ -357,17 +361,10 @@ class EvalConfig(Session):
                               f"got {' '.join(map(str, self.classes)) or 'none'}")
         if self.method not in METHODS:
             raise ConfigError(f"unknown --method {self.method!r}: choose one of {', '.join(METHODS)}")
-        lstsq = self.method == "lstsq"
-        if lstsq and self.lrs:
-            raise ConfigError("--lr is the Adam learning rate of seq and iid: --method lstsq takes --ridge")
-        if not lstsq and self.ridges:
-            raise ConfigError(f"--ridge is for --method lstsq (--method {self.method} takes --lr)")
-        if self.epochs_iid is not None and self.method != "iid":
-            raise ConfigError(f"--epochs-iid is for --method iid, not {self.method}")
-        if self.original_loop and self.method != "seq":
-            raise ConfigError("--original-loop is higherANML's sequential loop: it only runs --method seq")
-        for value in self.grid:
-            check_positive(f"--{self.hyperparameter}", value)
+        self.check_method_flags()
+        if self.method != "ncm":
+            for value in self.grid:
+                check_positive(f"--{self.hyperparameter}", value)
         if self.epochs_iid is not None:
             check_positive("--epochs-iid", self.epochs_iid, integer=True)
             if self.epochs_iid > MAX_EPOCHS_IID:
@@ -376,7 +373,7 @@ class EvalConfig(Session):
         if not isinstance(self.selection_runs, int) or self.selection_runs < 0:
             raise ConfigError(f"--selection-runs must be 0 or more, got {self.selection_runs!r}")
         if self.selection_runs and len(self.grid) < 2:
-            what = "regularisers" if lstsq else "learning rates"
+            what = {"lr": "learning rates", "ridge": "regularisers", "distance": "distances"}[self.hyperparameter]
             raise ConfigError(f"--selection-runs chooses among {what}: give several with --{self.hyperparameter}")
         if not (isinstance(self.train_examples, int) and 1 <= self.train_examples <= IMAGES_PER_CLASS - 1):
             raise ConfigError(f"--train-examples must be in 1..{IMAGES_PER_CLASS - 1} (each class has "
@@ -385,16 +382,45 @@ class EvalConfig(Session):
         check_seed(self.seed)
         check_path("--json", self.json)
 
+    def check_method_flags(self):
+        """Each method's own flags, and no other's."""
+        method = self.method
+        if method == "lstsq" and self.lrs:
+            raise ConfigError("--lr is the Adam learning rate of seq and iid: --method lstsq takes --ridge")
+        if method == "ncm" and self.lrs:
+            raise ConfigError("--lr is the Adam learning rate of seq and iid: --method ncm learns no rate (it "
+                              "takes --distance)")
+        if method != "lstsq" and self.ridges:
+            raise ConfigError(f"--ridge is for --method lstsq, not {method}")
+        if method != "ncm" and self.distances:
+            raise ConfigError(f"--distance is for --method ncm, not {method}")
+        if self.epochs_iid is not None and method != "iid":
+            raise ConfigError(f"--epochs-iid is for --method iid, not {method}")
+        if self.original_loop and method != "seq":
+            raise ConfigError("--original-loop is higherANML's sequential loop: it only runs --method seq")
+        if self.no_freeze and method not in ("seq", "iid"):
+            raise ConfigError(f"--no-freeze lets every parameter learn by Adam steps: it runs --method seq or iid, "
+                              f"not {method}, which learns on frozen features")
+        if self.distances is not None:
+            object.__setattr__(self, "distances", tuple(self.distances))
+            unknown = [d for d in self.distances if d not in DISTANCES]
+            if unknown or not self.distances or len(set(self.distances)) < len(self.distances):
+                raise ConfigError(f"--distance takes distinct values among {', '.join(DISTANCES)}, got "
+                                  f"{' '.join(map(str, self.distances)) or 'none'}")
+
     @property
     def hyperparameter(self):
-        """What the grid holds: "lr" (seq, iid) or "ridge" (lstsq)."""
-        return "ridge" if self.method == "lstsq" else "lr"
+        """What the grid holds: "lr" (seq, iid), "ridge" (lstsq) or "distance" (ncm)."""
+        return {"lstsq": "ridge", "ncm": "distance"}.get(self.method, "lr")
 
     @property
     def grid(self):
-        """The values compared on the same runs: learning rates, or ridge regularisers for lstsq."""
+        """The values compared on the same runs: learning rates, ridge regularisers for lstsq, distances
+        for ncm (both when there are selection runs to choose on, else euclidean)."""
         if self.method == "lstsq":
             return tuple(self.ridges or (1.0,))
+        if self.method == "ncm":
+            return tuple(self.distances or (DISTANCES if self.selection_runs else DISTANCES[:1]))
         return tuple(self.lrs or (1e-3,))
 
     @property

@@ -3,12 +3,16 @@
     python eval_omni.py -m trained_anmls/256_112_2304_ANML-21678.pth -c 10 -l 0.00085 -r 10
     python eval_omni.py -m ... -c 600 -l 0.001 0.0008 0.0005 --json results.json   # an lr sweep
     python eval_omni.py -m ... -c 10 600 --method lstsq --ridge 0.1 1 10 --selection-runs 10
+    python eval_omni.py -m ... -c 10 600 --method ncm --selection-runs 10   # nearest class mean
+    python eval_omni.py -m ... -c 10 100 -l 0.0003 0.0001 --no-freeze      # every parameter learns
     python eval_omni.py -m runs/seed*/256_112_2304_ANML-29999.pth -c 600   # across meta-training seeds
 
 Every run learns `--classes` new classes in sequence (a fresh last layer over the frozen RLN and
 NM, one Adam step per training image), then is tested on each class's held-out images. `--method
 iid` shuffles the classes' images together (the oracle), `--method lstsq` solves the last layer
-in closed form (ridge least squares); both on the same runs. Several checkpoints (-m a b c, say
+in closed form (ridge least squares), `--method ncm` predicts the nearest class mean of the
+features; all on the same runs. `--no-freeze` gives every parameter to Adam (seq and iid: the
+original ANML code's baseline, the whole network run on every image). Several checkpoints (-m a b c, say
 one per meta-training seed) are each evaluated on the same runs, then each row is reported as the
 mean of the models' accuracies +- their std across models.
 """
@@ -27,7 +31,7 @@ from atomic import probe_writable, write_atomic
 from checkpoints import load_model
 from cli import (add_session_args, as_typed, build_config, interrupted_by_signals, non_negative_int, positive_float,
                  positive_int, run_cli)
-from config import IMAGES_PER_CLASS, METHODS, NUM_EVALUATION, EvalConfig
+from config import DISTANCES, IMAGES_PER_CLASS, METHODS, NUM_EVALUATION, EvalConfig
 from datasets import OmniSampler
 from frozen_features import empty_results
 from oml import image_size
@@ -48,12 +52,20 @@ def parse_args(argv=None):
     parser.add_argument("--method", choices=METHODS, default="seq",
                         help="how the last layer learns: seq (higherANML's: one Adam step per image, class after "
                              "class), iid (the same images and steps, the classes shuffled together), lstsq "
-                             "(ridge least squares in closed form, argmax over the classes learned) (%(default)s)")
+                             "(ridge least squares in closed form, argmax over the classes learned), ncm (the "
+                             "nearest class mean of the features, among the classes learned) (%(default)s)")
     parser.add_argument("-l", "--lr", dest="lrs", metavar="LR", type=positive_float, nargs="+",
                         help="test-train Adam learning rate(s) for seq and iid (0.001); several are compared on "
                              "the same runs")
     parser.add_argument("--ridge", dest="ridges", metavar="RIDGE", type=positive_float, nargs="+",
                         help="ridge regulariser(s) lambda for lstsq (1.0); several are compared and chosen as --lr")
+    parser.add_argument("--distance", dest="distances", choices=DISTANCES, nargs="+",
+                        help="ncm's distance(s) to the class means, compared and chosen as --lr (both with "
+                             "--selection-runs, else euclidean)")
+    parser.add_argument("--no-freeze", action="store_true",
+                        help="seq and iid: Adam over every parameter (RLN, NM and fc), the whole network run on "
+                             "every image, as the original ANML code's --no_freeze (default: the last layer alone "
+                             "on frozen features)")
     parser.add_argument("--epochs-iid", type=positive_int,
                         help="for iid: passes over the shuffled images, each a new shuffle (1: as many steps as seq)")
     parser.add_argument("-r", "--runs", type=positive_int, default=10,
@@ -76,13 +88,19 @@ def parse_args(argv=None):
     return build_config(parser, EvalConfig, args, classes=tuple(args.classes), model=args.models[0],
                         models=tuple(args.models) if len(args.models) > 1 else None,
                         lrs=args.lrs and tuple(args.lrs), ridges=args.ridges and tuple(args.ridges),
+                        distances=args.distances and tuple(args.distances),
                         device=resolve_device(parser, args.device))
+
+
+def shown(value):
+    """A grid value as the output shows it: a number by %g (0.001, 1e-05), a distance by its name."""
+    return value if isinstance(value, str) else f"{value:g}"
 
 
 def summary_lines(classes, value, test, train, several, hyper="lr"):
     """higherANML's two lines (mean and std over runs), with ` lr {lr}` appended when sweeping
-    (` ridge {lambda}` for lstsq)."""
-    tail = f" {hyper} {value:g}" if several else ""
+    (` ridge {lambda}` for lstsq, ` distance {name}` for ncm)."""
+    tail = f" {hyper} {shown(value)}" if several else ""
     return [f"Classes {classes} Accuracy {test.mean():.2f} (std {test.std():.2f}){tail}",
             f"Classes {classes} Train accuracy {train.mean():.2f} (std {train.std():.2f}){tail}"]
 
@@ -142,11 +160,12 @@ def build_report(config, argv, report, selection, model_sha256, seconds, partial
         "versions": versions(),
         "method": config.method, "hyperparameter": hyper, "grid": list(grid),  # per_value entries hold `hyper`
         **({"epochs_iid": config.iid_epochs} if config.method == "iid" else {}),
+        "no_freeze": config.no_freeze,  # True: every parameter learned; False: the last layer on frozen features
         "classes": list(config.classes), "train_examples": config.train_examples,
         "runs": config.runs, "selection_runs": config.selection_runs, "seed": config.seed,
         "report_run_seeds": anml.run_seeds(config.seed, config.runs),  # SeedSequence entropies
         "selection_run_seeds": anml.run_seeds(config.seed, config.selection_runs, selection=True),
-        "fast": not config.original_loop, "seconds": round(seconds, 3),
+        "fast": not (config.original_loop or config.no_freeze), "seconds": round(seconds, 3),
         "one_value_for_all_rows": None if one_for_all is None else grid[one_for_all],
         "config": config.as_dict(),
         "rows": rows,
@@ -162,12 +181,13 @@ def split_runs(results, runs):
 
 
 def warn_non_finite(config, results):
-    """A notice for each learning rate at which a last layer became NaN or infinite: its accuracies
-    (near 0) say nothing about the network."""
+    """A notice for each learning rate at which a last layer (with --no-freeze, the network) became NaN
+    or infinite: its accuracies (near 0) say nothing about the network."""
+    what = "the network" if config.no_freeze else "the last layer"
     for l, value in enumerate(config.grid):
         bad = results["non_finite"][l]
         if bad.any():
-            print(f"notice: at {config.hyperparameter} {value:g} the last layer became NaN or infinite in {bad.sum()} "
+            print(f"notice: at {config.hyperparameter} {shown(value)} {what} became NaN or infinite in {bad.sum()} "
                   f"of {len(bad)} runs: its accuracies mean nothing (the rate is far too large)", file=sys.stderr)
 
 
@@ -190,23 +210,24 @@ def print_results(config, report, selection):
             print("\n".join(summary_lines(n, value, report["test"][k, l], report["train"][k, l], several, hyper)))
         if several:
             test = report["test"][k, best[k]]
-            print(f"Best {hyper} {grid[best[k]]:g}: Classes {n} Accuracy {test.mean():.2f} (std {test.std():.2f})")
+            print(f"Best {hyper} {shown(grid[best[k]])}: Classes {n} Accuracy {test.mean():.2f} (std {test.std():.2f})")
         if chosen is not None:
             test, train = report["test"][k, chosen[k]], report["train"][k, chosen[k]]
-            print(f"Chosen {hyper} {grid[chosen[k]]:g} on {config.selection_runs} selection runs: Classes {n} "
+            print(f"Chosen {hyper} {shown(grid[chosen[k]])} on {config.selection_runs} selection runs: Classes {n} "
                   f"Accuracy {test.mean():.2f} (std {test.std():.2f}) Train accuracy {train.mean():.2f}")
     if chosen is not None:
-        what = "regularisers" if hyper == "ridge" else "rates"
-        print(f"\n{config.runs} reported runs per row ({config.method}); {what} chosen on {config.selection_runs} "
-              f"other runs")
+        what = {"lr": "rates", "ridge": "regularisers", "distance": "distances"}[hyper]
+        learns = ", every parameter learning" if config.no_freeze else ""
+        print(f"\n{config.runs} reported runs per row ({config.method}{learns}); {what} chosen on "
+              f"{config.selection_runs} other runs")
         print(f"{'classes':>7}  {'chosen ' + hyper:>12}  {'test':>11}  {'train':>11}  "
-              f"{'fixed ' + hyper + ' ' + format(grid[one_for_all], 'g'):>18}  {'best on the same runs':>27}")
+              f"{'fixed ' + hyper + ' ' + shown(grid[one_for_all]):>18}  {'best on the same runs':>27}")
         fmt = lambda a: f"{a.mean():.3f}±{a.std():.3f}"
         for k, n in enumerate(config.classes):
             c, b = chosen[k], best[k]
-            print(f"{n:>7}  {grid[c]:>12g}  {fmt(report['test'][k, c]):>11}  {fmt(report['train'][k, c]):>11}  "
+            print(f"{n:>7}  {shown(grid[c]):>12}  {fmt(report['test'][k, c]):>11}  {fmt(report['train'][k, c]):>11}  "
                   f"{fmt(report['test'][k, one_for_all]):>18}  "
-                  f"{fmt(report['test'][k, b]) + f' {hyper} ' + format(grid[b], 'g'):>27}")
+                  f"{fmt(report['test'][k, b]) + f' {hyper} ' + shown(grid[b]):>27}")
 
 
 def evaluate(config, argv, sampler, model, finished=(), ranks=Ranks()):

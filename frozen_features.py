@@ -1,6 +1,8 @@
 """The meta-test on frozen features: RLN and NM do not learn at meta-test time, so the features of
 every image are computed once, and higherANML's sequence of one-image Adam steps runs on the last
-layer alone (many runs and learning rates at once as one batch of last layers)."""
+layer alone (many runs and learning rates at once as one batch of last layers). The other learners
+on the same features: the i.i.d. oracle, a closed-form last layer (lstsq) and the nearest class
+mean (ncm)."""
 import numpy as np
 import torch
 from tqdm import tqdm
@@ -258,6 +260,62 @@ def ridge_solutions(x, y, ridges):
         e, v = torch.linalg.eigh(xc @ xc.T)
         weights = xc.T @ (v @ ((v.T @ yc) / (e.clamp(min=0) + lam)[..., None]))
     return weights, y_mean - x_mean @ weights
+
+
+# ----------------------------------------------------------------------------- nearest class mean
+
+
+def ncm_fit(features, runs, distances, counts, progress=False, scores=None):
+    """The nearest class mean on the frozen features, learned in sequence: each class's mean training
+    feature, updated one image at a time as the sequence goes (`running_class_means`); after the first
+    N classes, for each count N, every test and training image of those classes is given the class of
+    the nearest of the N means (`nearest_mean`), for each distance of `distances`. No learning rate,
+    no initialisation; float64. Returns accuracies [K, L, R] (L = distances), filled into `scores`
+    run by run when it is given."""
+    n_train, n_test = runs[0].train_idx.shape[1], runs[0].test_idx.shape[1]
+    shape = (len(counts), len(distances), len(runs))
+    scores = scores or {"test": np.zeros(shape), "train": np.zeros(shape)}
+    for r in tqdm(range(len(runs)), disable=not progress, desc="ncm", unit="run"):
+        train_x, _, test_x, _ = (a.double() for a in gather_sequence(features, runs[r]))
+        device = train_x.device
+        means = running_class_means(train_x, n_train, [n * n_train for n in counts])
+        for k, (n, class_means) in enumerate(zip(counts, means)):
+            for key, xs, ys in (("train", train_x[:n * n_train], position_labels(n, n_train, device)),
+                                ("test", test_x[:n * n_test], position_labels(n, n_test, device))):
+                for l, distance in enumerate(distances):
+                    predictions = nearest_mean(xs, class_means[:n], distance)
+                    scores[key][k, l, r] = (predictions == ys).double().mean().item()
+    return scores
+
+
+def running_class_means(x, per_class, stops):
+    """The class means of a sequence x [T, D] (class-major, `per_class` images a class) as a sequential
+    learner keeps them: image t moves its class's mean by (x_t - mean) / (images of that class seen
+    so far). Returns, for each number of images in `stops`, the means [C, D] at that point (rows of
+    classes not seen yet are zero)."""
+    T, D = x.shape
+    means = torch.zeros(T // per_class, D, dtype=x.dtype, device=x.device)
+    seen = [0] * (T // per_class)
+    out, stops = [], sorted(stops)
+    for t in range(stops[-1]):
+        c = t // per_class
+        seen[c] += 1
+        means[c] += (x[t] - means[c]) / seen[c]
+        if t + 1 in stops:
+            out.append(means.clone())
+    return out
+
+
+def nearest_mean(x, means, distance):
+    """The index of the nearest of means [C, D] to each row of x [n, D]: by Euclidean distance, or
+    by cosine distance (1 - cosine similarity: the nearest is the most similar). Ties go to the
+    first class."""
+    if distance == "euclidean":
+        return torch.cdist(x, means).argmin(1)
+    if distance == "cosine":
+        unit = lambda a: a / a.norm(dim=1, keepdim=True).clamp_min(1e-12)
+        return (unit(x) @ unit(means).T).argmax(1)
+    raise ValueError(f"unknown distance {distance!r}")
 
 
 class SequenceStep:

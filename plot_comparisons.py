@@ -2,10 +2,12 @@
 
     python plot_comparisons.py results/comparisons/*.json -o results/comparisons/comparisons.png
 
-Each file is one method on one network (its name, without .json, labels the line). A row's point is
-the test accuracy on the reported runs at the learning rate (or ridge) chosen on the selection runs,
-or, without selection runs, the best on the reported runs (marked "best on same runs" in the legend);
-the error bars are the standard deviation over runs.
+Each file is one method on one network, named {network}_{method}...json as make_comparisons.sh names
+them: the line is labelled by the network (from the name) and by how it learned at meta-test (from
+the file: "pretrained, all parameters learn", "ANML + NCM"). A row's point is the test accuracy on
+the reported runs at the learning rate (ridge, distance) chosen on the selection runs, or, without
+selection runs, the best on the reported runs (marked "best on same runs" in the legend); the error
+bars are the standard deviation over runs.
 """
 import argparse
 from pathlib import Path
@@ -17,19 +19,32 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from atomic import write_atomic  # noqa: E402
 from cli import run_cli  # noqa: E402
-from results import read_results, reading_key, reported  # noqa: E402
+from results import read_results, reading_key, reported, row_label  # noqa: E402
+
+# The networks of make_comparisons.sh's file names, {prefix}_{method}...: the longest prefix names it.
+NETWORKS = {"anml": "ANML", "anml_first_order": "first-order ANML", "pretrain": "pretrained",
+            "pretrain_zap": "pretrained with zapping", "asb": "ASB", "asb_zap": "ASB with zapping", "oml": "OML",
+            "random": "random"}
 
 
-def curve(report):
-    """(classes, mean test accuracy, std, which reading) of one checked eval_omni.py report."""
+def network_of(stem):
+    """The network that a file's name (without .json) names: NETWORKS's longest matching prefix, else
+    the name itself."""
+    prefixes = [p for p in NETWORKS if stem == p or stem.startswith(p + "_")]
+    return NETWORKS[max(prefixes, key=len)] if prefixes else stem
+
+
+def curve(report, network):
+    """(classes, mean test accuracy, std, which reading, legend label) of one checked eval_omni.py
+    report of `network`."""
     rows = reported(report)
     return ([n for n, _ in rows], [r["test_mean"] for _, r in rows], [r["test_std"] for _, r in rows],
-            reading_key(report))
+            reading_key(report), row_label(network, report))
 
 
 def load_curves(paths):
-    """{label: curve} from --json files; the label is the file's name without .json."""
-    return {Path(path).stem: curve(read_results(path)) for path in paths}
+    """{file name without .json: curve} from --json files."""
+    return {Path(path).stem: curve(read_results(path), network_of(Path(path).stem)) for path in paths}
 
 
 def picture_path(out):
@@ -44,8 +59,8 @@ def picture_path(out):
 
 def plot_comparisons(curves, out, title="Omniglot meta-test: accuracy against classes learned"):
     """One picture, one line per method (log-scale classes), written atomically to `out`."""
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for label, (classes, mean, std, key) in curves.items():
+    fig, ax = plt.subplots(figsize=(8, 5.5))
+    for classes, mean, std, key, label in curves.values():
         note = "" if key == "chosen_on_selection_runs" else " (best on same runs)"
         ax.errorbar(classes, mean, yerr=std, marker="o", capsize=3, label=label + note)
     ax.set_xscale("log")
@@ -57,7 +72,7 @@ def plot_comparisons(curves, out, title="Omniglot meta-test: accuracy against cl
     ax.set_ylim(0, 1)
     ax.set_title(title)
     ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=7)
     fig.tight_layout()
     try:
         write_atomic(out, lambda tmp: fig.savefig(tmp, format="png", dpi=150))

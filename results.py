@@ -100,3 +100,22 @@ def chosen_value(report, classes):
     """The grid value (lr or ridge) that `reported` shows at `classes`, or None without that row."""
     hyper = report.get("hyperparameter", "lr")
     return next((reading.get(hyper) for n, reading in reported(report) if n == classes), None)
+
+
+def protocol(report):
+    """How the report's network learned at meta-test, in words: the last layer on frozen features
+    (seq, iid), every parameter (seq, iid with no_freeze), a closed-form last layer (lstsq) or the
+    nearest class mean (ncm). Reports without the keys are seq on frozen features."""
+    method = report.get("method", "seq")
+    if method == "lstsq":
+        return "closed-form last layer"
+    if method == "ncm":
+        return "NCM"
+    learns = "all parameters learn" if report.get("no_freeze") else "last layer on frozen features"
+    return learns if method == "seq" else f"i.i.d. oracle, {learns}"
+
+
+def row_label(network, report):
+    """A line's or column's name: the network and its protocol ("pretrained, all parameters learn",
+    "ANML + NCM")."""
+    return f"{network} + NCM" if report.get("method") == "ncm" else f"{network}, {protocol(report)}"

@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
-# The comparisons at full size: ANML (seq, iid, lstsq), ANML meta-trained first order (seq), OML (seq), the same
-# network pretrained the ordinary way (seq, lstsq), with zapping (seq), by alternating sequential and
-# batch learning with and without zapping (seq), and at its initialisation (seq), for 10 50 100 200 600
-# classes, each row's learning rate (ridge for lstsq) chosen on separate selection runs and reported on
-# other runs.
+# The comparisons at full size: ANML (seq, iid, lstsq, ncm), ANML meta-trained first order (seq), OML (seq), the
+# same network pretrained the ordinary way (seq, lstsq, ncm), with zapping (seq), by alternating sequential
+# and batch learning with and without zapping (seq), and at its initialisation (seq, ncm); then ANML, the
+# pretrained and the random network with every parameter learning (seq --no-freeze, the original ANML
+# code's baseline: the whole network runs on every image, the costliest rows). For 10 50 100 200 600
+# classes, each row's learning rate (ridge for lstsq, distance for ncm) chosen on separate selection runs
+# and reported on other runs.
 #
 #   results/make_comparisons.sh                       # on a GPU machine (DEVICE=cuda)
 #   results/make_comparisons.sh --data-root /path/to/omniglot --no-download
@@ -39,6 +41,7 @@ SEL=${SEL:-10}                         # selection runs per row (other seeds)
 CLASSES=${CLASSES:-"10 50 100 200 600"}
 LRS=${LRS:-"0.01 0.003 0.001 0.0008 0.0005 0.0003 0.0001"}
 RIDGES=${RIDGES:-"0.01 0.1 1 10 100 1000 10000"}
+NF_LRS=${NF_LRS:-"0.001 0.0003 0.0001 0.00003 0.00001"}  # --no-freeze: the original ANML code's range (1e-3..1e-5)
 
 mkdir -p "$OUT"
 RANDOM_INIT="$PRETRAIN_DIR/${NAME}_init.pth"
@@ -98,11 +101,18 @@ evaluate anml_lstsq    "$ANML"        --method lstsq --ridge $RIDGES
 evaluate pretrain_seq  "$PRETRAINED"  --method seq   -l $LRS
 evaluate pretrain_lstsq "$PRETRAINED" --method lstsq --ridge $RIDGES
 evaluate random_seq    "$RANDOM_INIT" --method seq   -l $LRS
+evaluate anml_ncm      "$ANML"        --method ncm
+evaluate pretrain_ncm  "$PRETRAINED"  --method ncm
+evaluate random_ncm    "$RANDOM_INIT" --method ncm
 evaluate anml_first_order_seq "$FIRST_ORDER" --method seq -l $LRS
 evaluate pretrain_zap_seq "$ZAPPED"   --method seq   -l $LRS
 evaluate asb_seq       "$ASB"         --method seq   -l $LRS
 evaluate asb_zap_seq   "$ASB_ZAP"     --method seq   -l $LRS
 evaluate oml_seq       "$OML"         --method seq   -l $LRS
+# every parameter learns: a full-network step per image (hours per row on a CPU, docs/comparisons.md)
+evaluate pretrain_seq_no_freeze "$PRETRAINED"  --method seq --no-freeze -l $NF_LRS
+evaluate random_seq_no_freeze   "$RANDOM_INIT" --method seq --no-freeze -l $NF_LRS
+evaluate anml_seq_no_freeze     "$ANML"        --method seq --no-freeze -l $NF_LRS
 
 # (d) one picture, one line per method
 $PY plot_comparisons.py "$OUT"/*.json -o "$OUT/comparisons.png"

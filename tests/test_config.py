@@ -93,6 +93,13 @@ def test_eval_config_grid_and_method_flags():
     lstsq = EvalConfig(model="m.pth", method="lstsq", ridges=(0.1, 10.0))
     assert lstsq.grid == (0.1, 10.0) and lstsq.hyperparameter == "ridge" and lstsq.lrs is None
     assert EvalConfig(model="m.pth", method="iid").iid_epochs == 1
+    ncm = EvalConfig(model="m.pth", method="ncm")
+    assert ncm.grid == ("euclidean",) and ncm.hyperparameter == "distance"
+    assert EvalConfig(model="m.pth", method="ncm", selection_runs=3).grid == ("euclidean", "cosine")
+    assert EvalConfig(model="m.pth", method="ncm", distances=["cosine"]).grid == ("cosine",)
+    for method in ("seq", "iid"):
+        assert EvalConfig(model="m.pth", method=method, no_freeze=True).no_freeze
+    assert EvalConfig(model="m.pth", no_freeze=True, original_loop=True).grid == (1e-3,)  # the same loop
     assert EvalConfig(model="m.pth", train_examples=12).test_examples == 8
     for bad, message in [(dict(classes=()), "--classes must be in 1..659"), (dict(classes=(0, 5)), "got 0 5"),
                          (dict(method="lstsq", lrs=(0.1,)), "takes --ridge"), (dict(ridges=(1.0,)), "--ridge is for"),
@@ -103,6 +110,12 @@ def test_eval_config_grid_and_method_flags():
                          (dict(selection_runs=2), "give several with --lr"), (dict(runs=0), "--runs"),
                          (dict(train_examples=20), "--train-examples must be in 1..19"),
                          (dict(original_loop=True, method="iid"), "only runs --method seq"),
+                         (dict(method="ncm", lrs=(0.1,)), "--method ncm learns no rate"),
+                         (dict(method="ncm", distances=("cityblock",)), "--distance takes distinct values"),
+                         (dict(method="ncm", distances=()), "got none"),
+                         (dict(distances=("cosine",)), "--distance is for --method ncm, not seq"),
+                         (dict(method="lstsq", no_freeze=True), "it runs --method seq or iid, not lstsq"),
+                         (dict(method="ncm", no_freeze=True), "it runs --method seq or iid, not ncm"),
                          (dict(model=""), "-m must name a file"), (dict(json=""), "--json must name a file")]:
         with pytest.raises(ConfigError, match=message.replace(".", r"\.").replace("(", r"\(")):
             EvalConfig(**{"model": "m.pth", **bad})

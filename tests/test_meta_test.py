@@ -1,5 +1,7 @@
 """The meta-test: the frozen-feature path against higherANML's loop, several class counts along one
 sequence, and the batched grid of runs and learning rates against separate runs."""
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
@@ -7,7 +9,7 @@ import torch
 import anml
 from checkpoints import load_model
 from config import EvalConfig
-from frozen_features import FeatureBank, MetaTestRun, sequential_fit
+from frozen_features import FeatureBank, MetaTestRun, empty_results, sequential_fit
 
 
 def evaluate(checkpoint, sampler, num_classes=10, **settings):
@@ -28,14 +30,16 @@ def test_fast_meta_test_equals_the_original_loop(small_checkpoint, sampler):
 
 def test_several_class_counts_equal_separate_runs(small_checkpoint, sampler):
     """A run scored after the first 3, 6 and 8 classes of its sequence gives what separate runs with
-    3, 6 and 8 classes give (fast path), and higherANML's loop run separately for each count agrees."""
+    3, 6 and 8 classes give, on the fast path and in higherANML's loop (which scores one sequence
+    along the way too), and the two agree."""
     kwargs = dict(train_examples=15, lrs=(1e-3, 3e-4), runs=2, seed=4)
     nested = evaluate(small_checkpoint, sampler, num_classes=[8, 3, 6], **kwargs)
     assert nested["test"].shape == (3, 2, 2)
     for k, n in enumerate([3, 6, 8]):
-        alone = evaluate(small_checkpoint, sampler, num_classes=n, **kwargs)
-        np.testing.assert_array_equal(nested["test"][k], alone["test"][0])
-        np.testing.assert_array_equal(nested["train"][k], alone["train"][0])
+        for loop in (False, True):
+            alone = evaluate(small_checkpoint, sampler, num_classes=n, original_loop=loop, **kwargs)
+            np.testing.assert_array_equal(nested["test"][k], alone["test"][0])
+            np.testing.assert_array_equal(nested["train"][k], alone["train"][0])
     loop = evaluate(small_checkpoint, sampler, num_classes=[3, 6, 8], original_loop=True, **kwargs)
     np.testing.assert_array_equal(nested["test"], loop["test"])
     np.testing.assert_array_equal(nested["train"], loop["train"])
@@ -172,12 +176,229 @@ def test_lstsq_meta_test(small_checkpoint, sampler):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("method", ["iid", "lstsq"])
+@pytest.mark.parametrize("method", ["iid", "lstsq", "ncm"])
 def test_other_methods_on_cuda_equal_cpu(small_checkpoint, sampler, method):
     """The batched (CUDA-graphed for iid) GPU path against the CPU's, as for seq in test_cuda_graphs."""
-    kwargs = dict(num_classes=[5, 20], runs=2, seed=3, method=method,
-                  **(dict(ridges=(0.1, 10.0)) if method == "lstsq" else dict(lrs=(1e-3, 5e-4), epochs_iid=2)))
+    grid = {"lstsq": dict(ridges=(0.1, 10.0)), "ncm": dict(distances=("euclidean", "cosine")),
+            "iid": dict(lrs=(1e-3, 5e-4), epochs_iid=2)}[method]
+    kwargs = dict(num_classes=[5, 20], runs=2, seed=3, method=method, **grid)
     gpu = evaluate(small_checkpoint, sampler, device="cuda", **kwargs)
     cpu = evaluate(small_checkpoint, sampler, device="cpu", **kwargs)
     np.testing.assert_allclose(gpu["test"], cpu["test"], atol=0.02)
     np.testing.assert_allclose(gpu["train"], cpu["train"], atol=0.02)
+
+
+# ----------------------------------------------------------------------------- every parameter learns: --no-freeze
+
+from model import kaiming_std  # noqa: E402
+
+
+def trained_states(monkeypatch):
+    """Spies on anml.original_fit: the list of (the model's weights when it starts, the images it is
+    given in order, its weights when it ends), one entry a call."""
+    calls, real = [], anml.original_fit
+
+    def spy(model, train_tasks, lr, after_task=None):
+        start = {k: v.clone() for k, v in model.state_dict().items()}
+        real(model, train_tasks, lr, after_task)
+        images = [(image, int(label)) for task in train_tasks for image, label in task]
+        calls.append((start, images, {k: v.clone() for k, v in model.state_dict().items()}))
+        return model
+    monkeypatch.setattr(anml, "original_fit", spy)
+    return calls
+
+
+def changed(before, after, prefix):
+    """Whether any tensor of the sub-network `prefix` (rln., nm., fc.) differs between two states."""
+    return any(not torch.equal(before[k], after[k]) for k in before if k.startswith(prefix))
+
+
+def test_no_freeze_trains_rln_and_nm_and_the_default_does_not(small_checkpoint, sampler, monkeypatch):
+    """--no-freeze: RLN, NM and fc all move. higherANML's loop without it: only fc moves. The default
+    (frozen features) runs no full-network step at all. The RLN and NM of the model given never change."""
+    calls = trained_states(monkeypatch)
+    model = load_model(small_checkpoint)
+    original = {k: v.clone() for k, v in model.state_dict().items()}
+    settings = dict(model=str(small_checkpoint), classes=(3,), runs=1, lrs=(3e-3,))
+    anml.meta_test(EvalConfig(no_freeze=True, **settings), sampler, model, progress=False)
+    ((start, _, end),) = calls
+    assert all(changed(start, end, part) for part in ("rln.", "nm.", "fc."))
+    assert not changed(original, start, "rln.") and not changed(original, start, "nm.")
+    calls.clear()
+    anml.meta_test(EvalConfig(original_loop=True, **settings), sampler, model, progress=False)
+    ((start, _, end),) = calls
+    assert changed(start, end, "fc.") and not changed(start, end, "rln.") and not changed(start, end, "nm.")
+    calls.clear()
+    anml.meta_test(EvalConfig(**settings), sampler, model, progress=False)
+    assert calls == []
+    assert not changed(original, model.state_dict(), "rln.") and not changed(original, model.state_dict(), "nm.")
+
+
+def hand_trained_run(checkpoint, sampler, seed, r, counts, lr):
+    """The no-freeze protocol written out: run r's sample and generator, fc.weight drawn Kaiming-normal
+    (bias kept), torch.optim.Adam over every parameter, one step an image in class order; the test
+    and train accuracy after the first N classes for each N of `counts`, and the final weights."""
+    sampler.rng, generator = anml.run_generators(seed, r)
+    model = load_model(checkpoint)
+    with torch.no_grad():
+        model.fc.weight.copy_(torch.randn(model.fc.weight.shape, generator=generator) * kaiming_std(model.fc.weight))
+    tasks, (test_ims, test_labels), _ = sampler.sample_test(counts[-1], 15)
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    accuracy = lambda ims, labels: (model(ims).argmax(1) == labels).float().mean().item()
+    scores = []
+    for c, task in enumerate(tasks, 1):
+        for image, label in task:
+            opt.zero_grad()
+            torch.nn.functional.cross_entropy(model(image), label).backward()
+            opt.step()
+        if c in counts:
+            with torch.no_grad():
+                train_ims = torch.cat([im for t in tasks[:c] for im, _ in t])
+                train_labels = torch.cat([label for t in tasks[:c] for _, label in t])
+                scores.append((accuracy(test_ims[:5 * c], test_labels[:5 * c]), accuracy(train_ims, train_labels)))
+    return scores, model.state_dict()
+
+
+def test_no_freeze_run_equals_adam_over_every_parameter_one_image_at_a_time(small_checkpoint, sampler):
+    """A no-freeze sequential run, weights and accuracies, bit for bit against the loop written out
+    by hand; its counts nest along one sequence as separate runs would give them; and it is not the
+    frozen protocol's result."""
+    counts, lrs, seed = [2, 4], [3e-3, 1e-2], 6
+    config = EvalConfig(model=str(small_checkpoint), classes=tuple(counts), runs=2, lrs=tuple(lrs), seed=seed,
+                        no_freeze=True)
+    model = load_model(small_checkpoint)
+    results = anml.meta_test(config, sampler, model, progress=False)
+    for r in range(2):
+        for l, lr in enumerate(lrs):
+            scores, weights = hand_trained_run(small_checkpoint, sampler, seed, r, counts, lr)
+            np.testing.assert_array_equal(results["test"][:, l, r], [test for test, _ in scores])
+            np.testing.assert_array_equal(results["train"][:, l, r], [train for _, train in scores])
+    sampler.rng, generator = anml.run_generators(seed, 1)
+    net = anml.run_network(model, generator, no_freeze=True)
+    anml.full_network_run(net, sampler, counts, lrs[1], config)
+    assert all(torch.equal(v, weights[k]) for k, v in net.state_dict().items())
+    sampler.rng, generator = anml.run_generators(seed, 1)
+    per_class, train = anml.test_train(model, sampler, 4, lr=lrs[1], quiet=True, fast=False, generator=generator,
+                                       no_freeze=True)  # higherANML's one-run API, every parameter learning
+    assert (per_class.mean(), train) == pytest.approx(scores[-1], abs=1e-6)
+    assert results["train"][-1].min() > 0.3  # it learned: chance among 1000 outputs is 0.001
+    alone = anml.meta_test(replace(config, classes=(4,)), sampler, model, progress=False)
+    np.testing.assert_array_equal(alone["test"][0], results["test"][1])
+    frozen = anml.meta_test(replace(config, no_freeze=False), sampler, model, progress=False)
+    assert not np.array_equal(frozen["train"], results["train"])
+
+
+def test_no_freeze_iid_sees_each_image_once_an_epoch_shuffled(small_checkpoint, sampler, monkeypatch):
+    """The i.i.d. variant: for each count a fresh copy of the run's network (the same start each time)
+    takes one Adam step per image over E epochs, each epoch every training image of the first N
+    classes once, in the frozen-feature iid's orders; and without --no-freeze this loop gives what
+    the frozen-feature iid gives."""
+    from frozen_features import shuffle_rng
+    counts, seed, epochs = [2, 3], 2, 2
+    calls = trained_states(monkeypatch)
+    config = EvalConfig(model=str(small_checkpoint), classes=tuple(counts), runs=1, lrs=(1e-2,), seed=seed,
+                        method="iid", epochs_iid=epochs, no_freeze=True)
+    anml.meta_test(config, sampler, load_model(small_checkpoint), progress=False)
+    sampler.rng, _ = anml.run_generators(seed, 0)
+    tasks, _, _ = sampler.sample_test(counts[-1], 15)
+    orders = iid_orders(shuffle_rng([seed, 0]), counts, 15, epochs)
+    assert len(calls) == len(counts)
+    for (start, images, end), n, order in zip(calls, counts, orders):
+        in_class_order = [(image, int(label)) for task in tasks[:n] for image, label in task]
+        index = [next(i for i, (im, _) in enumerate(in_class_order) if torch.equal(im, image)) for image, _ in images]
+        assert len(images) == epochs * n * 15
+        for e in range(epochs):  # each epoch: every image once
+            assert sorted(index[e * n * 15:(e + 1) * n * 15]) == list(range(n * 15))
+        assert index == order.tolist() and index[:n * 15] != sorted(index[:n * 15])
+        assert [label for _, label in images] == [in_class_order[i][1] for i in index]
+        assert not changed(calls[0][0], start, "") and changed(start, end, "rln.")
+    frozen = replace(config, no_freeze=False)
+    loop = anml.original_meta_test(frozen, sampler, load_model(small_checkpoint), [[seed, 0]],
+                                   empty_results(frozen, 1), progress=False)
+    fast = anml.meta_test(frozen, sampler, load_model(small_checkpoint), progress=False)
+    np.testing.assert_allclose(loop["test"], fast["test"], atol=1e-6)
+    np.testing.assert_allclose(loop["train"], fast["train"], atol=1e-6)
+
+
+# ----------------------------------------------------------------------------- the nearest class mean
+
+from frozen_features import ncm_fit, nearest_mean, running_class_means  # noqa: E402
+
+
+def synthetic_runs(n_runs=2, n_classes=6, dim=5, seed=0):
+    """Features [C, 20, D] of overlapping Gaussian classes (so that some images are misclassified), a
+    stand-in for FeatureBank, and runs of all the classes in random orders with random splits."""
+    rng = np.random.default_rng(seed)
+    bank = torch.as_tensor(rng.normal(size=(n_classes, 1, dim)) + 1.5 * rng.normal(size=(n_classes, 20, dim)))
+    features = lambda classes: bank[torch.as_tensor(np.asarray(classes))]
+    runs = []
+    for _ in range(n_runs):
+        drawers = np.stack([rng.permutation(20) for _ in range(n_classes)])
+        runs.append(MetaTestRun(rng.permutation(n_classes), drawers[:, :15], drawers[:, 15:]))
+    return bank.numpy(), features, runs
+
+
+def numpy_ncm(bank, run, n, distance, split):
+    """Accuracy of the nearest class mean of the run's first n classes, by numpy, on their `split` images."""
+    classes = run.classes[:n]
+    means = np.stack([bank[c, run.train_idx[i]].mean(0) for i, c in enumerate(classes)])
+    idx = run.train_idx if split == "train" else run.test_idx
+    x = np.concatenate([bank[c, idx[i]] for i, c in enumerate(classes)])
+    labels = np.repeat(np.arange(n), idx.shape[1])
+    if distance == "euclidean":
+        predictions = ((x[:, None] - means[None]) ** 2).sum(2).argmin(1)
+    else:
+        cos = x @ means.T / np.linalg.norm(x, axis=1)[:, None] / np.linalg.norm(means, axis=1)[None]
+        predictions = (1 - cos).argmin(1)
+    return (predictions == labels).mean()
+
+
+def test_ncm_equals_class_means_and_nearest_mean_by_numpy():
+    bank, features, runs = synthetic_runs()
+    counts, distances = [2, 4, 6], ["euclidean", "cosine"]
+    scores = ncm_fit(features, runs, distances, counts)
+    assert scores["test"].shape == (3, 2, 2)
+    for key in ("test", "train"):
+        for k, n in enumerate(counts):
+            for l, distance in enumerate(distances):
+                for r, run in enumerate(runs):
+                    assert scores[key][k, l, r] == pytest.approx(numpy_ncm(bank, run, n, distance, key), abs=1e-12)
+    assert 0.2 < scores["test"].mean() < 0.95  # neither trivial nor broken: the classes overlap
+    assert not np.array_equal(scores["test"][:, 0], scores["test"][:, 1])  # the two distances differ here
+
+
+def test_the_running_mean_is_the_batch_mean():
+    """After each whole class the running means are the batch means of the classes seen; in the middle
+    of a class, its row is the mean of its images seen so far; unseen classes are zero."""
+    x = torch.randn(4 * 15, 7, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    at_2, in_3rd, at_4 = running_class_means(x, 15, [30, 37, 60])
+    batch = x.view(4, 15, 7).mean(1)
+    torch.testing.assert_close(at_4, batch, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(at_2[:2], batch[:2], rtol=1e-12, atol=1e-12)
+    assert (at_2[2:] == 0).all() and (in_3rd[3] == 0).all()
+    torch.testing.assert_close(in_3rd[2], x[30:37].mean(0), rtol=1e-12, atol=1e-12)
+
+
+def test_cosine_ignores_the_scale_that_euclidean_reads():
+    """A long vector along a short mean's direction: nearest to that mean by angle, to the long mean by
+    Euclidean distance; scaling the rows changes Euclidean's answer, never cosine's."""
+    means = torch.tensor([[1.0, 0.0], [10.0, 1.0]], dtype=torch.float64)
+    x = torch.tensor([[9.0, 0.0], [0.5, 0.05]], dtype=torch.float64)
+    assert nearest_mean(x, means, "euclidean").tolist() == [1, 0]
+    assert nearest_mean(x, means, "cosine").tolist() == [0, 1]
+    for scale in (0.01, 100.0):
+        assert nearest_mean(scale * x, means, "cosine").tolist() == [0, 1]
+    assert nearest_mean(100 * x, means, "euclidean").tolist() == [1, 1]
+
+
+def test_ncm_meta_test_nests_its_counts_and_learns(small_checkpoint, sampler):
+    """On the real features: counts along one sequence equal separate runs, both distances are scored,
+    and the class means classify far above chance among the classes learned."""
+    kwargs = dict(runs=2, seed=5, method="ncm", distances=("euclidean", "cosine"))
+    both = evaluate(small_checkpoint, sampler, num_classes=[3, 8], **kwargs)
+    assert both["test"].shape == (2, 2, 2)
+    for k, n in enumerate([3, 8]):
+        alone = evaluate(small_checkpoint, sampler, num_classes=n, **kwargs)
+        np.testing.assert_array_equal(both["test"][k], alone["test"][0])
+        np.testing.assert_array_equal(both["train"][k], alone["train"][0])
+    assert both["test"][1].mean() > 3 / 8 and both["train"][1].mean() > 3 / 8  # chance is 1/8

@@ -19,6 +19,7 @@ import plot_comparisons
 import plot_results
 from conftest import (REPO, TINY_FLAGS, assert_ok, assert_one_error, command, run, same_weights, script_env,
                       weights)
+from results import chosen_value, read_results
 
 NUMBER = r"(\d+\.\d\d)"
 ACCURACY = rf"Classes (\d+) Accuracy {NUMBER} \(std {NUMBER}\)"
@@ -164,32 +165,43 @@ def test_eval_lr_sweep_and_selection_runs(omniglot_root, checkpoint, tmp_path, c
 
 
 def test_eval_methods_share_runs_and_layout(omniglot_root, checkpoint, tmp_path, capsys):
-    """seq, iid and lstsq on the same runs: the same seeds and JSON layout with a "method" key; lstsq
-    chooses its ridge on the selection runs as seq chooses its rate; iid repeats exactly."""
-    reports = {}
+    """seq, iid, lstsq, ncm and seq with every parameter learning, on the same runs: the same seeds and
+    JSON layout with "method" and "no_freeze" keys, which results.py reads; lstsq chooses its ridge and
+    ncm its distance on the selection runs as seq chooses its rate; iid repeats exactly."""
+    reports, texts = {}, {}
     flags = {"seq": ["-l", 0.03, 0.01], "iid": ["--method", "iid", "-l", 0.03, 0.01, "--epochs-iid", 2],
-             "lstsq": ["--method", "lstsq", "--ridge", 0.01, 1, 100]}
-    for method, extra in flags.items():
-        out = tmp_path / f"{method}.json"
-        text = evaluate_in_process(omniglot_root, capsys, "-m", checkpoint, "-c", 2, 4, "-r", 2, "--selection-runs",
-                                   2, *extra, "--json", out)
-        reports[method] = json.loads(out.read_text())
-        assert reports[method]["method"] == method
-    assert "Chosen ridge" in text and "Best ridge" in text
+             "lstsq": ["--method", "lstsq", "--ridge", 0.01, 1, 100], "ncm": ["--method", "ncm"],
+             "seq_no_freeze": ["-l", 0.03, 0.01, "--no-freeze"]}
+    for label, extra in flags.items():
+        out = tmp_path / f"{label}.json"
+        texts[label] = evaluate_in_process(omniglot_root, capsys, "-m", checkpoint, "-c", 2, 4, "-r", 2,
+                                           "--selection-runs", 2, *extra, "--json", out)
+        reports[label] = read_results(out)
+    assert [r["method"] for r in reports.values()] == ["seq", "iid", "lstsq", "ncm", "seq"]
+    assert [r["no_freeze"] for r in reports.values()] == [False] * 4 + [True]
+    assert reports["seq_no_freeze"]["config"]["no_freeze"] and not reports["seq_no_freeze"]["fast"]
+    assert "Chosen ridge" in texts["lstsq"] and "Best ridge" in texts["lstsq"]
     assert reports["iid"]["epochs_iid"] == 2 and "epochs_iid" not in reports["seq"]
     assert reports["lstsq"]["hyperparameter"] == "ridge" and reports["lstsq"]["grid"] == [0.01, 1, 100]
+    assert reports["ncm"]["hyperparameter"] == "distance" and reports["ncm"]["grid"] == ["euclidean", "cosine"]
+    assert re.search(rf"^{ACCURACY} distance cosine$", texts["ncm"], re.M)
+    assert re.search(r"^Chosen distance (euclidean|cosine) on 2 selection runs: Classes 4 ", texts["ncm"], re.M)
+    assert "every parameter learning" in texts["seq_no_freeze"]
     for key in ("report_run_seeds", "selection_run_seeds", "classes", "train_examples"):
-        assert reports["seq"][key] == reports["iid"][key] == reports["lstsq"][key], key
-    for row in reports["lstsq"]["rows"]:
-        selection_means = [r["selection"]["test_mean"] for r in row["per_value"]]
-        assert row["chosen_on_selection_runs"]["ridge"] == [0.01, 1, 100][int(np.argmax(selection_means))]
+        assert len({json.dumps(r[key]) for r in reports.values()}) == 1, key
+    for label, hyper, grid in (("lstsq", "ridge", [0.01, 1, 100]), ("ncm", "distance", ["euclidean", "cosine"])):
+        for row in reports[label]["rows"]:
+            selection_means = [r["selection"]["test_mean"] for r in row["per_value"]]
+            assert row["chosen_on_selection_runs"][hyper] == grid[int(np.argmax(selection_means))]
+            assert chosen_value(reports[label], row["classes"]) == row["chosen_on_selection_runs"][hyper]
     again = tmp_path / "again.json"
     evaluate_in_process(omniglot_root, capsys, "-m", checkpoint, "-c", 2, 4, "-r", 2, "--selection-runs", 2,
                         *flags["iid"], "--json", again)
     assert json.loads(again.read_text())["rows"] == reports["iid"]["rows"]
-    seq_tests = [r["report"]["test"] for row in reports["seq"]["rows"] for r in row["per_value"]]
-    iid_tests = [r["report"]["test"] for row in reports["iid"]["rows"] for r in row["per_value"]]
-    assert seq_tests != iid_tests
+    tests = {label: [r["report"]["test"] for row in reports[label]["rows"] for r in row["per_value"]]
+             for label in ("seq", "iid", "seq_no_freeze")}
+    assert tests["seq"] != tests["iid"] and tests["seq"] != tests["seq_no_freeze"]
+    assert "lr" not in reports["ncm"]["rows"][0]["chosen_on_selection_runs"]
 
 
 def test_an_interrupted_evaluation_keeps_its_finished_runs(omniglot_root, checkpoint, tmp_path, capsys, monkeypatch):
@@ -289,15 +301,28 @@ def test_plot_results_reads_the_shipped_results_and_a_damaged_log(tmp_path, caps
 
 
 def test_plot_comparisons_reads_the_reports(tmp_path, capsys):
+    """Each file's curve, labelled by the network its name gives and by how it learned, which the file
+    says (its method, and whether every parameter learned)."""
     row = lambda n, key, mean: {"classes": n, key: {"test_mean": mean, "test_std": 0.1, "train_mean": 1.0,
                                                     "train_std": 0.0}}
-    (tmp_path / "a_seq.json").write_text(json.dumps({"selection_runs": 2, "rows": [
-        row(10, "chosen_on_selection_runs", 0.9), row(50, "chosen_on_selection_runs", 0.7)]}))
-    (tmp_path / "b_lstsq.json").write_text(json.dumps({"selection_runs": 0, "rows": [
-        row(10, "best_on_reported_runs", 0.5)]}))
-    curves = plot_comparisons.load_curves([tmp_path / "a_seq.json", tmp_path / "b_lstsq.json"])
-    assert curves["a_seq"] == ([10, 50], [0.9, 0.7], [0.1, 0.1], "chosen_on_selection_runs")
-    assert curves["b_lstsq"] == ([10], [0.5], [0.1], "best_on_reported_runs")
+    chosen = [row(10, "chosen_on_selection_runs", 0.9), row(50, "chosen_on_selection_runs", 0.7)]
+    files = {"a_seq": {"selection_runs": 2, "rows": chosen},
+             "b_lstsq": {"selection_runs": 0, "method": "lstsq", "rows": [row(10, "best_on_reported_runs", 0.5)]},
+             "pretrain_seq": {"selection_runs": 2, "method": "seq", "no_freeze": False, "rows": chosen},
+             "pretrain_seq_no_freeze": {"selection_runs": 2, "method": "seq", "no_freeze": True, "rows": chosen},
+             "pretrain_zap_iid_no_freeze": {"selection_runs": 2, "method": "iid", "no_freeze": True, "rows": chosen},
+             "anml_ncm": {"selection_runs": 2, "method": "ncm", "rows": chosen}}
+    for name, report in files.items():
+        (tmp_path / f"{name}.json").write_text(json.dumps(report))
+    curves = plot_comparisons.load_curves([tmp_path / f"{name}.json" for name in files])
+    assert curves["a_seq"] == ([10, 50], [0.9, 0.7], [0.1, 0.1], "chosen_on_selection_runs",
+                               "a_seq, last layer on frozen features")
+    assert curves["b_lstsq"] == ([10], [0.5], [0.1], "best_on_reported_runs", "b_lstsq, closed-form last layer")
+    assert {name: c[4] for name, c in curves.items() if name not in ("a_seq", "b_lstsq")} == {
+        "pretrain_seq": "pretrained, last layer on frozen features",
+        "pretrain_seq_no_freeze": "pretrained, all parameters learn",
+        "pretrain_zap_iid_no_freeze": "pretrained with zapping, i.i.d. oracle, all parameters learn",
+        "anml_ncm": "ANML + NCM"}
     plot_comparisons.main([str(tmp_path / "a_seq.json"), str(tmp_path / "b_lstsq.json"), "-o", str(tmp_path / "c")])
     assert capsys.readouterr().out == f"wrote {tmp_path / 'c.png'}: a_seq, b_lstsq\n"
     assert plt.imread(tmp_path / "c.png").std() > 0.01 and not list(tmp_path.glob(".*.tmp"))
@@ -336,20 +361,27 @@ def test_count_ops_counts_operations_not_views():
 
 def test_make_comparisons_at_tiny_scale(omniglot_root, checkpoint, tmp_path):
     """results/make_comparisons.sh end to end with tiny networks: six trainings (i.i.d. with and without
-    zapping, ASB with and without, first-order ANML, OML), the init checkpoint, eleven evaluations on
-    the same runs, and the picture; run again, it keeps what is done."""
+    zapping, ASB with and without, first-order ANML, OML), the init checkpoint, seventeen evaluations on
+    the same runs (ncm and every parameter learning among them), and the picture; run again, it keeps
+    what is done."""
     env = script_env(PY=sys.executable, DEVICE="cpu", ANML=str(checkpoint), SIZES=" ".join(TINY_FLAGS), NAME="4_3_36",
                      EPOCHS="1", BATCH="4096", PRETRAIN_DIR=str(tmp_path / "pre"), OUT=str(tmp_path / "out"),
                      RUNS="1", SEL="2", CLASSES="2 4", LRS="0.03 0.01", RIDGES="1 10", ASB_EPISODES="2",
                      FO_EPOCHS="2", FO_DIR=str(tmp_path / "fo"), OML_SIZES="--rln 2", OML_NAME="2", OML_EPOCHS="2",
-                     OML_DIR=str(tmp_path / "oml"))
+                     OML_DIR=str(tmp_path / "oml"), NF_LRS="0.01 0.001")
     script = ["bash", "results/make_comparisons.sh", "--data-root", str(omniglot_root)]
     proc = subprocess.run(script, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
     assert_ok(proc)
-    labels = ["anml_seq", "anml_iid", "anml_lstsq", "pretrain_seq", "pretrain_lstsq", "random_seq",
-              "anml_first_order_seq", "pretrain_zap_seq", "asb_seq", "asb_zap_seq", "oml_seq"]
+    labels = ["anml_seq", "anml_iid", "anml_lstsq", "pretrain_seq", "pretrain_lstsq", "random_seq", "anml_ncm",
+              "pretrain_ncm", "random_ncm", "anml_first_order_seq", "pretrain_zap_seq", "asb_seq", "asb_zap_seq",
+              "oml_seq", "pretrain_seq_no_freeze", "random_seq_no_freeze", "anml_seq_no_freeze"]
     reports = {label: json.loads((tmp_path / "out" / f"{label}.json").read_text()) for label in labels}
-    assert [r["method"] for r in reports.values()] == ["seq", "iid", "lstsq", "seq", "lstsq", "seq"] + ["seq"] * 5
+    assert [r["method"] for r in reports.values()] == \
+        ["seq", "iid", "lstsq", "seq", "lstsq", "seq", "ncm", "ncm", "ncm"] + ["seq"] * 8
+    assert [label for label, r in reports.items() if r["no_freeze"]] == labels[-3:]
+    assert reports["random_ncm"]["grid"] == ["euclidean", "cosine"] and reports["anml_seq_no_freeze"]["grid"] == \
+        [0.01, 0.001]
+    assert reports["random_ncm"]["model"] == reports["random_seq_no_freeze"]["model"] == reports["random_seq"]["model"]
     assert reports["oml_seq"]["model"].endswith("oml/2_OML-1.pth")
     assert reports["pretrain_seq"]["model"].endswith("4_3_36_pretrain-0.pth")
     assert reports["random_seq"]["model"].endswith("4_3_36_init.pth")
@@ -364,4 +396,4 @@ def test_make_comparisons_at_tiny_scale(omniglot_root, checkpoint, tmp_path):
     assert plt.imread(tmp_path / "out" / "comparisons.png").std() > 0.01
     again = subprocess.run(script, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
     assert_ok(again)
-    assert "training" not in again.stdout and again.stdout.count(": done (") == 11
+    assert "training" not in again.stdout and again.stdout.count(": done (") == 17
