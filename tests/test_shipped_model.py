@@ -21,16 +21,25 @@ def recorded_sha256(name):
     pytest.fail(f"{name} is not listed in trained_anmls/SHA256SUMS")
 
 
-@pytest.mark.parametrize("name", [SHIPPED, "256_112_2304_train_log.csv", "256_112_2304_pretrain-5.pth",
-                                  "256_112_2304_pretrain_log.csv"])
+def listed():
+    return [line.partition("  ")[2] for line in (TRAINED / "SHA256SUMS").read_text().splitlines() if line]
+
+
+def test_every_shipped_network_is_listed():
+    on_disk = {str(p.relative_to(TRAINED)) for p in TRAINED.rglob("*") if p.suffix in (".pth", ".csv")}
+    assert on_disk == set(listed())
+
+
+@pytest.mark.parametrize("name", listed())
 def test_shipped_file_is_the_trained_one(name):
     data = (TRAINED / name).read_bytes()
     assert not data.startswith(b"version https://git-lfs"), f"{name} is a Git LFS pointer: run git lfs pull"
     assert hashlib.sha256(data).hexdigest() == recorded_sha256(name), f"{name} is corrupted or not the trained file"
 
 
-def test_shipped_model_loads_strictly_with_finite_weights():
-    state = torch.load(TRAINED / SHIPPED, map_location="cpu", weights_only=True)
+@pytest.mark.parametrize("name", [n for n in listed() if n.endswith(".pth")])
+def test_shipped_model_loads_strictly_with_finite_weights(name):
+    state = torch.load(TRAINED / name, map_location="cpu", weights_only=True)
     model = ANML(256, 112, 2304)
     model.load_state_dict(state, strict=True)
     assert all(torch.isfinite(p).all() for p in model.parameters())
