@@ -20,18 +20,18 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-import run_loop
-from batched import MemberOptimizer, StackedMetaStep, one_or_each, seeded_stack, stacked_optimizer
-from checkpoints import load_model
-from config import IMAGES_PER_CLASS
-from cuda_graphs import GraphedMetaStep
+from harness import run_loop
+from fastpath.batched import MemberOptimizer, StackedMetaStep, one_or_each, seeded_stack, stacked_optimizer
+from harness.checkpoints import load_model
+from harness.config import IMAGES_PER_CLASS
+from fastpath.cuda_graphs import GraphedMetaStep
 from datasets import OmniSampler
-from frozen_features import (FeatureBank, MetaTestRun, empty_results, iid_orders, learn_on_features, ncm_fit, ridge_fit,
+from fastpath.frozen_features import (FeatureBank, MetaTestRun, empty_results, iid_orders, learn_on_features, ncm_fit, ridge_fit,
                              sequential_fit, shuffle_rng)
-from functional import accuracy, func_meta_loss, inner_parameter_names
+from fastpath.functional import accuracy, func_meta_loss, inner_parameter_names
 from model import kaiming_std, seeded_network
-from oml import IMAGE_SIZE, OML, oml_meta_loss, seeded_oml
-from runtime import Ranks, any_process
+from fastpath.oml import IMAGE_SIZE, OML, oml_meta_loss, seeded_oml
+from harness.runtime import Ranks, any_process
 
 # ----------------------------------------------------------------------------- meta-training
 

@@ -27,13 +27,13 @@ import numpy as np
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import anml
-from batched import StackedMetaStep, seeded_stack
-from checkpoints import checkpoint_path, save_atomic
-from cli import add_session_args, add_size_args, positive_int, run_cli
-from config import NUM_EVALUATION, ConfigError, EvalConfig, check_sizes, network_name
+from fastpath.batched import StackedMetaStep, seeded_stack
+from harness.checkpoints import checkpoint_path, save_atomic
+from harness.cli import add_session_args, add_size_args, positive_int, run_cli
+from harness.config import NUM_EVALUATION, ConfigError, EvalConfig, check_sizes, network_name
 from datasets import OmniSampler
 from model import ANML
-from runtime import device_name, resolve_device, set_threads
+from harness.runtime import device_name, resolve_device, set_threads
 
 
 def synchronize(device):

@@ -16,14 +16,14 @@ import sys
 from pathlib import Path
 
 import anml
-from checkpoints import load_model, newest_resumable
-from cli import add_session_args, build_config, positive_int, run_cli
-from config import EvalConfig, MetaTrainConfig
+from harness.checkpoints import load_model, newest_resumable
+from harness.cli import add_session_args, build_config, positive_int, run_cli
+from harness.config import EvalConfig, MetaTrainConfig
 from datasets import OmniSampler
-from frozen_features import FeatureBank
+from fastpath.frozen_features import FeatureBank
 from model import seeded_network
-from results import choose, chosen_value, read_results
-from runtime import resolve_device, set_threads
+from harness.results import choose, chosen_value, read_results
+from harness.runtime import resolve_device, set_threads
 
 SHIPPED = {"ANML (meta-trained)": ("trained_anmls/256_112_2304_ANML-21678.pth", "anml_seq"),
            "pretrained (i.i.d.)": ("trained_anmls/256_112_2304_pretrain-5.pth", "pretrain_seq"),

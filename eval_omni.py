@@ -27,16 +27,16 @@ import numpy as np
 import torch
 
 import anml
-from atomic import probe_writable, write_atomic
-from checkpoints import load_model
-from cli import (add_session_args, as_typed, build_config, interrupted_by_signals, non_negative_int, positive_float,
+from harness.atomic import probe_writable, write_atomic
+from harness.checkpoints import load_model
+from harness.cli import (add_session_args, as_typed, build_config, interrupted_by_signals, non_negative_int, positive_float,
                  positive_int, run_cli)
-from config import DISTANCES, IMAGES_PER_CLASS, METHODS, NUM_EVALUATION, EvalConfig
+from harness.config import DISTANCES, IMAGES_PER_CLASS, METHODS, NUM_EVALUATION, EvalConfig
 from datasets import OmniSampler
-from frozen_features import empty_results
-from oml import image_size
-from results import FORMAT, choose, reading_key
-from runtime import (Ranks, device_name, join_processes, leave_processes, resolve_device, set_threads, sha256_of,
+from fastpath.frozen_features import empty_results
+from fastpath.oml import image_size
+from harness.results import FORMAT, choose, reading_key
+from harness.runtime import (Ranks, device_name, join_processes, leave_processes, resolve_device, set_threads, sha256_of,
                      torchrun_ranks, versions)
 
 

@@ -17,9 +17,9 @@ import matplotlib
 matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
 
-from atomic import write_atomic  # noqa: E402
-from cli import run_cli  # noqa: E402
-from results import read_results, reading_key, reported, row_label  # noqa: E402
+from harness.atomic import write_atomic  # noqa: E402
+from harness.cli import run_cli  # noqa: E402
+from harness.results import read_results, reading_key, reported, row_label  # noqa: E402
 
 # The networks of make_comparisons.sh's file names, {prefix}_{method}...: the longest prefix names it.
 NETWORKS = {"anml": "ANML", "anml_first_order": "first-order ANML", "pretrain": "pretrained",

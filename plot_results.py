@@ -16,9 +16,9 @@ matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from atomic import write_atomic  # noqa: E402
-from cli import positive_int, run_cli  # noqa: E402
-from results import read_results, reported  # noqa: E402
+from harness.atomic import write_atomic  # noqa: E402
+from harness.cli import positive_int, run_cli  # noqa: E402
+from harness.results import read_results, reported  # noqa: E402
 
 # higherANML's README table (test accuracy), and the ANML paper's one stated number (Sec. 4.1).
 HIGHERANML_TABLE = {10: 0.90, 50: 0.89, 75: 0.86, 100: 0.85, 200: 0.80, 300: 0.76, 400: 0.72, 600: 0.65}

@@ -34,14 +34,14 @@ import torch
 import torch.nn.functional as F
 
 import anml
-import run_loop
-from checkpoints import cpu_state_dict, save_atomic
-from cli import (add_session_args, add_size_args, build_config, non_negative_int, positive_float, positive_int,
+from harness import run_loop
+from harness.checkpoints import cpu_state_dict, save_atomic
+from harness.cli import (add_session_args, add_size_args, build_config, non_negative_int, positive_float, positive_int,
                  report_end, run_cli)
-from config import SCHEDULES, PretrainConfig
+from harness.config import SCHEDULES, PretrainConfig
 from datasets import OmniSampler
 from model import seeded_network
-from runtime import resolve_device, set_threads
+from harness.runtime import resolve_device, set_threads
 
 
 def parse_args(argv=None):

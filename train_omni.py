@@ -17,10 +17,10 @@ import argparse
 from pathlib import Path
 
 import anml
-from cli import (add_session_args, add_size_args, build_config, non_negative_int, positive_float, positive_int,
+from harness.cli import (add_session_args, add_size_args, build_config, non_negative_int, positive_float, positive_int,
                  report_end, run_cli)
-from config import ARCHS, BACKENDS, MetaTrainConfig
-from runtime import join_processes, leave_processes, resolve_device, set_threads, torchrun_ranks
+from harness.config import ARCHS, BACKENDS, MetaTrainConfig
+from harness.runtime import join_processes, leave_processes, resolve_device, set_threads, torchrun_ranks
 
 
 def parse_args(argv=None):

@@ -21,8 +21,8 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from atomic import remove_stale_temporaries, write_atomic
-from config import IMAGES_PER_CLASS, NUM_BACKGROUND, NUM_EVALUATION
+from harness.atomic import remove_stale_temporaries, write_atomic
+from harness.config import IMAGES_PER_CLASS, NUM_BACKGROUND, NUM_EVALUATION
 
 SPLITS = ("images_background", "images_evaluation")
 NUM_CLASSES = {"images_background": NUM_BACKGROUND, "images_evaluation": NUM_EVALUATION}

@@ -126,7 +126,7 @@ def same_weights(a, b):
 def small_checkpoint(sampler, tmp_path_factory):
     """A small ANML meta-trained for a few iterations on real data (func backend)."""
     import anml
-    from checkpoints import save_atomic
+    from harness.checkpoints import save_atomic
     from model import ANML
     torch.manual_seed(0)
     model = ANML(8, 4, 72)

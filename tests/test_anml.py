@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch.func import functional_call
 
 import anml
-import functional
+from fastpath import functional
 from conftest import INNER_LR, flat
 from model import ANML
 

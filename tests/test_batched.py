@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import anml
-from batched import (MemberOptimizer, StackedAdam, StackedMetaStep, lanes_meta_loss, one_or_each, seeded_stack,
+from fastpath.batched import (MemberOptimizer, StackedAdam, StackedMetaStep, lanes_meta_loss, one_or_each, seeded_stack,
                      stacked_optimizer)
 from conftest import INNER_LR, TINY
 from model import seeded_network
@@ -139,7 +139,7 @@ def test_a_meta_batch_is_the_mean_of_its_tasks_meta_gradients(sampler):
     lobotomized = {n: p.detach().clone() for n, p in stack.params().items()}
     separate = {n: torch.zeros_like(p) for n, p in lobotomized.items()}
     images = sampler.background.double().flatten(0, 1)
-    from cuda_graphs import gather_train_batch
+    from fastpath.cuda_graphs import gather_train_batch
     for b in range(tasks):
         params = {n: p.clone().requires_grad_() for n, p in lobotomized.items()}
         batch = gather_train_batch(images, 20, torch.tensor([classes[b]]), torch.from_numpy(remember[b:b + 1]))

@@ -11,7 +11,7 @@ import plot_comparisons
 import plot_results
 import pretrain_omni
 import train_omni
-from cli import as_typed, run_cli
+from harness.cli import as_typed, run_cli
 from conftest import TINY_FLAGS, assert_one_error
 from model import ANML
 
@@ -164,7 +164,7 @@ def test_output_paths_are_checked_before_any_data(bad_models, tmp_path, no_data,
 def test_the_shipped_files_are_never_written_by_a_training(no_data, capsys):
     """The folder of the shipped model and baseline holds their files but no resumable checkpoint: a
     new run of either kind there is refused before any data is loaded, and nothing changes."""
-    from cli import REPO
+    from harness.cli import REPO
     shipped = REPO / "trained_anmls"
     before = {p.name: p.stat().st_mtime_ns for p in shipped.iterdir()}
     assert_one_error(error_of(train_omni.main, ["--out-dir", shipped, *no_data], capsys),
@@ -210,7 +210,7 @@ def test_plot_scripts_refuse_bad_files_in_one_line(tmp_path, capsys):
 
 
 def test_the_recorded_command_is_what_a_user_types_again(tmp_path):
-    from cli import REPO
+    from harness.cli import REPO
     argv = ["-m", str(REPO / "trained_anmls" / "x.pth"), "-c", "10", "--data-root", "/data/omni", "--no-download",
             "--json", str(tmp_path / "scratch" / "out.json"), "-l", "0.001", "--data-root=/elsewhere"]
     assert as_typed("/usr/bin/eval_omni.py", argv, paths=("-m", "--json"), dropped=("--data-root", "--no-download")) \

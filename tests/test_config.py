@@ -3,7 +3,7 @@ import dataclasses
 
 import pytest
 
-from config import (ConfigError, EvalConfig, MetaTrainConfig, PretrainConfig, check_sizes, parameter_count,
+from harness.config import (ConfigError, EvalConfig, MetaTrainConfig, PretrainConfig, check_sizes, parameter_count,
                     resolve_backend)
 from model import ANML
 

@@ -7,10 +7,10 @@ import pytest
 import torch
 
 import anml
-from config import EvalConfig
+from harness.config import EvalConfig
 from conftest import INNER_LR, flat
-from cuda_graphs import GraphedMetaStep, gather_train_batch
-from functional import func_meta_loss
+from fastpath.cuda_graphs import GraphedMetaStep, gather_train_batch
+from fastpath.functional import func_meta_loss
 from model import ANML
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

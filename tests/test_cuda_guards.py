@@ -14,17 +14,17 @@ import pytest
 import torch
 
 import anml
-import cuda_graphs
+from fastpath import cuda_graphs
 import pretrain_omni
-from batched import ModelStack, StackedAdam, StackedMetaStep, one_or_each, seeded_stack, stacked_optimizer
-from config import EvalConfig
+from fastpath.batched import ModelStack, StackedAdam, StackedMetaStep, one_or_each, seeded_stack, stacked_optimizer
+from harness.config import EvalConfig
 from conftest import INNER_LR, TINY
 from cuda_guards import CudaDifference, CudaKernelGuard, guarded_steps, meta_as_cuda
-from frozen_features import LastLayers
-from checkpoints import load_optimizer_state
-from functional import norm_backward
+from fastpath.frozen_features import LastLayers
+from harness.checkpoints import load_optimizer_state
+from fastpath.functional import norm_backward
 from model import kaiming_std, seeded_network
-from oml import IMAGE_SIZE, seeded_oml
+from fastpath.oml import IMAGE_SIZE, seeded_oml
 
 aten = torch.ops.aten
 
@@ -324,7 +324,7 @@ def test_a_cpu_runs_optimizer_state_resumes_capturable_on_the_device():
 def test_scripts_run_float32_in_full_on_cuda():
     """resolve_device turns TF32 off (on a GPU, cuDNN's convolutions would use it by default)."""
     import argparse
-    from runtime import resolve_device
+    from harness.runtime import resolve_device
     conv = torch.backends.cudnn.conv
     before = conv.fp32_precision, torch.backends.cuda.matmul.fp32_precision
     try:
@@ -336,7 +336,7 @@ def test_scripts_run_float32_in_full_on_cuda():
 
 
 def test_torchrun_with_more_processes_than_gpus_is_refused_in_one_line(monkeypatch):
-    from runtime import Ranks, TooFewGPUs, join_processes
+    from harness.runtime import Ranks, TooFewGPUs, join_processes
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     monkeypatch.setattr(torch.cuda, "set_device", lambda i: pytest.fail("set_device reached"))
     for rank in (0, 1):

@@ -7,9 +7,9 @@ import pytest
 import torch
 
 import anml
-from checkpoints import load_model
-from config import EvalConfig
-from frozen_features import FeatureBank, MetaTestRun, empty_results, sequential_fit
+from harness.checkpoints import load_model
+from harness.config import EvalConfig
+from fastpath.frozen_features import FeatureBank, MetaTestRun, empty_results, sequential_fit
 
 
 def evaluate(checkpoint, sampler, num_classes=10, **settings):
@@ -82,7 +82,7 @@ def test_vectorised_grid_equals_separate_runs(small_checkpoint, sampler):
 
 # ----------------------------------------------------------------------------- other methods: iid, lstsq
 
-from frozen_features import iid_fit, iid_orders, ridge_solutions  # noqa: E402
+from fastpath.frozen_features import iid_fit, iid_orders, ridge_solutions  # noqa: E402
 
 
 def sampled_runs(model, sampler, n_runs, n_classes, seed=1):
@@ -293,7 +293,7 @@ def test_no_freeze_iid_sees_each_image_once_an_epoch_shuffled(small_checkpoint, 
     takes one Adam step per image over E epochs, each epoch every training image of the first N
     classes once, in the frozen-feature iid's orders; and without --no-freeze this loop gives what
     the frozen-feature iid gives."""
-    from frozen_features import shuffle_rng
+    from fastpath.frozen_features import shuffle_rng
     counts, seed, epochs = [2, 3], 2, 2
     calls = trained_states(monkeypatch)
     config = EvalConfig(model=str(small_checkpoint), classes=tuple(counts), runs=1, lrs=(1e-2,), seed=seed,
@@ -322,7 +322,7 @@ def test_no_freeze_iid_sees_each_image_once_an_epoch_shuffled(small_checkpoint, 
 
 # ----------------------------------------------------------------------------- the nearest class mean
 
-from frozen_features import ncm_fit, nearest_mean, running_class_means  # noqa: E402
+from fastpath.frozen_features import ncm_fit, nearest_mean, running_class_means  # noqa: E402
 
 
 def synthetic_runs(n_runs=2, n_classes=6, dim=5, seed=0):

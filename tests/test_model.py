@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from checkpoints import load_model
+from harness.checkpoints import load_model
 from model import ANML, sizes_from_state_dict
 
 HIGHERANML_KEYS = {f"{net}.convBlock{i}.{layer}.{kind}" for net in ("nm", "rln") for i in (1, 2, 3)

@@ -5,10 +5,10 @@ import torch.nn.functional as F
 from torch.func import functional_call
 
 import anml
-from checkpoints import load_model
-from config import MetaTrainConfig
+from harness.checkpoints import load_model
+from harness.config import MetaTrainConfig
 from conftest import assert_ok, run, same_weights, weights
-from oml import IMAGE_SIZE, OML, image_size, oml_meta_loss
+from fastpath.oml import IMAGE_SIZE, OML, image_size, oml_meta_loss
 
 INNER_LR = 0.03
 

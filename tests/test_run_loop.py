@@ -12,13 +12,13 @@ import pytest
 import torch
 
 import anml
-import checkpoints
+from harness import checkpoints
 import pretrain_omni
-from atomic import WriteError
-from checkpoints import Diverged, checkpoint_path, newest_resumable, read_training_state, save_atomic
-from config import MetaTrainConfig, PretrainConfig
+from harness.atomic import WriteError
+from harness.checkpoints import Diverged, checkpoint_path, newest_resumable, read_training_state, save_atomic
+from harness.config import MetaTrainConfig, PretrainConfig
 from conftest import TINY, same_weights, weights
-from run_loop import TrainingLog, log_row_iteration
+from harness.run_loop import TrainingLog, log_row_iteration
 
 NAME = "4_3_36"
 KINDS = ["ANML", "pretrain", "asb"]
@@ -37,7 +37,7 @@ class FewClasses:
 @pytest.fixture(autouse=True)
 def few_background_classes(monkeypatch):
     """Pretraining's epoch (config.PretrainConfig) counts the images of FewClasses."""
-    import config
+    from harness import config
     monkeypatch.setattr(config, "NUM_BACKGROUND", PRETRAIN_CLASSES)
 
 
@@ -339,7 +339,7 @@ def test_checkpoint_bytes_depend_only_on_the_weights(tmp_path):
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_resumable_checkpoints_are_also_saved_on_a_clock(kind, sampler, tmp_path, monkeypatch):
-    import run_loop
+    from harness import run_loop
     saved = []
     real = run_loop.save_training_state
     monkeypatch.setattr(run_loop, "save_training_state", lambda out_dir, name, it, *a: (saved.append(it),

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 import anml
 import pretrain_omni
-from config import PretrainConfig
+from harness.config import PretrainConfig
 from conftest import INNER_LR, TINY
 from model import seeded_network
 
@@ -68,7 +68,7 @@ class FewClasses:
 def test_iid_zapping_draws_the_last_layer_afresh_every_epoch(sampler, tmp_path, monkeypatch):
     """With an Adam rate too small to move anything, a zapping run's last layer ends as a new Kaiming
     draw, the other weights where they started; without zapping the last layer stays put."""
-    import config
+    from harness import config
     monkeypatch.setattr(config, "NUM_BACKGROUND", 50)
     finals = {}
     for zap in (False, True):

@@ -19,7 +19,7 @@ import plot_comparisons
 import plot_results
 from conftest import (REPO, TINY_FLAGS, assert_ok, assert_one_error, command, run, same_weights, script_env,
                       weights)
-from results import chosen_value, read_results
+from harness.results import chosen_value, read_results
 
 NUMBER = r"(\d+\.\d\d)"
 ACCURACY = rf"Classes (\d+) Accuracy {NUMBER} \(std {NUMBER}\)"
@@ -208,8 +208,8 @@ def test_an_interrupted_evaluation_keeps_its_finished_runs(omniglot_root, checkp
     """SIGTERM in the middle of the runs (here after two of the four run-rate pairs): exit 130, and
     --json holds the finished runs, marked partial, which the plotting scripts refuse in one line."""
     import os
-    import frozen_features
-    from cli import run_cli
+    from fastpath import frozen_features
+    from harness.cli import run_cli
     real, calls = frozen_features.sequential_fit, []
 
     def fit_then_terminate(*args, **kwargs):

@@ -17,8 +17,8 @@ import plot_results
 import train_omni
 from model import seeded_network
 from conftest import REPO, TINY_FLAGS, assert_ok, run, same_weights, script_env
-from results import read_results, reported
-from runtime import Ranks
+from harness.results import read_results, reported
+from harness.runtime import Ranks
 
 NAME = "4_3_36"
 # One process of pytest-xdist runs these one after the other (make test: --dist loadgroup): two

@@ -11,9 +11,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from atomic import WriteError, one_line, write_atomic
+from harness.atomic import WriteError, one_line, write_atomic
 from model import ANML, sizes_from_state_dict
-from oml import OML, oml_sizes
+from fastpath.oml import OML, oml_sizes
 
 RESUMABLE_KEYS = {"model", "outer_opt", "iteration", "elapsed", "rng"}
 

@@ -7,7 +7,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from cuda_graphs import ReplayedSteps
+from fastpath.cuda_graphs import ReplayedSteps
 
 # Images per forward pass of the frozen nets: on the CPU a small batch's first-block activations stay
 # in the cache (docs/speed.md); a GPU wants large batches.

@@ -13,8 +13,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from config import NUM_OUTPUTS
-from functional import AdaptedLinear, InnerLastLayer, accuracy, one_hot
+from harness.config import NUM_OUTPUTS
+from fastpath.functional import AdaptedLinear, InnerLastLayer, accuracy, one_hot
 
 STRIDES = (2, 1, 2, 1, 2, 2)
 IMAGE_SIZE = 84

@@ -4,7 +4,7 @@ import contextlib
 
 import torch
 
-from config import REMEMBER_SIZE
+from harness.config import REMEMBER_SIZE
 
 # Whether CUDA tensors' steps are recorded into graphs. The tests that run the CUDA paths on fake
 # CUDA tensors (a CPU build has no graphs) turn it off: everything else then runs as on a GPU.

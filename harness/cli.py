@@ -10,9 +10,9 @@ import signal
 import sys
 from pathlib import Path
 
-from config import ConfigError, field_names
+from harness.config import ConfigError, field_names
 
-REPO = Path(__file__).resolve().parent
+REPO = Path(__file__).resolve().parents[1]
 
 
 def positive_int(text):

@@ -26,11 +26,11 @@ from typing import Callable
 import torch
 from tqdm import tqdm
 
-from atomic import WriteError, probe_writable, remove_stale_temporaries, write_atomic
-from checkpoints import (Diverged, apply_training_state, check_finite, check_finite_parameters, checkpoint_path,
+from harness.atomic import WriteError, probe_writable, remove_stale_temporaries, write_atomic
+from harness.checkpoints import (Diverged, apply_training_state, check_finite, check_finite_parameters, checkpoint_path,
                          checkpoints_in, cpu_state_dict, find_resumable, newest_resumable, read_training_state,
                          readable_checkpoint, restore_torch_rng, save_atomic, save_training_state)
-from config import FLAGS, MAY_CHANGE_ON_RESUME
+from harness.config import FLAGS, MAY_CHANGE_ON_RESUME
 
 LOG_EVERY = 10  # steps between log flushes (each checks the losses for NaN)
 

@@ -19,8 +19,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from cuda_graphs import GraphedMetaStep
-from functional import (AdaptedLinear, InnerLastLayer, conv_blocks, flatten, linear, one_hot,
+from fastpath.cuda_graphs import GraphedMetaStep
+from fastpath.functional import (AdaptedLinear, InnerLastLayer, conv_blocks, flatten, linear, one_hot,
                         unflatten)
 from model import kaiming_std, seeded_network
 
