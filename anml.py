@@ -6,11 +6,13 @@
                (`test_train`; `meta_test` runs many such runs and rates at once);
 - test-test:   accuracy on the held-out images of those N classes (`test_test`).
 
-`meta_step(..., backend="higher")` is the reference, higherANML's own code; "func" computes the same
-meta-gradient faster (`functional.py`) and "graph" replays it from a CUDA graph (`cuda_graphs.py`).
-`train` runs the iterations in the loop that keeps a run safe (`run_loop.py`). The meta-test runs on
-frozen features (`frozen_features.py`) unless higherANML's loop is asked for, or every parameter is
-to learn (`no_freeze`, the original ANML code's baseline), which only that loop can do.
+`meta_loss` is the one place a backend and an architecture are dispatched: "higher" is the
+reference, higherANML's own code; "func" computes the same meta-gradient faster
+(`fastpath/functional.py`, `fastpath/oml.py` for OML) and "graph" replays "func" from a CUDA graph
+(`fastpath/cuda_graphs.py`). `train` runs the iterations in the loop that keeps a run safe
+(`harness/run_loop.py`). The meta-test runs on frozen features (`fastpath/frozen_features.py`)
+unless higherANML's loop is asked for, or every parameter is to learn (`no_freeze`, the original
+ANML code's baseline), which only that loop can do (`harness/meta_test_runs.py`).
 """
 import copy
 
@@ -18,20 +20,20 @@ import higher
 import numpy as np
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
 
-from harness import run_loop
-from fastpath.batched import MemberOptimizer, StackedMetaStep, one_or_each, seeded_stack, stacked_optimizer
-from harness.checkpoints import load_model
-from harness.config import IMAGES_PER_CLASS
-from fastpath.cuda_graphs import GraphedMetaStep
 from datasets import OmniSampler
-from fastpath.frozen_features import (FeatureBank, MetaTestRun, empty_results, iid_orders, learn_on_features, ncm_fit, ridge_fit,
-                             sequential_fit, shuffle_rng)
-from fastpath.functional import accuracy, func_meta_loss, inner_parameter_names
-from model import kaiming_std, seeded_network
+from fastpath.batched import MemberOptimizer, StackedMetaStep, one_or_each, seeded_stack, stacked_optimizer
+from fastpath.cuda_graphs import GraphedMetaStep
+from fastpath.frozen_features import FeatureBank, MetaTestRun, empty_results, sequential_fit
+from fastpath.functional import accuracy, func_meta_loss
 from fastpath.oml import IMAGE_SIZE, OML, oml_meta_loss, seeded_oml
+from harness import run_loop
+from harness.checkpoints import load_model
+from harness.config import IMAGES_PER_CLASS, backend_refusal
+from harness.meta_test_runs import (meta_test_runs, original_fit, run_generators, run_network,  # noqa: F401
+                                    sum_runs_over_processes, test_test, train_accuracy)
 from harness.runtime import Ranks, any_process
+from model import inner_parameter_names, kaiming_std, reset_last_layer, seeded_network  # noqa: F401
 
 # ----------------------------------------------------------------------------- meta-training
 
@@ -54,46 +56,44 @@ def meta_step(model, outer_opt, train_data, train_class, valid_ims, valid_labels
     Lobotomize the new class's fc row, take one differentiable inner SGD step (`inner_lr`) per
     (image, label) pair of `train_data`, then back-propagate the adapted model's loss on
     `valid_ims` through the whole unrolled loop (second order) and take one `outer_opt` step.
-    `backend` is "higher" or "func"; `first_order` does not differentiate through the inner steps
-    (the original ANML code's gradient; func only); `outer_chunk` is func's images per chunk of the
-    outer backward (None: the device's default, 0: whole)."""
+    `backend`, `first_order` and `outer_chunk`: as `meta_loss`."""
     lobotomize(model.fc, train_class)
-    loss, acc = meta_loss(model, train_data, valid_ims, valid_labels, inner_lr, backend, first_order, outer_chunk)
+    train_ims, train_labels = (torch.cat(parts) for parts in zip(*train_data))
+    loss, acc = meta_loss(model, inner_lr, train_ims, train_labels, valid_ims, valid_labels, backend, first_order,
+                          outer_chunk)
     outer_opt.step()
     outer_opt.zero_grad()
     return loss.item(), acc.item()
 
 
-def meta_loss(model, train_data, valid_ims, valid_labels, inner_lr, backend, first_order=False, outer_chunk=None):
-    """The meta-gradient, left in the parameters' .grad; returns (loss, accuracy) tensors."""
+def meta_loss(model, inner_lr, train_ims, train_labels, valid_ims, valid_labels, backend="func", first_order=False,
+              outer_chunk=None):
+    """The meta-gradient of one episode (the inner loop learns `train_ims` one image a step, the
+    outer loss is on `valid_ims`), left in the parameters' .grad; returns (loss, accuracy) tensors.
+
+    The one dispatch of backend and architecture, eager or recorded into a CUDA graph: "higher"
+    (higherANML's unroll), else the functional meta-gradient of ANML or of OML ("func", and "graph",
+    which records it). `first_order` does not differentiate through the inner steps (the original
+    ANML code's gradient); `outer_chunk` is func's images per chunk of the outer backward (None: the
+    device's default, 0: whole). What cannot run together is refused by `config.backend_refusal`."""
+    arch = "oml" if isinstance(model, OML) else "anml"
+    refusal = backend_refusal(backend, arch, first_order)
+    if refusal:
+        raise ValueError(refusal)
     if backend == "higher":
-        if first_order:
-            raise ValueError("--first-order is implemented by the func and graph backends, not by higher")
-        return higher_meta_loss(model, train_data, valid_ims, valid_labels, inner_lr)
-    if backend == "func":
-        ims = torch.cat([im for im, _ in train_data])
-        labels = torch.cat([label for _, label in train_data])
-        return functional_meta_loss(model, inner_lr, ims, labels, valid_ims, valid_labels, first_order, outer_chunk)
-    raise ValueError(f"meta_step: unknown backend {backend!r}: choose 'higher' or 'func' "
-                     f"(the CUDA graph is `meta_stepper(backend='graph')`)")
-
-
-def functional_meta_loss(model, inner_lr, train_ims, train_labels, valid_ims, valid_labels, first_order=False,
-                         outer_chunk=None):
-    """The func backend's meta-gradient of either network: `functional.func_meta_loss` for ANML,
-    `oml.oml_meta_loss` for OML."""
-    if isinstance(model, OML):
+        return higher_meta_loss(model, inner_lr, train_ims, train_labels, valid_ims, valid_labels)
+    if arch == "oml":
         return oml_meta_loss(model, inner_lr, train_ims, train_labels, valid_ims, valid_labels, first_order)
     return func_meta_loss(model, inner_lr, train_ims, train_labels, valid_ims, valid_labels, first_order, outer_chunk)
 
 
-def higher_meta_loss(model, train_data, valid_ims, valid_labels, inner_lr):
+def higher_meta_loss(model, inner_lr, train_ims, train_labels, valid_ims, valid_labels):
     """higherANML's inner loop with `higher` (inner SGD over RLN + fc); leaves the meta-gradient in
     the parameters' .grad."""
     params = dict(model.named_parameters())
     inner_opt = torch.optim.SGD([params[n] for n in inner_parameter_names(model)], lr=inner_lr)
     with higher.innerloop_ctx(model, inner_opt, copy_initial_weights=False) as (fnet, diffopt):
-        for ims, labels in train_data:
+        for ims, labels in zip(train_ims.split(1), train_labels.split(1)):
             diffopt.step(F.cross_entropy(fnet(ims), labels))
         out = fnet(valid_ims)
         loss = F.cross_entropy(out, valid_labels)
@@ -107,15 +107,14 @@ def outer_optimizer(model, outer_lr, capturable=False):
 
 
 def meta_stepper(backend, model, outer_opt, sampler, device, inner_lr=0.1, first_order=False):
-    """The one place every backend is dispatched: a function that draws a meta-training episode
-    from `sampler` and runs one iteration on it, returning (loss, accuracy) (device tensors with
-    "graph": read them rarely). "graph" needs `outer_opt` made with capturable=True on CUDA; on a
-    CPU its steps run eagerly (which lets the tests check it)."""
+    """A function that draws a meta-training episode from `sampler` and runs one iteration on it,
+    returning (loss, accuracy) (device tensors with "graph": read them rarely). "graph" records
+    the lobotomy, `meta_loss` and the Adam step as one CUDA graph, and needs `outer_opt` made with
+    capturable=True on CUDA; on a CPU its steps run eagerly (which lets the tests check it)."""
     if backend == "graph":
         def iteration(train_class, train_ims, train_labels, valid_ims, valid_labels):
             lobotomize(model.fc, train_class)
-            return functional_meta_loss(model, inner_lr, train_ims, train_labels, valid_ims, valid_labels,
-                                        first_order=first_order)
+            return meta_loss(model, inner_lr, train_ims, train_labels, valid_ims, valid_labels, backend, first_order)
         graph = GraphedMetaStep(model, outer_opt, sampler, iteration)
         return lambda: graph(*sampler.sample_train_indices())
 
@@ -127,31 +126,23 @@ def meta_stepper(backend, model, outer_opt, sampler, device, inner_lr=0.1, first
 
 
 def train(config, sampler=None, quiet=False, ranks=Ranks()):
-    """Meta-train an ANML as `config` (a config.MetaTrainConfig) says, higherANML's `train`.
+    """Meta-train ANMLs as `config` (a config.MetaTrainConfig) says, higherANML's `train`.
 
     Writes higherANML's checkpoints `{out_dir}/{rln}_{nm}_{mask}_ANML-{it}.pth` every 1000
     iterations and at the last, a resumable checkpoint with each and every `save_minutes`, and the
-    CSV log; stops cleanly on a signal or the time limit (see run_loop.run, which gives the
-    return value: the model, why it stopped early or None, the last checkpoint's path; lists of
-    models and paths with --seeds). With --seeds or --meta-batch the models and tasks train
-    together (`batched.py`); under torchrun (`ranks`) the seeds are shared out over the processes,
-    or, with one seed, the tasks of its meta-batch."""
+    CSV log; stops cleanly on a signal or the time limit. Returns run_loop.run's (the models, why
+    they stopped early or None, each one's last checkpoint): one of each with one seed, one per run
+    with --seeds or several rates, which train together (`fastpath/batched.py`), as do the tasks of
+    a --meta-batch. Under torchrun (`ranks`) the runs are shared out over the processes, or, with
+    one run, the tasks of its meta-batch."""
     if config.several:
         configs = config.members()[ranks.rank::ranks.world]
         if config.meta_batch == 1 and len(configs) == 1:
-            model, stopped, last = train_one(configs[0], sampler, quiet, ranks.restarted)
-            return [model], stopped, [last]
+            return train_one(configs[0], sampler, quiet, ranks.restarted)
         return train_together(configs, sampler, quiet, ranks)
     if config.meta_batch > 1 or ranks.world > 1:
-        model, stopped, last = train_together([config], sampler, quiet, ranks, shared=ranks.world > 1)
-        return model[0], stopped, last[0]
+        return train_together([config], sampler, quiet, ranks, shared=ranks.world > 1)
     return train_one(config, sampler, quiet)
-
-
-def milestones(total):
-    """step -> the index of higherANML's checkpoint to write after it (every SAVE_EVERY and the last
-    of `total`), or None."""
-    return lambda it: it if it % SAVE_EVERY == 0 or it == total - 1 else None
 
 
 def train_one(config, sampler=None, quiet=False, restarted=False):
@@ -159,7 +150,7 @@ def train_one(config, sampler=None, quiet=False, restarted=False):
     def build():  # once the run's files are locked and its start is checked
         print(f"meta-training {config.KIND} {config.name} for {config.epochs} its on {config.device} (backend "
               f"{config.backend}, seed {config.seed}{', first-order' if config.first_order else ''}"
-              f"{threads_note(config.device)}) -> {config.out_dir}/",
+              f"{run_loop.threads_note(config.device)}) -> {config.out_dir}/",
               flush=True)
         oml = config.arch == "oml"
         data = sampler or OmniSampler(config.data_root, download=config.download, im_size=IMAGE_SIZE if oml else 28)
@@ -171,14 +162,12 @@ def train_one(config, sampler=None, quiet=False, restarted=False):
 
         def make_step():  # after the resumable state is loaded: the CUDA graph records those weights
             step = meta_stepper(backend, model, outer_opt, data, config.device, config.inner_lr, config.first_order)
-            return lambda it: step()
-        return run_loop.Steps(model, outer_opt, data, config.epochs, make_step, milestones(config.epochs), report,
+            return lambda it: tuple([value] for value in step())
+        return run_loop.Steps([model], [outer_opt], [data], config.epochs, make_step,
+                              run_loop.milestones(config.epochs), run_loop.progress_line,
                               "iteration: outer loss | outer accuracy (seconds)")
 
-    def report(it, loss, acc, seconds):
-        return f"{it}: {float(loss):.3f} | {float(acc):.3f} ({seconds:.1f}s)" if it % run_loop.LOG_EVERY == 0 else None
-
-    return run_loop.run(config, build, quiet, restarted=restarted)
+    return run_loop.run([config], build, quiet, restarted=restarted)
 
 
 def train_together(configs, sampler=None, quiet=False, ranks=Ranks(), shared=False):
@@ -188,8 +177,6 @@ def train_together(configs, sampler=None, quiet=False, ranks=Ranks(), shared=Fal
     config = configs[0]
     seeds = [c.seed for c in configs]
     backend = config.resolved_backend
-    if backend == "higher":  # MetaTrainConfig refuses it with several models or tasks, not with several processes
-        raise ValueError("several models or tasks an iteration run on the func and graph backends, not higher")
     if shared and backend == "graph" and config.backend == "auto":
         backend = "func"  # the all_reduce between the processes is not recorded into the CUDA graph
 
@@ -198,7 +185,7 @@ def train_together(configs, sampler=None, quiet=False, ranks=Ranks(), shared=Fal
         tasks = f", meta-batch {config.meta_batch}" if config.meta_batch > 1 else ""
         where = f", process {ranks.rank} of {ranks.world}" if ranks.world > 1 else ""
         print(f"meta-training {what} for {config.epochs} its on {config.device} (backend {backend}{tasks}"
-              f"{', first-order' if config.first_order else ''}{where}{threads_note(config.device)}) -> "
+              f"{', first-order' if config.first_order else ''}{where}{run_loop.threads_note(config.device)}) -> "
               f"{', '.join(c.out_dir + '/' for c in configs)}", flush=True)
         data = sampler or OmniSampler(config.data_root, download=config.download)
         stack, generators = seeded_stack(config.rln, config.nm, config.mask, seeds, config.device)
@@ -214,117 +201,22 @@ def train_together(configs, sampler=None, quiet=False, ranks=Ranks(), shared=Fal
         def make_step():  # after the resumable states are loaded: the CUDA graph records those weights
             step = StackedMetaStep(stack, outer_opt, holders, generators, config.meta_batch, inner_lr,
                                    config.first_order, graphed=backend == "graph",
-                                   share=(ranks.rank, ranks.world) if shared else (0, 1))
+                                   ranks=ranks if shared else Ranks())
             return lambda it: step()
         agree = (lambda stop: any_process(stop, config.device)) if shared else None
         header = f"iteration: outer loss | outer accuracy{', per run' if len(seeds) > 1 else ''} (seconds)"
-        return run_loop.Steps(stack.members, optimizers, holders, config.epochs, make_step, milestones(config.epochs),
-                              report, header, agree=agree)
-
-    def report(it, loss, acc, seconds):
-        if it % run_loop.LOG_EVERY:
-            return None
-        values = lambda t: " ".join(f"{v:.3f}" for v in t.tolist())
-        return f"{it}: {values(loss)} | {values(acc)} ({seconds:.1f}s)"
+        return run_loop.Steps(stack.members, optimizers, holders, config.epochs, make_step,
+                              run_loop.milestones(config.epochs), run_loop.progress_line, header, agree=agree)
 
     return run_loop.run(configs, build, quiet, writer=ranks.rank == 0 or not shared, restarted=ranks.restarted)
 
-
-SAVE_EVERY = 1000  # iterations between higherANML's checkpoints
-
-
-def threads_note(device):
-    """", N threads" on the CPU (the announcement of a run), else nothing."""
-    n = torch.get_num_threads()
-    return f", {n} thread{'s' if n > 1 else ''}" if device == "cpu" else ""
-
 # ----------------------------------------------------------------------------- meta-testing
-
-
-def reset_last_layer(model, generator=None):
-    """Kaiming-normal re-initialisation of the whole fc weight (bias kept), as higherANML does."""
-    weight = model.fc.weight
-    with torch.no_grad():
-        weight.copy_(torch.randn(weight.shape, generator=generator, dtype=weight.dtype) * kaiming_std(weight))
-
-
-def run_generators(*entropy):
-    """(numpy, torch) generators of one meta-test run, from its SeedSequence entropy: the same
-    (seed, run) repeats it exactly."""
-    seq = np.random.SeedSequence(list(entropy))
-    return np.random.default_rng(seq), torch.Generator().manual_seed(int(seq.generate_state(1)[0]))
 
 
 def run_seeds(seed, runs, selection=False):
     """The entropies of `runs` meta-test runs: [seed, r], or [seed, r, 1] for the selection runs
     that choose a learning rate (so they never coincide with the runs that report it)."""
     return [[seed, r, 1] if selection else [seed, r] for r in range(runs)]
-
-
-def draw_runs(model, sampler, seeds, num_classes, train_examples):
-    """Each run's fc initialisation and sample (classes, splits), drawn from its entropy in `seeds`."""
-    inits, samples = [], []
-    for entropy in seeds:
-        sampler.rng, generator = run_generators(*entropy)
-        reset_last_layer(model, generator)
-        inits.append(model.fc.weight.detach().clone())
-        samples.append(MetaTestRun(*sampler.sample_test_indices(num_classes, train_examples)))
-    return inits, samples
-
-
-def predict_in_batches(model, ims, batch_size=100):
-    """model(ims).argmax(1), a batch at a time (600 classes' images at once take gigabytes)."""
-    with torch.no_grad():
-        return torch.cat([model(ims[i:i + batch_size]).argmax(1) for i in range(0, len(ims), batch_size)])
-
-
-def train_accuracy(model, train_tasks):
-    """Accuracy of `model` on every training image of `train_tasks`."""
-    ims = torch.cat([im for task in train_tasks for im, _ in task])
-    labels = torch.cat([label for task in train_tasks for _, label in task])
-    return (predict_in_batches(model, ims) == labels).float().mean().item()
-
-
-def test_test(model, test_data, test_examples=5):
-    """Per-class accuracy of `model` on the held-out images (classes contiguous, in order)."""
-    ims, labels = test_data
-    correct = predict_in_batches(model, ims) == labels
-    return correct.view(-1, test_examples).float().mean(1).cpu().numpy()
-
-
-def original_fit(model, train_tasks, lr, after_task=None):
-    """higherANML's test-train loop: Adam over model.parameters(), one step an image, task after task.
-    The parameters that require grad learn: fc alone when RLN and NM are frozen, every one of them
-    with --no-freeze. `after_task(t)`, if given, runs after task t (counted from 1) is learned."""
-    opt = torch.optim.Adam(model.parameters(), lr=lr)
-    for t, task in enumerate(train_tasks, 1):
-        for image, label in task:
-            loss = F.cross_entropy(model(image), label)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-        if after_task is not None:
-            after_task(t)
-    return model
-
-
-def run_network(model, generator=None, no_freeze=False):
-    """The network one meta-test run trains: a copy of `model` with fc.weight re-initialised from
-    `generator` (bias kept), fc learning, and RLN and NM learning too with `no_freeze` (frozen
-    otherwise). `model` itself is left as it is."""
-    net = copy.deepcopy(model)
-    net.requires_grad_(no_freeze)
-    net.fc.requires_grad_(True)
-    reset_last_layer(net, generator)
-    return net
-
-
-def scores_after(model, train_tasks, test_data, n, test_examples):
-    """(test accuracy, train accuracy) of `model` on the first n classes' held-out and training images."""
-    ims, labels = test_data
-    rows = n * test_examples
-    test = test_test(model, (ims[:rows], labels[:rows]), test_examples)
-    return float(test.mean()), train_accuracy(model, train_tasks[:n])
 
 
 def test_train(PATH, sampler, num_classes=10, train_examples=15, device="cpu", lr=1e-3, quiet=False,
@@ -356,7 +248,7 @@ def test_train(PATH, sampler, num_classes=10, train_examples=15, device="cpu", l
     return test_test(model, test_data, test_examples=IMAGES_PER_CLASS - train_examples), train_acc
 
 
-def meta_test(config, sampler, model=None, progress=True, features=None, results=None, share=(0, 1)):
+def meta_test(config, sampler, model=None, progress=True, features=None, results=None, ranks=Ranks()):
     """The meta-test runs of `config` (a config.EvalConfig): every class count and every value of
     its grid (learning rates, or ridge regularisers for lstsq), on `config.runs` reported runs and
     then `config.selection_runs` selection runs. Every value and method sees the same runs: run r
@@ -370,105 +262,15 @@ def meta_test(config, sampler, model=None, progress=True, features=None, results
     accuracies are written into `results` (`empty_results`) as runs finish, so that the caller keeps
     them when the meta-test is interrupted.
 
-    `share` = (rank, world): torchrun's processes share the runs out (process r takes runs r, r +
-    world, ...; each run depends on its own seed alone), then sum their results (`all_reduce`), so
-    that every process returns all of them."""
+    `ranks`: torchrun's processes share the runs out (process r takes runs r, r + world, ...; each
+    run depends on its own seed alone), then sum their results (`all_reduce`), so that every
+    process returns all of them."""
     model = load_model(config.model, config.device) if model is None else model.to(config.device)
     model.requires_grad_(False)
     seeds = run_seeds(config.seed, config.runs) + run_seeds(config.seed, config.selection_runs, selection=True)
     results = empty_results(config) if results is None else results
-    rank, world = share
-    if world > 1:
-        mine = list(range(rank, len(seeds), world))
+    if ranks.world > 1:
+        mine = list(range(ranks.rank, len(seeds), ranks.world))
         shared = meta_test_runs(config, sampler, model, seeds, mine, progress, features)
         return sum_runs_over_processes(results, shared, mine, config.device)
     return meta_test_runs(config, sampler, model, seeds, range(len(seeds)), progress, features, results)
-
-
-def meta_test_runs(config, sampler, model, seeds, runs, progress=True, features=None, results=None):
-    """`meta_test` of the runs `runs` (indices into `seeds`) alone: results [K, L, len(runs)]. Every
-    run is drawn, and the features of every run's classes computed, as for all of them."""
-    runs = list(runs)
-    results = empty_results(config, len(runs)) if results is None else results
-    if config.original_loop or config.no_freeze:
-        return original_meta_test(config, sampler, model, [seeds[r] for r in runs], results, progress)
-    inits, samples = draw_runs(model, sampler, seeds, config.classes[-1], config.train_examples)
-    features = features or FeatureBank(model, sampler.evaluation, progress=progress)
-    features.compute(np.unique(np.concatenate([run.classes for run in samples])))
-    samples, inits = [samples[r] for r in runs], [inits[r] for r in runs]
-    if config.method == "lstsq":
-        return ridge_fit(features, samples, list(config.grid), list(config.classes), progress, results)
-    if config.method == "ncm":
-        return ncm_fit(features, samples, list(config.grid), list(config.classes), progress, results)
-    return learn_on_features(config, features, samples, torch.stack(inits), model.fc.bias.detach().clone(),
-                             [seeds[r] for r in runs], results, progress)
-
-
-def sum_runs_over_processes(results, shared, runs, device):
-    """Each process's runs (`shared`, the results of runs `runs`) into `results`, summed over the
-    processes (every process ends with all runs; a run is computed by one process, zeros elsewhere)."""
-    import torch.distributed as dist
-    for key in ("test", "train", "non_finite"):
-        mine = np.zeros(results[key].shape)
-        mine[..., runs] = shared[key]
-        total = torch.as_tensor(mine, dtype=torch.float64, device=device)
-        dist.all_reduce(total)
-        results[key][...] = total.cpu().numpy().astype(results[key].dtype)
-    return results
-
-
-def original_meta_test(config, sampler, model, seeds, results, progress):
-    """`meta_test` with higherANML's loop, the whole network run on every image (`original_fit`):
-    fc learns, and with config.no_freeze RLN and NM too, one Adam step an image, for every run and
-    learning rate. seq learns each run's sequence once and is scored after the first N classes for
-    each count N; iid trains each count afresh, from the same initialisation, on the first N classes'
-    images in the shuffled orders of the frozen-feature iid (`iid_orders`, from the run's entropy)."""
-    counts, lrs = list(config.classes), list(config.grid)
-    steps = (sum(counts) * config.iid_epochs if config.method == "iid" else counts[-1]) * config.train_examples
-    with tqdm(total=steps * len(seeds) * len(lrs), disable=not progress, desc="test-train (full network)",
-              unit="step", unit_scale=True, smoothing=0) as bar:
-        for r, entropy in enumerate(seeds):
-            orders = (iid_orders(shuffle_rng(entropy), counts, config.train_examples, config.iid_epochs)
-                      if config.method == "iid" else None)
-            for l, lr in enumerate(lrs):
-                sampler.rng, generator = run_generators(*entropy)
-                net = run_network(model, generator, config.no_freeze)
-                scores, finite = full_network_run(net, sampler, counts, lr, config, orders, bar)
-                for k, (test, train) in enumerate(scores):
-                    results["test"][k, l, r], results["train"][k, l, r] = test, train
-                results["non_finite"][l, r] = not finite
-    return results
-
-
-def full_network_run(net, sampler, counts, lr, config, orders=None, bar=None):
-    """One run of `original_meta_test` from the run's network `net` (`run_network`), its sample drawn
-    from `sampler`: ([(test, train accuracy)] per count, whether every trained weight stayed finite).
-    Without `orders`, one sequence of classes scored along the way; with them (iid), a copy of `net`
-    per count trained on the images in `orders[k]` (indices into the first N classes' class-major
-    training images)."""
-    train_tasks, test_data, _ = sampler.sample_test(counts[-1], config.train_examples, device=config.device)
-    score = lambda model, n: scores_after(model, train_tasks, test_data, n, config.test_examples)
-    scores = []
-    if orders is None:
-        def after_task(t):
-            if bar is not None:
-                bar.update(config.train_examples)
-            if t in counts:
-                scores.append(score(net, t))
-        original_fit(net, train_tasks, lr, after_task)
-        return scores, all_finite(net)
-    finite = True
-    for n, order in zip(counts, orders):
-        images = [pair for task in train_tasks[:n] for pair in task]
-        learner = copy.deepcopy(net)
-        original_fit(learner, [[images[i] for i in order]], lr)
-        if bar is not None:
-            bar.update(len(order))
-        scores.append(score(learner, n))
-        finite &= all_finite(learner)
-    return scores, finite
-
-
-def all_finite(model):
-    """Whether every parameter of `model` is finite (a far too large rate makes them NaN)."""
-    return all(bool(torch.isfinite(p).all()) for p in model.parameters())

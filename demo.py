@@ -73,7 +73,7 @@ def trained_networks(config, sampler):
     initialisation (where the training started)."""
     if newest_resumable(config.out_dir, config.name):
         config = dataclasses.replace(config, resume="latest")
-    model, stopped, _ = anml.train(config, sampler)
+    [model], stopped, _ = anml.train(config, sampler)
     if stopped is not None:
         raise ValueError(f"the demo's training stopped early ({stopped}): run it again to continue it")
     init = seeded_network(config.rln, config.nm, config.mask, config.seed)

@@ -241,7 +241,7 @@ def evaluate(config, argv, sampler, model, finished=(), ranks=Ranks()):
     writer = ranks.rank == 0
     try:
         with interrupted_by_signals():
-            anml.meta_test(config, sampler, model, progress=writer, results=results, share=(ranks.rank, ranks.world))
+            anml.meta_test(config, sampler, model, progress=writer, results=results, ranks=ranks)
     except KeyboardInterrupt:
         if config.json and writer:  # keep what was finished
             report, selection = split_runs(results, config.runs)

@@ -82,6 +82,24 @@ def kaiming_std(weight):
     return math.sqrt(2.0 / weight.shape[1])
 
 
+def reset_last_layer(model, generator=None):
+    """Kaiming-normal re-initialisation of the whole fc weight (bias kept), as higherANML does."""
+    weight = model.fc.weight
+    with torch.no_grad():
+        weight.copy_(torch.randn(weight.shape, generator=generator, dtype=weight.dtype) * kaiming_std(weight))
+
+
+def adapted_in_the_inner_loop(name):
+    """Whether the inner loop adapts the parameter `name`: the RLN and the last layer, as higherANML's
+    inner SGD holds them (also ASB's sequential steps); never the NM."""
+    return name.startswith(("rln.", "fc."))
+
+
+def inner_parameter_names(model):
+    """The names of the parameters the inner loop adapts, in the model's order."""
+    return [n for n, _ in model.named_parameters() if adapted_in_the_inner_loop(n)]
+
+
 def seeded_network(rln_chs, nm_chs, mask_size, seed):
     """ANML(...) right after torch.manual_seed(seed): where meta-training and pretraining with that
     seed start, and the random baseline. The torch generator stays seeded: a run draws on from it."""

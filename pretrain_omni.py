@@ -40,7 +40,7 @@ from harness.cli import (add_session_args, add_size_args, build_config, non_nega
                  report_end, run_cli)
 from harness.config import SCHEDULES, PretrainConfig
 from datasets import OmniSampler
-from model import seeded_network
+from model import adapted_in_the_inner_loop, reset_last_layer, seeded_network
 from harness.runtime import resolve_device, set_threads
 
 
@@ -117,7 +117,7 @@ def train_step(model, opt, x, y, lobotomize=False):
 def sequential_steps(model, train_data, lr):
     """ASB's sequential phase: one SGD step per (image, label) of `train_data` over the RLN and the
     last layer (the parameters ANML's inner loop adapts), kept in the model."""
-    params = [p for n, p in model.named_parameters() if n.startswith(("rln.", "fc."))]
+    params = [p for n, p in model.named_parameters() if adapted_in_the_inner_loop(n)]
     for ims, labels in train_data:
         grads = torch.autograd.grad(F.cross_entropy(model(ims), labels), params)
         with torch.no_grad():
@@ -138,8 +138,8 @@ def asb_episode(model, opt, episode, seq_lr, zap=False):
 
 def pretrain(config, sampler=None, quiet=False):
     """Train for config.epochs (config.episodes with --schedule asb) in the run loop that
-    train_omni.py uses (run_loop.run, which gives the return value: the model, why it stopped early
-    or None, the last checkpoint's path)."""
+    train_omni.py uses (run_loop.run, which gives the return value: [the model], why it stopped
+    early or None, [the last checkpoint's path])."""
     if config.schedule == "asb":
         return pretrain_asb(config, sampler, quiet)
     per_epoch = config.steps_per_epoch
@@ -148,7 +148,7 @@ def pretrain(config, sampler=None, quiet=False):
         print(f"pretraining {config.name} for {config.epochs} epochs of batch {config.batch_size} on {config.device} "
               f"(lr {config.lr:g}, seed {config.seed}{', lobotomize' if config.lobotomize else ''}"
               f"{', zapping every epoch' if config.zap else ''}"
-              f"{anml.threads_note(config.device)}) -> {config.out_dir}/", flush=True)
+              f"{run_loop.threads_note(config.device)}) -> {config.out_dir}/", flush=True)
         data = sampler or OmniSampler(config.data_root, download=config.download, seed=config.seed)
         model = initial_model(config).to(config.device)
         opt = torch.optim.Adam(model.parameters(), lr=config.lr)
@@ -160,25 +160,26 @@ def pretrain(config, sampler=None, quiet=False):
         def step(i):
             epoch, j = divmod(i, per_epoch)
             if config.zap and j == 0 and epoch > 0:
-                anml.reset_last_layer(model)  # zapping: the whole last layer afresh every epoch
+                reset_last_layer(model)  # zapping: the whole last layer afresh every epoch
             if epoch not in orders:
                 orders.clear()
                 orders[epoch] = epoch_order(config.seed, epoch, len(images))
             batch = orders[epoch][j * config.batch_size:(j + 1) * config.batch_size]
             x, y = images[batch].to(config.device), labels[batch].to(config.device)
-            return train_step(model, opt, x, y, config.lobotomize)
-        return run_loop.Steps(model, opt, data, config.total_steps, lambda: step, milestone, report,
+            return tuple([value] for value in train_step(model, opt, x, y, config.lobotomize))
+        return run_loop.Steps([model], [opt], [data], config.total_steps, lambda: step, milestone, report,
                               "epoch: loss | accuracy (seconds)", unit="step")
 
     def milestone(i):
         return i // per_epoch if i % per_epoch == per_epoch - 1 else None
 
-    def report(i, loss, acc, seconds):
+    def report(i, losses, accuracies, seconds):
         if i % per_epoch == per_epoch - 1:
-            return f"epoch {i // per_epoch}: loss {float(loss):.3f} | accuracy {float(acc):.3f} ({seconds:.1f}s)"
+            return (f"epoch {i // per_epoch}: loss {float(losses[0]):.3f} | accuracy {float(accuracies[0]):.3f} "
+                    f"({seconds:.1f}s)")
         return None
 
-    return run_loop.run(config, build, quiet)
+    return run_loop.run([config], build, quiet)
 
 
 def pretrain_asb(config, sampler=None, quiet=False):
@@ -186,7 +187,7 @@ def pretrain_asb(config, sampler=None, quiet=False):
     def build():  # once the run's files are locked and its start is checked
         print(f"pretraining {config.name} by alternating sequential and batch learning for {config.episodes} "
               f"episodes on {config.device} (sequential SGD {config.seq_lr:g}, batch Adam {config.lr:g}, seed "
-              f"{config.seed}{', zapping' if config.zap else ''}{anml.threads_note(config.device)}) -> "
+              f"{config.seed}{', zapping' if config.zap else ''}{run_loop.threads_note(config.device)}) -> "
               f"{config.out_dir}/", flush=True)
         data = sampler or OmniSampler(config.data_root, download=config.download)
         data.rng = np.random.default_rng(config.seed)  # the run's seed draws its episodes (a resume restores them)
@@ -194,14 +195,16 @@ def pretrain_asb(config, sampler=None, quiet=False):
         opt = torch.optim.Adam(model.parameters(), lr=config.lr)
 
         def step(i):
-            return asb_episode(model, opt, data.sample_train(device=config.device), config.seq_lr, config.zap)
-        return run_loop.Steps(model, opt, data, config.episodes, lambda: step, anml.milestones(config.episodes),
-                              report, "episode: batch loss | batch accuracy (seconds)", unit="episode")
+            episode = data.sample_train(device=config.device)
+            return tuple([value] for value in asb_episode(model, opt, episode, config.seq_lr, config.zap))
+        return run_loop.Steps([model], [opt], [data], config.episodes, lambda: step,
+                              run_loop.milestones(config.episodes), report,
+                              "episode: batch loss | batch accuracy (seconds)", unit="episode")
 
-    def report(i, loss, acc, seconds):
-        return f"{i}: {float(loss):.3f} | {float(acc):.3f} ({seconds:.1f}s)" if i % 100 == 0 else None
+    def report(i, losses, accuracies, seconds):
+        return run_loop.progress_line(i, losses, accuracies, seconds) if i % 100 == 0 else None
 
-    return run_loop.run(config, build, quiet)
+    return run_loop.run([config], build, quiet)
 
 
 def main(argv=None):
@@ -212,8 +215,8 @@ def main(argv=None):
         save_atomic(cpu_state_dict(initial_model(config)), path)
         print(f"wrote the untrained network (seed {config.seed}): {path}")
         return
-    _, stopped, last = pretrain(config)  # checks the folder and the start before it loads the data
-    report_end(stopped, last)
+    _, stopped, lasts = pretrain(config)  # checks the folder and the start before it loads the data
+    report_end(stopped, lasts)
 
 if __name__ == "__main__":
     run_cli(main)

@@ -96,10 +96,10 @@ def main(argv=None):
     set_threads(config.threads)
     join_processes(ranks, config.device, connect=not config.several)  # seeds and rates train apart, unconnected
     try:
-        _, stopped, last = anml.train(config, ranks=ranks)  # checks the folders and the start before it loads the data
+        _, stopped, lasts = anml.train(config, ranks=ranks)  # checks the folders and the start before it loads the data
     finally:
         leave_processes()
-    report_end(stopped, last)
+    report_end(stopped, lasts)
 
 if __name__ == "__main__":
     run_cli(main)

@@ -10,7 +10,6 @@ import hashlib
 import io
 import json
 import os
-import sys
 import urllib.error
 import urllib.request
 import zipfile
@@ -22,6 +21,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from harness.atomic import remove_stale_temporaries, write_atomic
+from harness.cli import notice
 from harness.config import IMAGES_PER_CLASS, NUM_BACKGROUND, NUM_EVALUATION
 
 SPLITS = ("images_background", "images_evaluation")
@@ -35,11 +35,6 @@ CACHE_VERSION = 1  # bump when the preprocessing changes
 class DataError(OSError):
     """The Omniglot data is missing, corrupt or could not be downloaded (an OSError: the scripts
     report it as one `error:` line, as they report other files they cannot read or write)."""
-
-
-def _notice(message):
-    """One `notice: ...` line on stderr: something the user should know, not an error."""
-    print(f"notice: {message}", file=sys.stderr, flush=True)
 
 
 def _user_cache():
@@ -259,12 +254,12 @@ def read_cache(cache, im_size):
         with np.load(cache) as f:
             arrays = {s: f[s] for s in SPLITS}
     except Exception as e:
-        _notice(f"ignoring the unreadable cache {cache} ({e}): preprocessing again")
+        notice(f"ignoring the unreadable cache {cache} ({e}): preprocessing again")
         return None
     for s, a in arrays.items():
         expected = (NUM_CLASSES[s], IMAGES_PER_CLASS, im_size, im_size)
         if a.shape != expected or a.dtype != np.uint8:
-            _notice(f"ignoring the cache {cache}: its {s} is {a.dtype} {a.shape}, not uint8 {expected}; "
+            notice(f"ignoring the cache {cache}: its {s} is {a.dtype} {a.shape}, not uint8 {expected}; "
                     f"preprocessing again")
             return None
     return arrays
@@ -290,5 +285,5 @@ def load_omniglot(root=None, im_size=28, download=True, cache_dir=None):
                 remove_stale_temporaries(cache_dir)
             write_atomic(cache, save)
         except OSError as e:
-            _notice(f"could not write the Omniglot cache {cache}: {e}")
+            notice(f"could not write the Omniglot cache {cache}: {e}")
     return tuple(arrays[s].astype(np.float32) / np.float32(255) for s in SPLITS)

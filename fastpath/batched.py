@@ -22,7 +22,8 @@ import torch.nn.functional as F
 from fastpath.cuda_graphs import GraphedMetaStep
 from fastpath.functional import (AdaptedLinear, InnerLastLayer, conv_blocks, flatten, linear, one_hot,
                         unflatten)
-from model import kaiming_std, seeded_network
+from harness.runtime import Ranks
+from model import adapted_in_the_inner_loop, kaiming_std, seeded_network
 
 # ----------------------------------------------------------------------------- K models as one
 
@@ -161,12 +162,12 @@ def seeded_stack(rln, nm, mask, seeds, device="cpu", dtype=None):
 # ----------------------------------------------------------------------------- L lanes of the meta-gradient
 
 
-def expand_lanes(params, tasks):
-    """{name: [K, ...]} -> {name: [K tasks, ...]}: each model's weights once per task (the B lanes of
+def expand_lanes(params, lanes_per_model):
+    """{name: [K, ...]} -> {name: [K lanes_per_model, ...]}: each model's weights once per task (the B lanes of
     model k are k B .. k B + B - 1), differentiably: a model's gradient is the sum over its lanes."""
-    if tasks == 1:
+    if lanes_per_model == 1:
         return dict(params)
-    return {n: p.unsqueeze(1).expand(p.shape[0], tasks, *p.shape[1:]).reshape(-1, *p.shape[1:]).contiguous()
+    return {n: p.unsqueeze(1).expand(p.shape[0], lanes_per_model, *p.shape[1:]).reshape(-1, *p.shape[1:]).contiguous()
             for n, p in params.items()}  # contiguous: a copy once, not at each use of a stride-0 view
 
 
@@ -191,20 +192,20 @@ def images_first(ims):
     return ims.squeeze(2).transpose(0, 1)
 
 
-def lanes_meta_loss(params, tasks, inner_lr, train_ims, train_labels, valid_ims, valid_labels, first_order=False,
+def lanes_meta_loss(params, lanes_per_model, inner_lr, train_ims, train_labels, valid_ims, valid_labels, first_order=False,
                     mean_over=None):
-    """`functional.func_meta_loss` for L = K tasks lanes at once: `params` {name: [K, ...]} are K
+    """`functional.func_meta_loss` for L = K lanes_per_model lanes at once: `params` {name: [K, ...]} are K
     models' parameters (leaves), the episodes have a leading dimension L (train_ims [L, 20, 1, H, W],
     valid_ims [L, 84, 1, H, W]). Leaves in the leaves' .grad, for each model, the mean over its
-    `tasks` lanes of their meta-gradients; returns each model's mean outer (loss, accuracy), [K] each.
+    `lanes_per_model` lanes of their meta-gradients; returns each model's mean outer (loss, accuracy), [K] each.
     `inner_lr`: one rate, or a [K] tensor of one per model.
-    `mean_over` (default `tasks`): the count the sums over a model's lanes are divided by, when its
+    `mean_over` (default `lanes_per_model`): the count the sums over a model's lanes are divided by, when its
     meta-batch is shared out over processes (their sums then add up to the means). The conv biases
     are left without gradient (zero: see functional.norm_fed_biases)."""
-    inner_names = [n for n in params if n.startswith(("rln.", "fc."))]
-    lanes = expand_lanes(params, tasks)
+    inner_names = [n for n in params if adapted_in_the_inner_loop(n)]
+    lanes = expand_lanes(params, lanes_per_model)
     if torch.is_tensor(inner_lr):  # one rate per model: per lane, [L, 1, 1]
-        inner_lr = inner_lr.to(train_ims.dtype).repeat_interleave(tasks).view(-1, 1, 1)
+        inner_lr = inner_lr.to(train_ims.dtype).repeat_interleave(lanes_per_model).view(-1, 1, 1)
     count = len(train_ims)
     masks = lane_gate(lanes, images_first(torch.cat([train_ims, valid_ims], 1)))
     train_masks, valid_masks = masks.split([train_ims.shape[1], valid_ims.shape[1]], 1)
@@ -225,9 +226,9 @@ def lanes_meta_loss(params, tasks, inner_lr, train_ims, train_labels, valid_ims,
     weights = {**lanes, **unflatten(fast, lanes, fast_names)}
     out = fc(lane_features(weights, "rln", images_first(valid_ims)) * valid_masks, weights["fc.bias"])
     losses = F.cross_entropy(out.flatten(0, 1), valid_labels.flatten(), reduction="none").view(count, -1).mean(1)
-    mean_over = mean_over or tasks
+    mean_over = mean_over or lanes_per_model
     (losses.sum() / mean_over).backward()
-    per_model = lambda t: t.detach().view(-1, tasks).sum(1) / mean_over
+    per_model = lambda t: t.detach().view(-1, lanes_per_model).sum(1) / mean_over
     accuracies = (out.argmax(-1) == valid_labels).to(losses.dtype).mean(1)
     return per_model(losses), per_model(accuracies)
 
@@ -247,41 +248,42 @@ def sum_over_processes(parameters, loss, acc):
 
 
 class StackedMetaStep:
-    """One meta-iteration of a ModelStack: each model draws `tasks` episodes from its own sampler and
+    """One meta-iteration of a ModelStack: each model draws `meta_batch` episodes from its own sampler and
     the new rows of its last layer from its own generator (eagerly, before the step), then the
     lobotomy, the lanes' meta-gradient and one Adam step run in one CUDA graph (`graphed`) or
     eagerly. `samplers[k].rng` and `generators[k]` are model k's random state.
 
-    `share` = (rank, world): the `tasks` of each model are shared out over `world` processes that
-    hold the same models (torchrun): each draws all of them and re-initialises all their rows, runs
-    its tasks / world lanes, and the processes' gradients are summed (`all_reduce`) before the
-    identical Adam step everywhere: the update of one process running the whole meta-batch."""
+    `ranks` (runtime.Ranks): the meta-batch of each model is shared out over the `ranks.world`
+    processes that hold the same models (torchrun): each draws all of its tasks and re-initialises
+    all their rows, runs its share (`local_tasks` = meta_batch / world lanes a model), and the
+    processes' gradients are summed (`all_reduce`) before the identical Adam step everywhere: the
+    update of one process running the whole meta-batch."""
 
-    def __init__(self, stack, outer_opt, samplers, generators, tasks, inner_lr, first_order=False, graphed=False,
-                 share=(0, 1)):
-        self.stack, self.samplers, self.generators, self.tasks = stack, samplers, generators, tasks
-        self.rank, self.world = share
-        if tasks % self.world:
-            raise ValueError(f"a meta-batch of {tasks} tasks cannot be shared equally by {self.world} processes")
-        self.local = tasks // self.world
+    def __init__(self, stack, outer_opt, samplers, generators, meta_batch, inner_lr, first_order=False, graphed=False,
+                 ranks=Ranks()):
+        self.stack, self.samplers, self.generators, self.meta_batch = stack, samplers, generators, meta_batch
+        self.ranks = ranks
+        if meta_batch % ranks.world:
+            raise ValueError(f"a meta-batch of {meta_batch} tasks cannot be shared equally by {ranks.world} processes")
+        self.local_tasks = meta_batch // ranks.world
         weight = stack.params()["fc.weight"]
-        rows, self.outputs = len(stack) * tasks, weight.shape[1]
+        rows, self.outputs = len(stack) * meta_batch, weight.shape[1]
         self.rows = torch.zeros(rows, weight.shape[2], dtype=weight.dtype, device=weight.device)
         self.row_classes = torch.zeros(rows, dtype=torch.long, device=weight.device)
-        self.model_of_row = torch.arange(len(stack), device=weight.device).repeat_interleave(tasks)
+        self.model_of_row = torch.arange(len(stack), device=weight.device).repeat_interleave(meta_batch)
         conv_biases = [p for n, p in stack.params().items() if n.endswith("conv.bias")]
 
         def iteration(train_class, train_ims, train_labels, valid_ims, valid_labels):
             self.lobotomize()
-            loss, acc = lanes_meta_loss(stack.params(), self.local, inner_lr, train_ims, train_labels, valid_ims,
-                                        valid_labels, first_order, mean_over=tasks)
+            loss, acc = lanes_meta_loss(stack.params(), self.local_tasks, inner_lr, train_ims, train_labels, valid_ims,
+                                        valid_labels, first_order, mean_over=meta_batch)
             for p in conv_biases:
                 p.grad = torch.zeros_like(p)
-            if self.world > 1:
+            if self.ranks.world > 1:
                 loss, acc = sum_over_processes(stack.parameters(), loss, acc)
             return loss, acc
 
-        self.graph = GraphedMetaStep(stack, outer_opt, samplers[0], iteration, lanes=len(stack) * self.local,
+        self.graph = GraphedMetaStep(stack, outer_opt, samplers[0], iteration, lanes=len(stack) * self.local_tasks,
                                      graphed=graphed)
 
     def lobotomize(self):
@@ -298,9 +300,9 @@ class StackedMetaStep:
         stay identical everywhere); on the CPU, where the later write wins, nothing changes."""
         latest = {}
         for i, c in enumerate(classes):
-            latest[i // self.tasks, c] = i
+            latest[i // self.meta_batch, c] = i
         for i, c in enumerate(classes):
-            j = latest[i // self.tasks, c]
+            j = latest[i // self.meta_batch, c]
             if j != i:
                 self.rows[i].copy_(self.rows[j])
 
@@ -310,14 +312,15 @@ class StackedMetaStep:
         classes, remember = [], []
         std = kaiming_std(self.rows)
         for k, (sampler, generator) in enumerate(zip(self.samplers, self.generators)):
-            for b in range(self.tasks):
+            for b in range(self.meta_batch):
                 c, flat = sampler.sample_train_indices()
                 classes.append(c)
                 remember.append(flat)
-                self.rows[k * self.tasks + b].normal_(0, std, generator=generator)
+                self.rows[k * self.meta_batch + b].normal_(0, std, generator=generator)
         self.share_repeated_rows(classes)
         self.row_classes.copy_(torch.as_tensor(classes))
-        mine = [k * self.tasks + self.rank * self.local + b for k in range(len(self.stack)) for b in range(self.local)]
+        mine = [k * self.meta_batch + self.ranks.rank * self.local_tasks + b
+                for k in range(len(self.stack)) for b in range(self.local_tasks)]
         return np.array(classes)[mine], np.stack(remember)[mine]
 
     def __call__(self):

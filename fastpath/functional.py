@@ -10,14 +10,11 @@ GPU the iteration's time follows its number of operations (docs/speed.md counts 
 import torch
 import torch.nn.functional as F
 
+from model import inner_parameter_names
+
 
 def accuracy(logits, labels):
     return (logits.argmax(1) == labels).float().mean()
-
-
-def inner_parameter_names(model):
-    """The parameters the inner loop adapts, as higherANML's inner SGD holds them: RLN and last layer."""
-    return [n for n, _ in model.named_parameters() if n.startswith(("rln.", "fc."))]
 
 
 # ----------------------------------------------------------------------------- instance norm

@@ -72,6 +72,11 @@ def build_config(parser, cls, args, **values):
         parser.error(str(e))
 
 
+def notice(message):
+    """One `notice: ...` line on stderr: something the user should know, not an error."""
+    print(f"notice: {message}", file=sys.stderr, flush=True)
+
+
 def run_cli(main):
     """Run main(); a library ValueError, an OSError (missing data, an unwritable output) or Ctrl-C
     becomes a short message on stderr and a non-zero exit, never a traceback."""
@@ -99,11 +104,11 @@ def interrupted_by_signals():
             signal.signal(sig, handler)
 
 
-def report_end(stopped, last):
-    """A training script's last line: `done: {last checkpoint}`, the time limit, or an interruption
-    (exit 130); the run left a resumable checkpoint in the last two cases."""
+def report_end(stopped, lasts):
+    """A training script's last line: `done: {each run's last checkpoint}`, the time limit, or an
+    interruption (exit 130); the runs left resumable checkpoints in the last two cases."""
     if stopped is None:
-        print(f"done: {', '.join(map(str, last)) if isinstance(last, list) else last}")
+        print(f"done: {', '.join(map(str, lasts))}")
     elif stopped.startswith("time limit"):
         print("time limit reached: continue with the same command and --resume latest")
     else:

@@ -62,6 +62,25 @@ def resolve_backend(backend, device):
     return backend
 
 
+def backend_refusal(backend, arch="anml", first_order=False, several=False, device=None):
+    """Why meta-training cannot run with this backend, or None: the one place each impossible
+    combination is refused (MetaTrainConfig at the command line, anml.meta_loss for a caller).
+    `several`: several models or tasks an iteration (--seeds, rate lists, --meta-batch)."""
+    if backend == "graph" and device not in (None, "cuda"):
+        return "--backend graph replays CUDA graphs: it needs -d cuda (on the CPU use auto or func)"
+    if backend != "higher":
+        return None
+    if first_order:
+        return ("--first-order is implemented by the func and graph backends (--backend auto, func), not by higher, "
+                "the second-order reference")
+    if arch == "oml":
+        return "--arch oml trains on the func and graph backends (--backend auto, func), not on higher"
+    if several:
+        return ("--seeds, several rates and --meta-batch run on the func and graph backends (--backend auto, func), "
+                "not on higher, which trains one model one task at a time")
+    return None
+
+
 def check_positive(flag, value, integer=False):
     ok = isinstance(value, int) and not isinstance(value, bool) if integer else \
         isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
@@ -173,12 +192,6 @@ class MetaTrainConfig(RunSettings):
                     check_positive(flag, value)
                 if len(set(values)) < len(values):
                     raise ConfigError(f"{flag} values must differ, got {' '.join(map(str, values))}")
-        backend = resolve_backend(self.backend, self.device)
-        if self.first_order and backend == "higher":
-            raise ConfigError("--first-order is implemented by the func and graph backends (--backend auto, func), "
-                              "not by higher, the second-order reference")
-        if backend == "graph" and self.device != "cuda":
-            raise ConfigError("--backend graph replays CUDA graphs: it needs -d cuda (on the CPU use auto or func)")
         check_positive("--meta-batch", self.meta_batch, integer=True)
         if self.seeds is not None:
             object.__setattr__(self, "seeds", tuple(self.seeds))
@@ -190,12 +203,13 @@ class MetaTrainConfig(RunSettings):
                 raise ConfigError(f"--seeds must differ, got {' '.join(map(str, self.seeds))}")
         if self.arch not in ARCHS:
             raise ConfigError(f"unknown --arch {self.arch!r}: choose one of {', '.join(ARCHS)}")
-        if self.arch == "oml" and (backend == "higher" or self.several or self.meta_batch > 1):
-            raise ConfigError("--arch oml trains one model, one task an iteration, on the func and graph backends: "
-                              "not with --backend higher, --seeds, several rates or --meta-batch")
-        if backend == "higher" and (self.several or self.meta_batch > 1):
-            raise ConfigError("--seeds, several rates and --meta-batch run on the func and graph backends (--backend "
-                              "auto, func), not on higher, which trains one model one task at a time")
+        refusal = backend_refusal(resolve_backend(self.backend, self.device), self.arch, self.first_order,
+                                  self.several or self.meta_batch > 1, self.device)
+        if refusal:
+            raise ConfigError(refusal)
+        if self.arch == "oml" and (self.several or self.meta_batch > 1):
+            raise ConfigError("--arch oml trains one model, one task an iteration: not with --seeds, several rates "
+                              "or --meta-batch")
 
     @property
     def KIND(self):

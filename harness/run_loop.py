@@ -30,58 +30,69 @@ from harness.atomic import WriteError, probe_writable, remove_stale_temporaries,
 from harness.checkpoints import (Diverged, apply_training_state, check_finite, check_finite_parameters, checkpoint_path,
                          checkpoints_in, cpu_state_dict, find_resumable, newest_resumable, read_training_state,
                          readable_checkpoint, restore_torch_rng, save_atomic, save_training_state)
+from harness.cli import notice
 from harness.config import FLAGS, MAY_CHANGE_ON_RESUME
 
 LOG_EVERY = 10  # steps between log flushes (each checks the losses for NaN)
 
 
-def notice(message):
-    """One `notice: ...` line on stderr: something the user should know, not an error."""
-    print(f"notice: {message}", file=sys.stderr, flush=True)
+SAVE_EVERY = 1000  # steps between higherANML's checkpoints of meta-training (and of ASB's episodes)
+
+
+def milestones(total):
+    """step -> the index of higherANML's checkpoint to write after it (every SAVE_EVERY and the last
+    of `total`), or None."""
+    return lambda it: it if it % SAVE_EVERY == 0 or it == total - 1 else None
+
+
+def threads_note(device):
+    """", N threads" on the CPU (the announcement of a run), else nothing."""
+    n = torch.get_num_threads()
+    return f", {n} thread{'s' if n > 1 else ''}" if device == "cpu" else ""
+
+
+def progress_line(it, losses, accuracies, seconds):
+    """higherANML's progress line, `it: loss | accuracy (seconds)`, every LOG_EVERY steps, with one
+    loss and accuracy per run (several runs train together with --seeds); else None."""
+    if it % LOG_EVERY:
+        return None
+    show = lambda values: " ".join(f"{float(v):.3f}" for v in values)
+    return f"{it}: {show(losses)} | {show(accuracies)} ({seconds:.1f}s)"
 
 
 @dataclass
 class Steps:
-    """One kind of training, as the run loop drives it. With several runs in one loop, `model`,
-    `optimizer` and `rng_holder` are lists (one per run), and a step gives one loss and accuracy per run."""
-    model: torch.nn.Module
-    optimizer: torch.optim.Optimizer
-    rng_holder: object  # its `.rng` (a numpy Generator) is saved and restored with the run; its
+    """One kind of training, as the run loop drives it: one model, optimizer and rng holder per run
+    (several runs may train in one loop), and a step that gives one loss and accuracy per run."""
+    models: list
+    optimizers: list
+    rng_holders: list  # each one's `.rng` (a numpy Generator) is saved and restored with its run; its
     # `.generator`, where it has one, is the run's torch generator (else the global one)
     total: int  # steps of the whole run
-    make_step: Callable  # () -> step(i) -> (loss, accuracy); called once the resumable state is loaded
+    make_step: Callable  # () -> step(i) -> (losses, accuracies), one each per run; called once the resumable state is loaded
     milestone: Callable  # i -> the index of the checkpoint to write after step i, or None
-    report: Callable  # (i, loss, accuracy, seconds) -> a line to print, or None
+    report: Callable  # (i, losses, accuracies, seconds) -> a line to print, or None
     header: str  # printed above the reported lines
     unit: str = "iteration"
     agree: Callable = None  # stop requested here -> stop everywhere (the ranks of one run agree), or None
 
     def runs(self):
         """[(model, optimizer, rng_holder)] of each run."""
-        if isinstance(self.model, list):
-            return list(zip(self.model, self.optimizer, self.rng_holder))
-        return [(self.model, self.optimizer, self.rng_holder)]
+        return list(zip(self.models, self.optimizers, self.rng_holders))
 
 
-def per_run(values, count):
-    """A step's loss (or accuracy) as one value per run."""
-    if count == 1 and not (torch.is_tensor(values) and values.dim() == 1) and not isinstance(values, list):
-        return [values]
-    return list(values.unbind() if torch.is_tensor(values) else values)
+def run(configs, build, quiet=False, writer=True, restarted=False):
+    """Train the runs of `configs` (a list: one run, or several that train together) to their end,
+    each in its out_dir: `build()` gives the `Steps` (after the locks are taken, so it may load the
+    data). Returns (the models, why the runs stopped early or None, the path of each run's last
+    checkpoint). Raises ValueError for a run that may not start, Diverged for a non-finite loss or
+    weight, WriteError for a file that could not be written: each names the last good resumable
+    checkpoint, which a later `--resume latest` continues.
 
-
-def run(config, build, quiet=False, writer=True, restarted=False):
-    """Train `config`'s run (or each run of a list of configs, together) to its end in its out_dir:
-    `build()` gives the `Steps` (after the locks are taken, so it may load the data). Returns (model,
-    why it stopped early or None, the path of the run's last checkpoint); lists of models and paths
-    for a list of configs. Raises ValueError for a run that may not start, Diverged for a non-finite
-    loss or weight, WriteError for a file that could not be written: each names the last good
-    resumable checkpoint, which a later `--resume latest` continues.
-
-    `writer=False`: a process that trains the run beside the one that writes its files (a torchrun
-    rank other than 0) reads them but writes nothing. `restarted`: torchrun restarted this process
-    after a failure: each run continues from its newest resumable checkpoint, or starts again."""
-    configs = list(config) if isinstance(config, (list, tuple)) else [config]
+    `writer=False`: a process that trains the runs beside the one that writes their files (a
+    torchrun rank other than 0) reads them but writes nothing. `restarted`: torchrun restarted this
+    process after a failure: each run continues from its newest resumable checkpoint, or starts again."""
+    configs = list(configs)
     with contextlib.ExitStack() as locks:
         for c in configs if writer else ():
             check_out_dir(Path(c.out_dir))
@@ -90,20 +101,17 @@ def run(config, build, quiet=False, writer=True, restarted=False):
         starts = [starting_state(c, check_fresh=writer and not restarted, restarted=restarted) for c in configs]
         steps = build()
         try:
-            models, stopped, lasts = run_locked(configs, steps, starts, quiet, writer)
+            return run_locked(configs, steps, starts, quiet, writer)
         except Diverged as e:
             raise Diverged(f"{e}; {last_good(configs)} ({configs[0].DIVERGED_ADVICE})") from e
         except OSError as e:  # a checkpoint or the log could not be written (WriteError, a full disk)
             raise WriteError(f"{e}; {last_good(configs)}: free some space (or fix the folder), then "
                              f"continue with --resume latest") from e
-    if isinstance(config, (list, tuple)):
-        return models, stopped, lasts
-    return models[0], stopped, lasts[0]
 
 
 def run_locked(configs, steps, starts, quiet, writer=True):
     """The loop of `run`, once the runs' files are locked and their starts are checked."""
-    runs, kind, count = steps.runs(), configs[0].KIND, len(configs)
+    runs, kind = steps.runs(), configs[0].KIND
     firsts, elapsed, rngs = [], [], []
     for (model, optimizer, holder), (state, path) in zip(runs, starts):
         first, seconds, rng = 0, 0.0, None
@@ -134,14 +142,13 @@ def run_locked(configs, steps, starts, quiet, writer=True):
         tqdm.write(steps.header)  # once the signals stop the run cleanly
         for i in tqdm(range(first, steps.total), initial=first, total=steps.total, disable=quiet, desc=kind,
                       unit=steps.unit):
-            loss, acc = step(i)
-            losses, accuracies = per_run(loss, count), per_run(acc, count)
+            losses, accuracies = step(i)
             seconds = elapsed + clock()
             for log, l, a in zip(logs, losses, accuracies):
                 log.add(i, l, a, seconds)
                 if i % LOG_EVERY == 0:
                     log.flush()  # raises Diverged on a non-finite loss
-            line = steps.report(i, loss, acc, seconds)
+            line = steps.report(i, losses, accuracies, seconds)
             if line is not None:
                 for log in logs:
                     log.flush()

@@ -71,7 +71,8 @@ def anml_func(sampler, device, first_order=False):
     opt = anml.outer_optimizer(model, 1e-3)
     train_data, train_class, (valid_ims, valid_labels) = sampler.sample_train(device=device)
     anml.lobotomize(model.fc, train_class)
-    loss, _ = anml.meta_loss(model, train_data, valid_ims, valid_labels, INNER_LR, "func", first_order)
+    train_ims, train_labels = (torch.cat(parts) for parts in zip(*train_data))
+    loss, _ = anml.meta_loss(model, INNER_LR, train_ims, train_labels, valid_ims, valid_labels, "func", first_order)
     opt.step()
     return loss
 

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import anml
+from harness import meta_test_runs
 from harness.checkpoints import load_model
 from harness.config import EvalConfig
 from fastpath.frozen_features import FeatureBank, MetaTestRun, empty_results, sequential_fit
@@ -115,7 +116,7 @@ def test_iid_equals_the_original_loop_on_shuffled_images(small_checkpoint, sampl
     anml.original_fit(model, [[images[i] for i in orders[0][0]]], lr)
     test_ims = sampler.evaluation[run.classes[:, None], run.test_idx].flatten(0, 1)
     test_labels = torch.as_tensor(np.repeat(run.classes, 5))
-    test_acc = (anml.predict_in_batches(model, test_ims) == test_labels).float().mean().item()
+    test_acc = (meta_test_runs.predict_in_batches(model, test_ims) == test_labels).float().mean().item()
     train_acc = anml.train_accuracy(model, [images])
     np.testing.assert_allclose(fast["test"][0, 0, 0], test_acc, atol=1e-6)
     np.testing.assert_allclose(fast["train"][0, 0, 0], train_acc, atol=1e-6)
@@ -194,9 +195,9 @@ from model import kaiming_std  # noqa: E402
 
 
 def trained_states(monkeypatch):
-    """Spies on anml.original_fit: the list of (the model's weights when it starts, the images it is
+    """Spies on original_fit (harness/meta_test_runs.py): the list of (the model's weights when it starts, the images it is
     given in order, its weights when it ends), one entry a call."""
-    calls, real = [], anml.original_fit
+    calls, real = [], meta_test_runs.original_fit
 
     def spy(model, train_tasks, lr, after_task=None):
         start = {k: v.clone() for k, v in model.state_dict().items()}
@@ -204,7 +205,7 @@ def trained_states(monkeypatch):
         images = [(image, int(label)) for task in train_tasks for image, label in task]
         calls.append((start, images, {k: v.clone() for k, v in model.state_dict().items()}))
         return model
-    monkeypatch.setattr(anml, "original_fit", spy)
+    monkeypatch.setattr(meta_test_runs, "original_fit", spy)
     return calls
 
 
@@ -275,7 +276,7 @@ def test_no_freeze_run_equals_adam_over_every_parameter_one_image_at_a_time(smal
             np.testing.assert_array_equal(results["train"][:, l, r], [train for _, train in scores])
     sampler.rng, generator = anml.run_generators(seed, 1)
     net = anml.run_network(model, generator, no_freeze=True)
-    anml.full_network_run(net, sampler, counts, lrs[1], config)
+    meta_test_runs.full_network_run(net, sampler, counts, lrs[1], config)
     assert all(torch.equal(v, weights[k]) for k, v in net.state_dict().items())
     sampler.rng, generator = anml.run_generators(seed, 1)
     per_class, train = anml.test_train(model, sampler, 4, lr=lrs[1], quiet=True, fast=False, generator=generator,
@@ -313,7 +314,7 @@ def test_no_freeze_iid_sees_each_image_once_an_epoch_shuffled(small_checkpoint, 
         assert [label for _, label in images] == [in_class_order[i][1] for i in index]
         assert not changed(calls[0][0], start, "") and changed(start, end, "rln.")
     frozen = replace(config, no_freeze=False)
-    loop = anml.original_meta_test(frozen, sampler, load_model(small_checkpoint), [[seed, 0]],
+    loop = meta_test_runs.original_meta_test(frozen, sampler, load_model(small_checkpoint), [[seed, 0]],
                                    empty_results(frozen, 1), progress=False)
     fast = anml.meta_test(frozen, sampler, load_model(small_checkpoint), progress=False)
     np.testing.assert_allclose(loop["test"], fast["test"], atol=1e-6)

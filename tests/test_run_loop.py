@@ -93,7 +93,7 @@ def test_stopped_then_resumed_equals_one_run(kind, sampler, tmp_path):
     _, stopped, _ = run_tiny(kind, sampler, tmp_path / "split", steps, time_limit=1e-9)
     assert stopped.startswith("time limit")
     assert resumables(tmp_path / "split") == [f"{NAME}_{kind}-0_resume.pt"]
-    _, stopped, last = run_tiny(kind, sampler, tmp_path / "split", steps, resume="latest")
+    _, stopped, [last] = run_tiny(kind, sampler, tmp_path / "split", steps, resume="latest")
     assert stopped is None and last == last_checkpoint(kind, tmp_path / "split", steps)
     assert same_weights(weights(last), straight(kind, sampler, tmp_path, steps))
     logs = [np.loadtxt(d / LOG[kind], delimiter=",", skiprows=1) for d in (tmp_path / "straight", tmp_path / "split")]
@@ -240,7 +240,7 @@ def test_resume_past_epochs_is_refused_and_at_epochs_writes_the_last_checkpoint(
     with pytest.raises(ValueError, match=r"already trained 2 iterations, more than --epochs 1: nothing to train "
                                          r"\(give --epochs 2 or more"):
         run_tiny("ANML", sampler, tmp_path, 1, resume="latest")
-    _, stopped, last = run_tiny("ANML", sampler, tmp_path, 2, resume="latest")
+    _, stopped, [last] = run_tiny("ANML", sampler, tmp_path, 2, resume="latest")
     assert stopped is None and last == tmp_path / f"{NAME}_ANML-1.pth"
     assert "nothing to train" in capsys.readouterr().err
     assert same_weights(weights(last), straight("ANML", sampler, tmp_path, 2))
@@ -251,7 +251,7 @@ def test_resume_at_the_end_rewrites_a_damaged_last_checkpoint(sampler, tmp_path,
     last = tmp_path / f"{NAME}_ANML-1.pth"
     good = last.read_bytes()
     last.write_bytes(b"")
-    _, stopped, done = run_tiny("ANML", sampler, tmp_path, 2, resume="latest")
+    _, stopped, [done] = run_tiny("ANML", sampler, tmp_path, 2, resume="latest")
     assert stopped is None and done == last and last.read_bytes() == good
     assert "nothing to train" in capsys.readouterr().err
 

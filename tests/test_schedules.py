@@ -73,7 +73,7 @@ def test_iid_zapping_draws_the_last_layer_afresh_every_epoch(sampler, tmp_path, 
     finals = {}
     for zap in (False, True):
         settings = PretrainConfig(**TINY, epochs=2, batch_size=500, lr=1e-12, zap=zap, out_dir=str(tmp_path / str(zap)))
-        model, _, _ = pretrain_omni.pretrain(settings, FewClasses(sampler), quiet=True)
+        [model], _, _ = pretrain_omni.pretrain(settings, FewClasses(sampler), quiet=True)
         finals[zap] = model.state_dict()
     start = seeded_network(*TINY.values(), 1).state_dict()
     for name in start:
