@@ -79,9 +79,8 @@ def parse_args(argv=None):
                              f"(%(default)s; the rest are test images)")
     parser.add_argument("--seed", type=non_negative_int, default=0,
                         help="run r draws its classes, splits and last-layer init from (seed, r) (%(default)s)")
-    parser.add_argument("--original-loop", "--seed-loop", dest="original_loop", action="store_true",
-                        help="higherANML's full-network loop instead of the (equivalent) frozen-feature fast path "
-                             "(--seed-loop is an older name)")
+    parser.add_argument("--original-loop", action="store_true",
+                        help="higherANML's full-network loop instead of the (equivalent) frozen-feature fast path")
     parser.add_argument("--json", metavar="FILE", help="write every run's accuracies and the settings to FILE")
     add_session_args(parser)
     args = parser.parse_args(argv)

@@ -36,7 +36,7 @@ import torch.nn.functional as F
 import anml
 from harness import run_loop
 from harness.checkpoints import cpu_state_dict, save_atomic
-from harness.cli import (add_session_args, add_size_args, build_config, non_negative_int, positive_float, positive_int,
+from harness.cli import (add_run_args, add_session_args, add_size_args, build_config, non_negative_int, positive_float, positive_int,
                  report_end, run_cli)
 from harness.config import SCHEDULES, PretrainConfig
 from datasets import OmniSampler
@@ -65,16 +65,9 @@ def parse_args(argv=None):
                         help="asb: SGD rate of the sequential one-image steps (%(default)s)")
     parser.add_argument("--seed", type=non_negative_int, default=1,
                         help="seeds the initialisation (torch) and the epochs' orders or the episodes (%(default)s)")
-    parser.add_argument("--out-dir", default="runs", help="where checkpoints and the log go (%(default)s)")
-    parser.add_argument("--resume", metavar="PATH|latest",
-                        help="continue a stopped run exactly from its resumable checkpoint (latest: the newest "
-                             "in --out-dir); with the run's own flags (checked), --epochs may be raised")
-    parser.add_argument("--save-minutes", type=positive_float, default=5, metavar="MINUTES",
-                        help="also write a resumable checkpoint this often (%(default)s)")
-    parser.add_argument("--time-limit", type=positive_float, metavar="SECONDS",
-                        help="stop cleanly after the step in flight once this much time has passed")
     parser.add_argument("--init-only", action="store_true",
                         help="write the untrained network ({out_dir}/{rln}_{nm}_{mask}_init.pth) and stop")
+    add_run_args(parser, step="step")
     add_session_args(parser)
     args = parser.parse_args(argv)
     return build_config(parser, PretrainConfig, args, device=resolve_device(parser, args.device))

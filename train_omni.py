@@ -17,7 +17,7 @@ import argparse
 from pathlib import Path
 
 import anml
-from harness.cli import (add_session_args, add_size_args, build_config, non_negative_int, positive_float, positive_int,
+from harness.cli import (add_run_args, add_session_args, add_size_args, build_config, non_negative_int, positive_float, positive_int,
                  report_end, run_cli)
 from harness.config import ARCHS, BACKENDS, MetaTrainConfig
 from harness.runtime import join_processes, leave_processes, resolve_device, set_threads, torchrun_ranks
@@ -47,21 +47,13 @@ def parse_args(argv=None):
     parser.add_argument("--meta-batch", type=positive_int, default=1, metavar="B",
                         help="tasks per iteration, each its own class and inner loop; the outer step takes the mean "
                              "of their meta-gradients (%(default)s: the paper's algorithm)")
-    parser.add_argument("--out-dir", default="runs", help="where checkpoints and the log are written (%(default)s)")
     parser.add_argument("--backend", choices=BACKENDS, default="auto",
                         help="auto (default): graphed func on CUDA, func on CPU; higher: higherANML's code, the "
                              "reference")
     parser.add_argument("--first-order", action="store_true",
                         help="first-order meta-gradient: no differentiation through the inner steps (what the "
                              "original ANML code computed); recorded in the resumable checkpoints")
-    parser.add_argument("--resume", metavar="PATH|latest",
-                        help="continue a stopped run exactly from its resumable checkpoint (latest: the newest "
-                             "in --out-dir); with the run's own flags (checked), --epochs may be raised")
-    parser.add_argument("--save-minutes", type=positive_float, default=5, metavar="MINUTES",
-                        help="also write a resumable checkpoint this often (%(default)s), so that a crash or a "
-                             "kill -9 loses minutes, not up to 1000 iterations")
-    parser.add_argument("--time-limit", type=positive_float, metavar="SECONDS",
-                        help="stop cleanly after the iteration in flight once this much time has passed")
+    add_run_args(parser)
     add_session_args(parser)
     args = parser.parse_args(argv)
     several = lambda values: tuple(values) if len(values) > 1 else None

@@ -51,6 +51,20 @@ def add_session_args(parser):
                         help="fail instead of downloading Omniglot into the per-user cache when it is not there")
 
 
+def add_run_args(parser, step="iteration"):
+    """--out-dir, --resume, --save-minutes and --time-limit, as every training script takes them
+    (`step`: what one step of its run is called)."""
+    parser.add_argument("--out-dir", default="runs", help="where checkpoints and the log are written (%(default)s)")
+    parser.add_argument("--resume", metavar="PATH|latest",
+                        help="continue a stopped run exactly from its resumable checkpoint (latest: the newest "
+                             "in --out-dir); with the run's own flags (checked), --epochs may be raised")
+    parser.add_argument("--save-minutes", type=positive_float, default=5, metavar="MINUTES",
+                        help="also write a resumable checkpoint this often (%(default)s), so that a crash or a "
+                             "kill -9 loses minutes, not hours")
+    parser.add_argument("--time-limit", type=positive_float, metavar="SECONDS",
+                        help=f"stop cleanly after the {step} in flight once this much time has passed")
+
+
 def add_size_args(parser):
     """--rln, --nm and --mask, the network's sizes, with the paper's defaults."""
     parser.add_argument("--rln", type=positive_int, default=256, help="RLN channels (%(default)s)")

@@ -4,14 +4,12 @@ says in one line what is wrong with it, and the reading of a row that every tabl
 A file holds, per class count (`rows`), every grid value's per-run accuracies (`per_value`), and
 three readings of them: the value chosen on the selection runs (`chosen_on_selection_runs`), one
 value for all rows chosen the same way (`one_value_for_all_rows`), and each row's best value on the
-reported runs themselves (`best_on_reported_runs`, higherANML's protocol). Files written before
-format 2 name the first two `per_lr` and `fixed_lr`; they are read the same way. Plain Python."""
+reported runs themselves (`best_on_reported_runs`, higherANML's protocol). Plain Python."""
 import json
 import math
 from pathlib import Path
 
 FORMAT = 2
-LEGACY_KEYS = {"per_lr": "per_value", "fixed_lr": "one_value_for_all_rows"}
 READING_KEYS = ("chosen_on_selection_runs", "one_value_for_all_rows", "best_on_reported_runs")
 STATS = ("test_mean", "test_std", "train_mean", "train_std")
 
@@ -32,24 +30,15 @@ def read_results(path):
     except json.JSONDecodeError as e:
         raise ResultsError(f"{path} is not JSON ({e})") from None
     try:
-        return checked(upgraded(report))
+        return checked(report)
     except ResultsError as e:
         raise ResultsError(f"{path} is not an eval_omni.py --json report: {e}") from None
 
 
-def upgraded(report):
-    """A report of an older format with the current keys."""
-    if not isinstance(report, dict):
-        raise ResultsError(f"it holds {type(report).__name__}, not an object")
-    report = {LEGACY_KEYS.get(k, k): v for k, v in report.items()}
-    if isinstance(report.get("rows"), list):
-        report["rows"] = [{LEGACY_KEYS.get(k, k): v for k, v in row.items()} if isinstance(row, dict) else row
-                          for row in report["rows"]]
-    return report
-
-
 def checked(report):
     """`report` if every row has a class count and a reported reading with finite statistics."""
+    if not isinstance(report, dict):
+        raise ResultsError(f"it holds {type(report).__name__}, not an object")
     if report.get("partial"):
         raise ResultsError("it is the partial report of an interrupted evaluation (its finished runs are under "
                            "rows[].per_value): run the evaluation again for a whole one")

@@ -16,7 +16,6 @@ import fcntl
 import math
 import os
 import signal
-import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -277,14 +276,13 @@ def format_settings(settings, keys):
 
 
 def check_settings(stored, config, path):
-    """Refuse to continue a run with settings other than its own (--epochs may grow); a checkpoint
-    that records none (an older version's) is accepted with a notice."""
+    """Refuse to continue a run with settings other than its own (--epochs may grow), or one whose
+    checkpoint records no settings to check."""
     keys = [k for k in config.RUN_KEYS if k not in MAY_CHANGE_ON_RESUME]
     current = config.run_settings()
     if not isinstance(stored, dict):
-        notice(f"{path} records no settings (written by an older version): continuing it without checking "
-               f"that {format_settings(current, keys)} are its own")
-        return
+        raise ValueError(f"--resume: {path} records no settings, so it cannot be checked against "
+                         f"{format_settings(current, keys)}: start a new run in another --out-dir")
     changed = [k for k in keys if k in stored and stored[k] != current[k]]
     if changed:
         raise ValueError(f"--resume: {path} was trained with {format_settings(stored, changed)}, not "

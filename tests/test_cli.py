@@ -58,7 +58,6 @@ ARGUMENT_ERRORS = {  # id: (script's main, argv, expected message)
     "epochs-iid-huge": (eval_omni.main, [*NOT_READ, "--method", "iid", "--epochs-iid", "1000000"],
                         r"--epochs-iid must be at most 1000, got 1000000"),
     "original-loop-iid": (eval_omni.main, [*NOT_READ, "--method", "iid", "--original-loop"], r"only runs --method seq"),
-    "seed-loop-alias": (eval_omni.main, [*NOT_READ, "--method", "lstsq", "--seed-loop"], r"only runs --method seq"),
     "method-unknown": (eval_omni.main, [*NOT_READ, "--method", "knn"], r"argument --method: invalid choice"),
     "lr-with-ncm": (eval_omni.main, [*NOT_READ, "--method", "ncm", "-l", "0.001"],
                     r"--lr is the Adam learning rate of seq and iid: --method ncm learns no rate"),

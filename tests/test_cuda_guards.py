@@ -169,7 +169,7 @@ def test_meta_test_steps_run_on_a_device_without_host_tensors(device_steps, monk
     on the device, with no tensor of the host mixed in or copied in by a step."""
     monkeypatch.setattr(importlib.import_module("torch.optim.optimizer"), "_get_fused_kernels_supported_devices",
                         lambda: ["cuda", "cpu", "meta"])
-    R, L, C, D, T = 2, 2, 5, 8, 10
+    R, C, D, T = 2, 5, 8, 10  # runs, classes, features, images; two rates
     x, y = torch.rand(R, T, D, device="meta"), torch.zeros(R, T, dtype=torch.long, device="meta")
     layers = LastLayers(torch.rand(R, C, D, device="meta"), torch.zeros(C, device="meta"), [1e-3, 5e-4], x, y, 5)
     layers.train_until(T)
