@@ -54,6 +54,19 @@ def final(out_dir, epochs):
 TWO_ADAM_STEPS = 2.1e-3
 
 
+def assert_equal_up_to_float32(a, b):
+    """Stacked models against single runs, in float32: the grouped convolution sums in another order,
+    so rounding (1e-7 of a value) separates them, and Adam, which divides each gradient by its running
+    scale, turns that into a few 1e-5 on most weights (measured after 12 iterations: the median
+    1e-8) and, where a gradient is almost exactly zero and its sign flips, into up to two steps of
+    the learning rate on a handful of weights (measured: 4 of 38,584, 1.9e-3). A run given another
+    run's draws differs on nearly every weight and by percents in its loss: at most 0.1% of the
+    weights beyond a tenth of one Adam step tells the two apart."""
+    diffs = torch.cat([(a[k] - b[k]).abs().flatten() for k in a])
+    assert diffs.max() < TWO_ADAM_STEPS
+    assert (diffs > 1e-4).float().mean() < 1e-3, f"{int((diffs > 1e-4).sum())} of {diffs.numel()} weights differ"
+
+
 def losses(out_dir):
     return [float(line.split(",")[1]) for line in (out_dir / f"{NAME}_train_log.csv").read_text().splitlines()[1:]]
 
@@ -71,18 +84,20 @@ def single_runs(omniglot_root, tmp_path_factory):
     return out
 
 
-def test_seeds_in_one_process_write_each_seeds_run(omniglot_root, single_runs, tmp_path):
-    """--seeds 3 5: two runs in seed3/ and seed5/, each with a single run's files, equal to the single
-    runs up to float rounding; each continues alone, as the single run it is."""
-    proc = run("train_omni.py", *flags(omniglot_root, tmp_path, 12, "--seeds", 3, 5))
+@pytest.mark.parametrize("order", [(3, 5), (5, 3)])
+def test_seeds_in_one_process_write_each_seeds_run(omniglot_root, single_runs, tmp_path, order):
+    """--seeds 3 5 and --seeds 5 3: two runs in seed3/ and seed5/, each with a single run's files,
+    equal to the single runs after 12 iterations up to float32 rounding (assert_equal_up_to_float32),
+    whatever its place in the list; each continues alone, as the single run it is."""
+    proc = run("train_omni.py", *flags(omniglot_root, tmp_path, 12, "--seeds", *order))
     assert_ok(proc)
-    assert f"done: {tmp_path}/seed3/{NAME}_ANML-11.pth, {tmp_path}/seed5/{NAME}_ANML-11.pth" in proc.stdout
-    for seed in (3, 5):
+    done = ", ".join(f"{tmp_path}/seed{s}/{NAME}_ANML-11.pth" for s in order)
+    assert f"done: {done}" in proc.stdout
+    for seed in order:
         files = sorted(p.name for p in (tmp_path / f"seed{seed}").iterdir())
         assert files == sorted(p.name for p in (single_runs / f"seed{seed}").iterdir())
-        first = [torch.load(d / f"seed{seed}" / f"{NAME}_ANML-0.pth") for d in (tmp_path, single_runs)]
-        assert max_difference(*first) < TWO_ADAM_STEPS
-        assert losses(tmp_path / f"seed{seed}")[:3] == pytest.approx(losses(single_runs / f"seed{seed}")[:3], rel=1e-5)
+        assert_equal_up_to_float32(final(tmp_path / f"seed{seed}", 12), final(single_runs / f"seed{seed}", 12))
+        assert losses(tmp_path / f"seed{seed}") == pytest.approx(losses(single_runs / f"seed{seed}"), rel=1e-5)
     alone = run("train_omni.py", *flags(omniglot_root, tmp_path / "seed5", 14, "--seed", 5, "--resume", "latest"))
     assert_ok(alone)
     assert "done:" in alone.stdout
