@@ -62,6 +62,14 @@ def resolve_backend(backend, device):
     return backend
 
 
+def rate_name(rate):
+    """A rate in a folder name, different for any two different rates: six significant digits where
+    they give the rate back exactly (0.001, 1e+09), else Python's shortest exact form (0.0010000001,
+    which six digits would print as 0.001, the name of another rate's folder)."""
+    short = f"{rate:g}"
+    return short if float(short) == rate else repr(float(rate))
+
+
 def backend_refusal(backend, arch="anml", first_order=False, several=False, device=None):
     """Why meta-training cannot run with this backend, or None: the one place each impossible
     combination is refused (MetaTrainConfig at the command line, anml.meta_loss for a caller).
@@ -153,8 +161,13 @@ class RunSettings(Session):
         return network_name(self.rln, self.nm, self.mask)
 
     def run_settings(self):
-        """The settings that make the run what it is, as its resumable checkpoints record and check them."""
-        return {k: getattr(self, k) for k in self.RUN_KEYS}
+        """The settings that make the run what it is, as its resumable checkpoints check them: the
+        RUN_KEYS that this kind of run reads (a flag it ignores neither blocks a resume nor is checked)."""
+        return {k: getattr(self, k) for k in self.RUN_KEYS if k not in self.unused_settings()}
+
+    def unused_settings(self):
+        """The RUN_KEYS this run does not read."""
+        return ()
 
 
 @dataclass(frozen=True)
@@ -181,6 +194,9 @@ class MetaTrainConfig(RunSettings):
     RUN_KEYS = ("arch", "rln", "nm", "mask", "inner_lr", "outer_lr", "seed", "backend", "first_order", "meta_batch",
                 "epochs")
     DIVERGED_ADVICE = "a smaller --outer-lr is a new run: another --out-dir"
+
+    def unused_settings(self):
+        return ("nm", "mask") if self.arch == "oml" else ()  # OML has no NM
 
     def __post_init__(self):
         self.check_run()
@@ -241,11 +257,11 @@ class MetaTrainConfig(RunSettings):
         if not self.several:
             return [self]
         runs = []
-        for seed in self.seeds or (self.seed,):
-            for inner in self.inner_lrs or (self.inner_lr,):
-                for outer in self.outer_lrs or (self.outer_lr,):
-                    folder = f"seed{seed}" + (f"_inner-lr{inner:g}" if self.inner_lrs else "") + \
-                        (f"_outer-lr{outer:g}" if self.outer_lrs else "")
+        for seed in sorted(self.seeds or (self.seed,)):  # one order however the list is given: a resume is exact
+            for inner in sorted(self.inner_lrs or (self.inner_lr,)):
+                for outer in sorted(self.outer_lrs or (self.outer_lr,)):
+                    folder = f"seed{seed}" + (f"_inner-lr{rate_name(inner)}" if self.inner_lrs else "") + \
+                        (f"_outer-lr{rate_name(outer)}" if self.outer_lrs else "")
                     runs.append(replace(self, seed=seed, inner_lr=inner, outer_lr=outer, seeds=None, inner_lrs=None,
                                         outer_lrs=None, out_dir=os.path.join(self.out_dir, folder)))
         return runs
@@ -286,6 +302,9 @@ class PretrainConfig(RunSettings):
     RUN_KEYS = ("rln", "nm", "mask", "schedule", "zap", "lr", "batch_size", "lobotomize", "seq_lr", "seed", "epochs",
                 "episodes")
     DIVERGED_ADVICE = "a smaller --lr is a new run: another --out-dir"
+
+    def unused_settings(self):
+        return ("batch_size", "lobotomize", "epochs") if self.schedule == "asb" else ("episodes", "seq_lr")
 
     def __post_init__(self):
         self.check_run()

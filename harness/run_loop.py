@@ -258,7 +258,7 @@ def check_fresh_start(config):
         notice(f"{out_dir} holds a finished run of {name} with the same settings: running it again, "
                f"overwriting its files")
         return
-    shown = f" ({format_settings(stored, [k for k in config.RUN_KEYS if k in stored])})" \
+    shown = f" ({format_settings(stored, [k for k in config.run_settings() if k in stored])})" \
         if isinstance(stored, dict) else ""
     raise ValueError(f"{out_dir} already holds a run of {name}{shown}, resumable after {config.UNIT} {last}: "
                      f"continue it with --resume latest, or start a new run in another --out-dir")
@@ -278,8 +278,8 @@ def format_settings(settings, keys):
 def check_settings(stored, config, path):
     """Refuse to continue a run with settings other than its own (--epochs may grow), or one whose
     checkpoint records no settings to check."""
-    keys = [k for k in config.RUN_KEYS if k not in MAY_CHANGE_ON_RESUME]
     current = config.run_settings()
+    keys = [k for k in current if k not in MAY_CHANGE_ON_RESUME]
     if not isinstance(stored, dict):
         raise ValueError(f"--resume: {path} records no settings, so it cannot be checked against "
                          f"{format_settings(current, keys)}: start a new run in another --out-dir")

@@ -66,7 +66,7 @@ def test_pretrain_config_counts_steps_in_epochs():
     assert config.steps_per_epoch == 19 and config.total_steps == 38  # 19,280 images, the last batch partial
     assert config.epochs_for(38) == 2 and config.epochs_for(39) == 3
     assert set(config.run_settings()) == {"rln", "nm", "mask", "lr", "batch_size", "lobotomize", "seed", "epochs",
-                                          "schedule", "zap", "episodes", "seq_lr"}
+                                          "schedule", "zap"}  # not asb's episodes and seq_lr
     assert (config.KIND, config.UNIT, config.LENGTH_FLAG) == ("pretrain", "step", "--epochs")
     asb = PretrainConfig(rln=4, nm=3, mask=36, schedule="asb", episodes=30)
     assert (asb.KIND, asb.LOG, asb.UNIT, asb.total_steps, asb.epochs_for(31)) == ("asb", "asb_log", "episode", 30, 31)
@@ -130,3 +130,13 @@ def test_several_seeds_and_rates_are_one_run_each_in_its_own_folder():
     assert all(not r.several and r.inner_lr == 0.1 for r in runs)
     assert [r.out_dir for r in MetaTrainConfig(seeds=(7,), out_dir="x").members()] == ["x/seed7"]
     assert MetaTrainConfig(out_dir="x").members()[0].out_dir == "x"
+
+
+def test_runs_are_the_same_whatever_order_they_are_given_in_and_rates_that_print_alike_get_their_own_folder():
+    """--seeds 2 1 trains (and resumes) the runs of --seeds 1 2, in one order; 0.001 and 0.0010000001
+    are two runs in two folders."""
+    runs = lambda **kw: [(r.seed, r.outer_lr, r.out_dir) for r in MetaTrainConfig(out_dir="r", **kw).members()]
+    assert runs(seeds=(2, 1), outer_lrs=(3e-3, 1e-3)) == runs(seeds=(1, 2), outer_lrs=(1e-3, 3e-3))
+    folders = [r[2] for r in runs(outer_lrs=(1e-3, 0.0010000001, 1e9, 3e-5))]
+    assert folders == ["r/seed1_outer-lr3e-05", "r/seed1_outer-lr0.001", "r/seed1_outer-lr0.0010000001",
+                       "r/seed1_outer-lr1e+09"]

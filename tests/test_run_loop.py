@@ -203,6 +203,16 @@ def test_resume_refuses_other_settings_but_not_more_epochs(kind, sampler, tmp_pa
     assert resumables(tmp_path) != before
 
 
+@pytest.mark.parametrize("kind", ["asb", "pretrain"])
+def test_flags_a_run_does_not_read_do_not_block_its_resume(kind, sampler, tmp_path):
+    """ASB reads no --batch-size, the i.i.d. schedule no --seq-lr (OML's --nm and
+    --mask: tests/test_oml.py): a resume that gives them other values continues the run."""
+    run_tiny(kind, sampler, tmp_path / "split", 1, time_limit=1e-9)
+    ignored = dict(batch_size=64) if kind == "asb" else dict(seq_lr=0.5)
+    _, stopped, _ = run_tiny(kind, sampler, tmp_path / "split", 2, resume="latest", **ignored)
+    assert stopped is None
+
+
 @pytest.mark.parametrize("kind", KINDS)
 def test_a_checkpoint_without_settings_is_refused_in_one_line(kind, sampler, tmp_path):
     run_tiny(kind, sampler, tmp_path / "split", 1)
@@ -370,8 +380,8 @@ def test_runs_trained_together_stop_together_when_one_diverges(sampler, tmp_path
     and the message names each run's last good resumable checkpoint."""
     config = MetaTrainConfig(**TINY, epochs=30, outer_lrs=(1e9, 1e-3), out_dir=str(tmp_path), save_minutes=1e-9)
     sampler.rng = np.random.default_rng(1)
-    with pytest.raises(Diverged, match=r"training diverged.*last good resumable checkpoints are .*seed1_outer-lr1e\+09"
-                                       r"/.*_resume\.pt, .*seed1_outer-lr0\.001/.*_resume\.pt"):
+    with pytest.raises(Diverged, match=r"training diverged.*last good resumable checkpoints are .*seed1_outer-lr0\.001"
+                                       r"/.*_resume\.pt, .*seed1_outer-lr1e\+09/.*_resume\.pt"):
         anml.train(config, sampler, quiet=True)
     folders = sorted(p.name for p in tmp_path.iterdir())
     assert folders == ["seed1_outer-lr0.001", "seed1_outer-lr1e+09"]
