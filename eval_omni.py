@@ -17,6 +17,7 @@ one per meta-training seed) are each evaluated on the same runs, then each row i
 mean of the models' accuracies +- their std across models.
 """
 import argparse
+import hashlib
 import json
 import sys
 import time
@@ -110,10 +111,33 @@ def check_writable(path):
     path = Path(path)
     if path.is_dir():
         raise ValueError(f"--json {path} is a folder: give a file name")
+    blocking = next((p for p in path.parents if p.exists() and not p.is_dir()), None)
+    if blocking is not None:
+        raise ValueError(f"cannot write --json {path}: {blocking} is a file, not a folder")
     try:
         probe_writable(path.parent)
     except OSError as e:
         raise ValueError(f"cannot write --json {path}: {e.strerror or e}") from None
+
+
+def check_distinct(paths, models):
+    """-m a b: refuse the same weights given twice (one file twice, or a checkpoint and the resumable
+    one it was saved with): counted twice, they would shrink the std across models."""
+    seen = {}
+    for path, model in zip(paths, models):
+        digest = weights_digest(model)
+        if digest in seen:
+            raise ValueError(f"-m: {seen[digest]} and {path} hold the same weights: give each model once")
+        seen[digest] = path
+
+
+def weights_digest(model):
+    """SHA-256 of a model's parameters and buffers, in order."""
+    digest = hashlib.sha256()
+    for name, tensor in model.state_dict().items():
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
 
 
 def stats(test, train, value=None, hyper="lr"):
@@ -304,6 +328,7 @@ def evaluate_all(config, argv, ranks):
         check_writable(config.json)
     paths = config.models or (config.model,)
     models = [load_model(path, config.device) for path in paths]  # a bad checkpoint fails before the data loads
+    check_distinct(paths, models)
     sizes = {image_size(model) for model in models}
     if len(sizes) > 1:
         raise ValueError("-m: the models read images of different sizes (ANML's 28x28, OML's 84x84): evaluate "

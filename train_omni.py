@@ -39,8 +39,8 @@ def parse_args(argv=None):
                              "higherANML's README table says 0.003; 0.0001 with --arch oml, as OML's code); "
                              "several: one model each, as --inner-lr")
     seeds = parser.add_mutually_exclusive_group()
-    seeds.add_argument("--seed", type=non_negative_int, default=1,
-                       help="seeds torch and the task sampler (%(default)s)")
+    seeds.add_argument("--seed", type=non_negative_int, default=None,  # None: argparse sees --seed 1 with --seeds
+                       help="seeds torch and the task sampler (1)")
     seeds.add_argument("--seeds", type=non_negative_int, nargs="+", metavar="SEED",
                        help="train one model per seed together, in one batched iteration: each a run of its own "
                             "in {out-dir}/seed{SEED}, as --seed SEED --out-dir {out-dir}/seed{SEED} would write it")
@@ -56,6 +56,7 @@ def parse_args(argv=None):
     add_run_args(parser)
     add_session_args(parser)
     args = parser.parse_args(argv)
+    args.seed = 1 if args.seed is None else args.seed
     several = lambda values: tuple(values) if len(values) > 1 else None
     oml = args.arch == "oml"
     args.inner_lr = args.inner_lr or [0.03 if oml else 0.1]
@@ -86,7 +87,12 @@ def check_processes(parser, config, ranks):
 def main(argv=None):
     config, ranks = parse_args(argv)
     set_threads(config.threads)
-    join_processes(ranks, config.device, connect=not config.several)  # seeds and rates train apart, unconnected
+    shared = ranks.world > 1 and not config.several  # one run's meta-batch, shared by connected processes
+    if shared and ranks.restarted:
+        raise ValueError("torchrun restarted this process, but processes that share a --meta-batch cannot reconnect "
+                         "after one of them died: run the same command again with --resume latest (the runs' last "
+                         "resumable checkpoint continues them exactly)")
+    join_processes(ranks, config.device, connect=shared)  # seeds and rates train apart, unconnected
     try:
         _, stopped, lasts = anml.train(config, ranks=ranks)  # checks the folders and the start before it loads the data
     finally:

@@ -90,6 +90,8 @@ def load_model(path, device="cpu"):
     Raises ValueError with a one-line reason for a missing, empty or unreadable file, or a
     state_dict whose keys or shapes do not fit the architecture."""
     path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"{path} is a folder, not a model file (give a checkpoint in it, e.g. its *_ANML-*.pth)")
     if not path.is_file():
         raise ValueError(f"model file not found: {path}")
     try:
@@ -140,9 +142,11 @@ def check_finite_parameters(model, it):
         raise Diverged(f"training diverged: non-finite weights after iteration {it} (in {', '.join(bad[:3])})")
 
 
-def save_training_state(out_dir, name, it, model, optimizer, rng, elapsed, config, kind="ANML", torch_rng=None):
+def save_training_state(out_dir, name, it, model, optimizer, rng, elapsed, config, kind="ANML", torch_rng=None,
+                        prune=True):
     """Everything needed to continue after iteration `it` exactly, with the run's configuration (a
-    dict); the older resumable checkpoints of the run are removed only once this one is complete.
+    dict); the older resumable checkpoints of the run are removed only once this one is complete
+    (`prune`; runs that train together prune once all of them have saved: `prune_resumables`).
     `torch_rng` ({"torch", "cuda"} states): the run's own, else the global generators'. Refuses
     (Diverged) to save non-finite weights. Returns the path written."""
     check_finite_parameters(model, it)
@@ -153,10 +157,16 @@ def save_training_state(out_dir, name, it, model, optimizer, rng, elapsed, confi
              "rng": {"numpy": rng.bit_generator.state, **torch_rng}}
     path = checkpoint_path(out_dir, name, it, resumable=True, kind=kind)
     save_atomic(state, path)
-    for old in checkpoints_in(out_dir, name, resumable=True, kind=kind).values():
-        if old != path:
-            old.unlink(missing_ok=True)
+    if prune:
+        prune_resumables(out_dir, name, kind, keep=path)
     return path
+
+
+def prune_resumables(out_dir, name, kind, keep):
+    """Remove the run's resumable checkpoints other than `keep`."""
+    for old in checkpoints_in(out_dir, name, resumable=True, kind=kind).values():
+        if old != keep:
+            old.unlink(missing_ok=True)
 
 
 def read_training_state(path, kind="ANML"):

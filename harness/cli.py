@@ -86,6 +86,13 @@ def build_config(parser, cls, args, **values):
         parser.error(str(e))
 
 
+def out_of_memory(error):
+    """Whether `error` says the CPU or GPU ran out of memory (torch raises RuntimeErrors for it)."""
+    text = str(error).lower()
+    return isinstance(error, MemoryError) or type(error).__name__ == "OutOfMemoryError" or \
+        "out of memory" in text or "can't allocate memory" in text or "not enough memory" in text
+
+
 def notice(message):
     """One `notice: ...` line on stderr: something the user should know, not an error."""
     print(f"notice: {message}", file=sys.stderr, flush=True)
@@ -98,6 +105,13 @@ def run_cli(main):
         main()
     except (ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except (MemoryError, RuntimeError) as e:
+        if not out_of_memory(e):
+            raise
+        detail = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        print(f"error: out of memory ({detail}): ask for less at once (fewer --seeds or rates, a smaller "
+              f"--meta-batch or network, fewer classes or runs)", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

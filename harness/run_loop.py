@@ -18,7 +18,7 @@ import os
 import signal
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable
 
@@ -28,7 +28,7 @@ from tqdm import tqdm
 from harness.atomic import WriteError, probe_writable, remove_stale_temporaries, write_atomic
 from harness.checkpoints import (Diverged, apply_training_state, check_finite, check_finite_parameters, checkpoint_path,
                          checkpoints_in, cpu_state_dict, find_resumable, newest_resumable, read_training_state,
-                         readable_checkpoint, restore_torch_rng, save_atomic, save_training_state)
+                         readable_checkpoint, restore_torch_rng, prune_resumables, save_atomic, save_training_state)
 from harness.cli import notice
 from harness.config import FLAGS, MAY_CHANGE_ON_RESUME
 
@@ -92,20 +92,69 @@ def run(configs, build, quiet=False, writer=True, restarted=False):
     torchrun rank other than 0) reads them but writes nothing. `restarted`: torchrun restarted this
     process after a failure: each run continues from its newest resumable checkpoint, or starts again."""
     configs = list(configs)
+    new_folders = [Path(c.out_dir) for c in configs if writer and not Path(c.out_dir).exists()]
+    try:
+        return run_in_folders(configs, build, quiet, writer, restarted)
+    finally:
+        for folder in new_folders:  # a run refused before it wrote anything leaves no empty folder
+            if folder.is_dir() and not any(folder.iterdir()):
+                folder.rmdir()
+
+
+def run_in_folders(configs, build, quiet, writer, restarted):
+    """`run`, its folders there."""
     with contextlib.ExitStack() as locks:
         for c in configs if writer else ():
             check_out_dir(Path(c.out_dir))
-            locks.enter_context(RunLock(c.out_dir, c.name, c.KIND))
+            lock = locks.enter_context(RunLock(c.out_dir, c.name, c.KIND))
             clean_out_dir(Path(c.out_dir))
-        starts = [starting_state(c, check_fresh=writer and not restarted, restarted=restarted) for c in configs]
-        steps = build()
+            if lock.stale_pid is not None:
+                remove_stillborn_run(c, f"pid {lock.stale_pid}, which ended")
+        starts = aligned_starts(configs, [starting_state(c, check_fresh=writer and not restarted, restarted=restarted)
+                                          for c in configs])
+        fresh = [c for c, (state, _) in zip(configs, starts) if state is None] if writer else []
         try:
+            steps = build()
             return run_locked(configs, steps, starts, quiet, writer)
-        except Diverged as e:
+        except Diverged as e:  # its log shows where: kept
             raise Diverged(f"{e}; {last_good(configs)} ({configs[0].DIVERGED_ADVICE})") from e
-        except OSError as e:  # a checkpoint or the log could not be written (WriteError, a full disk)
-            raise WriteError(f"{e}; {last_good(configs)}: free some space (or fix the folder), then "
-                             f"continue with --resume latest") from e
+        except BaseException as e:
+            for c in fresh:
+                remove_stillborn_run(c, "this process, which stopped with an error")
+            if isinstance(e, OSError):  # a checkpoint or the log could not be written (WriteError, a full disk)
+                raise WriteError(f"{e}; {last_good(configs)}: free some space (or fix the folder), then "
+                                 f"continue with --resume latest") from e
+            raise
+
+
+def remove_stillborn_run(config, who):
+    """Remove what a run wrote before its first resumable checkpoint (its log, an early checkpoint):
+    nothing there can be continued, and left there it would block every later start in its folder."""
+    if newest_resumable(config.out_dir, config.name, config.KIND) is not None:
+        return
+    files = run_files(config)
+    for path in files:
+        path.unlink(missing_ok=True)
+    if files:
+        notice(f"removed {', '.join(p.name for p in files)} from {config.out_dir}: {who} wrote them before "
+               f"the run's first resumable checkpoint")
+
+
+def aligned_starts(configs, starts):
+    """Runs that train together continue from one iteration: where a stop came between their saves,
+    the ones saved further go back to the newest iteration that every run can resume (each keeps its
+    previous resumable checkpoint until all have written the new one)."""
+    if len(configs) < 2 or any(state is None for state, _ in starts):
+        return starts
+    target = min(state["iteration"] for state, _ in starts)
+    aligned = []
+    for c, (state, path) in zip(configs, starts):
+        if state["iteration"] != target:
+            earlier = checkpoints_in(c.out_dir, c.name, resumable=True, kind=c.KIND).get(target)
+            if earlier is not None:
+                state, path = starting_state(replace(c, resume=str(earlier)))
+        aligned.append((state, path))
+    return aligned
 
 
 def run_locked(configs, steps, starts, quiet, writer=True):
@@ -156,13 +205,17 @@ def run_locked(configs, steps, starts, quiet, writer=True):
             timed = configs[0].save_minutes is not None and clock() - last_save >= configs[0].save_minutes * 60
             stopping = stop.requested() if steps.agree is None else steps.agree(stop.requested())
             if writer and (index is not None or timed or stopping):
+                saved = []
                 for c, log, (model, optimizer, holder) in zip(configs, logs, runs):
                     log.flush()
                     if index is not None:
                         check_finite_parameters(model, i)
                         save_atomic(cpu_state_dict(model), checkpoint_path(c.out_dir, c.name, index, kind=kind))
-                    save_training_state(c.out_dir, c.name, i, model, optimizer, holder.rng, elapsed + clock(),
-                                        c.as_dict(), kind, torch_rng_state(holder))
+                    saved.append(save_training_state(c.out_dir, c.name, i, model, optimizer, holder.rng,
+                                                     elapsed + clock(), c.as_dict(), kind, torch_rng_state(holder),
+                                                     prune=False))
+                for c, path in zip(configs, saved):  # once every run has its new one: a kill cannot split them
+                    prune_resumables(c.out_dir, c.name, kind, keep=path)
                 last_save = clock()
             if stopping and i < steps.total - 1:
                 tqdm.write(f"stopped after {steps.unit} {i} ({stop.reason or 'another process stopped'}); "
@@ -365,6 +418,7 @@ class RunLock:
 
     def __init__(self, out_dir, name, kind="ANML"):
         self.out_dir, self.name = Path(out_dir), name
+        self.stale_pid = None  # the pid of a process that died holding the lock, once taken over
         self.path = self.out_dir / (f".{name}.lock" if kind == "ANML" else f".{name}_{kind}.lock")
 
     def __enter__(self):
@@ -411,6 +465,7 @@ class RunLock:
         if stale is not None and stale != os.getpid():
             notice(f"taking over the lock {self.path} of pid {stale}, which no longer holds it (it ended "
                    f"without removing it)")
+            self.stale_pid = stale
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
 

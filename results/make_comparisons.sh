@@ -87,10 +87,15 @@ train "$ZAPPED" "$PRETRAIN_DIR/iid_zap/${NAME}_pretrain-*_resume.pt" pretrain_om
 $PY pretrain_omni.py $SIZES --init-only --seed 1 --out-dir "$PRETRAIN_DIR" "$@"
 
 # (c) the evaluations: same runs (seed 0), same selection-then-report protocol
+finished() {  # a whole report, not the partial one an interrupted evaluation leaves
+    $PY -c "import sys; from harness.results import read_results; read_results(sys.argv[1])" "$1" 2>/dev/null
+}
 evaluate() {  # label model method-flags...
     local label=$1 model=$2
     shift 2
-    if [ -f "$OUT/$label.json" ] && [ -z "${FORCE:-}" ]; then echo "== $label: done ($OUT/$label.json; FORCE=1 redoes it)"; return; fi
+    if [ -f "$OUT/$label.json" ] && [ -z "${FORCE:-}" ] && finished "$OUT/$label.json"; then
+        echo "== $label: done ($OUT/$label.json; FORCE=1 redoes it)"; return
+    fi
     echo "== $label"
     $PY eval_omni.py -m "$model" -d "$DEVICE" -c $CLASSES -r "$RUNS" --selection-runs "$SEL" \
         --json "$OUT/$label.json" "${@}" "${DATA_ARGS[@]}"

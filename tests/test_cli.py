@@ -57,6 +57,8 @@ ARGUMENT_ERRORS = {  # id: (script's main, argv, expected message)
     "epochs-iid-0": (eval_omni.main, [*NOT_READ, "--method", "iid", "--epochs-iid", "0"], r"argument --epochs-iid"),
     "epochs-iid-huge": (eval_omni.main, [*NOT_READ, "--method", "iid", "--epochs-iid", "1000000"],
                         r"--epochs-iid must be at most 1000, got 1000000"),
+    "seed-and-seeds": (train_omni.main, [*TINY_FLAGS, "--seed", "1", "--seeds", "2", "3"],
+                       r"argument --seeds: not allowed with argument --seed"),
     "original-loop-iid": (eval_omni.main, [*NOT_READ, "--method", "iid", "--original-loop"], r"only runs --method seq"),
     "method-unknown": (eval_omni.main, [*NOT_READ, "--method", "knn"], r"argument --method: invalid choice"),
     "lr-with-ncm": (eval_omni.main, [*NOT_READ, "--method", "ncm", "-l", "0.001"],
@@ -147,12 +149,25 @@ def test_a_bad_checkpoint_is_one_line_before_any_data(bad_models, name, expected
     assert_one_error(error_of(eval_omni.main, ["-m", bad_models / f"{name}.pth", *no_data], capsys), expected)
 
 
+def test_a_folder_or_the_same_weights_twice_is_one_line_before_any_data(bad_models, tmp_path, no_data, capsys):
+    """-m FOLDER names it a folder; -m M M, or a copy of M, counts the same model twice: refused."""
+    assert_one_error(error_of(eval_omni.main, ["-m", bad_models, *no_data], capsys),
+                     r"models0 is a folder, not a model file")
+    model = bad_models / "model.pth"
+    (tmp_path / "copy.pth").write_bytes(model.read_bytes())
+    for second in (model, tmp_path / "copy.pth"):
+        assert_one_error(error_of(eval_omni.main, ["-m", model, second, *no_data], capsys),
+                         rf"-m: {model} and {second} hold the same weights: give each model once")
+
+
 def test_output_paths_are_checked_before_any_data(bad_models, tmp_path, no_data, capsys):
     model = ["-m", bad_models / "model.pth"]
     assert_one_error(error_of(eval_omni.main, [*model, "--json", tmp_path, *no_data], capsys),
                      rf"--json {tmp_path} is a folder: give a file name")
     assert_one_error(error_of(eval_omni.main, [*model, "--json", "/proc/anml.json", *no_data], capsys),
                      r"cannot write --json /proc/anml\.json")
+    assert_one_error(error_of(eval_omni.main, [*model, "--json", bad_models / "text.pth" / "r.json", *no_data], capsys),
+                     r"cannot write --json .*r\.json: .*text\.pth is a file, not a folder")
     for main in (train_omni.main, pretrain_omni.main):
         assert_one_error(error_of(main, [*TINY_FLAGS, "--out-dir", bad_models / "text.pth", *no_data], capsys),
                          r"--out-dir .*text\.pth is not a folder")
@@ -214,3 +229,14 @@ def test_the_recorded_command_is_what_a_user_types_again(tmp_path):
             "--json", str(tmp_path / "scratch" / "out.json"), "-l", "0.001", "--data-root=/elsewhere"]
     assert as_typed("/usr/bin/eval_omni.py", argv, paths=("-m", "--json"), dropped=("--data-root", "--no-download")) \
         == "python eval_omni.py -m trained_anmls/x.pth -c 10 --json out.json -l 0.001"
+
+
+def test_a_restarted_process_of_a_shared_meta_batch_says_what_to_run(monkeypatch, no_data, capsys):
+    """Processes that share one run's --meta-batch cannot reconnect after torchrun restarts them: each
+    says so in one line, with the command that continues the run, before it joins any group."""
+    for key, value in (("RANK", "1"), ("LOCAL_RANK", "1"), ("WORLD_SIZE", "2"), ("LOCAL_WORLD_SIZE", "2"),
+                       ("TORCHELASTIC_RESTART_COUNT", "1")):
+        monkeypatch.setenv(key, value)
+    monkeypatch.setattr(train_omni, "join_processes", lambda *a, **k: pytest.fail("joined a process group"))
+    err = error_of(train_omni.main, [*TINY_FLAGS, "--meta-batch", "2", "-d", "cpu", *no_data], capsys)
+    assert_one_error(err, r"cannot reconnect after one of them died: run the same command again with --resume latest")

@@ -351,8 +351,8 @@ def test_resumable_checkpoints_are_also_saved_on_a_clock(kind, sampler, tmp_path
     from harness import run_loop
     saved = []
     real = run_loop.save_training_state
-    monkeypatch.setattr(run_loop, "save_training_state", lambda out_dir, name, it, *a: (saved.append(it),
-                                                                                         real(out_dir, name, it, *a))[1])
+    monkeypatch.setattr(run_loop, "save_training_state", lambda out_dir, name, it, *a, **k: (
+        saved.append(it), real(out_dir, name, it, *a, **k))[1])
     stepwise = kind in STEPWISE
     steps = 4 if stepwise else 1
     run_tiny(kind, sampler, tmp_path / "often", steps, save_minutes=1e-9)
@@ -435,3 +435,61 @@ def test_a_missing_log_is_reported_and_started_again(sampler, tmp_path, capsys):
     run_tiny("ANML", sampler, tmp_path, 3, resume="latest")
     assert "training log" in capsys.readouterr().err
     assert (tmp_path / LOG["ANML"]).read_text().splitlines()[1].startswith("2,")
+
+
+# ----------------------------------------------------------------------------- nothing lost, nothing blocked
+
+
+def test_a_run_that_fails_before_it_can_resume_leaves_nothing_that_blocks(sampler, tmp_path, monkeypatch, capsys):
+    """An i.i.d. pretraining that runs out of memory in its first epoch (its log written, no resumable
+    checkpoint yet) removes what it wrote, says so, and the same command then starts in that folder."""
+    real, calls = pretrain_omni.train_step, []
+
+    def failing(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 1 bytes")
+        return real(*args, **kwargs)
+    monkeypatch.setattr(pretrain_omni, "train_step", failing)
+    with pytest.raises(RuntimeError, match="can't allocate memory"):
+        run_tiny("pretrain", sampler, tmp_path, 1)
+    assert "removed 4_3_36_pretrain_log.csv" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+    monkeypatch.setattr(pretrain_omni, "train_step", real)
+    _, stopped, [last] = run_tiny("pretrain", sampler, tmp_path, 1)
+    assert stopped is None and last.is_file()
+
+
+def test_a_refused_resume_leaves_no_empty_folder(sampler, tmp_path):
+    with pytest.raises(ValueError, match="no 4_3_36_ANML-\\*_resume.pt"):
+        run_tiny("ANML", sampler, tmp_path / "new", 2, resume="latest")
+    assert not (tmp_path / "new").exists()
+
+
+def test_runs_stopped_between_their_saves_continue_together_exactly(sampler, tmp_path, monkeypatch):
+    """--seeds 1 2 stopped (a kill) after seed 1 saved iteration 1 and before seed 2 did: each keeps
+    its iteration-0 checkpoint until both have the new one, so --resume latest continues both from
+    iteration 0 and they end as two uninterrupted runs."""
+    from harness import run_loop
+    config = lambda out, **kw: MetaTrainConfig(**TINY, epochs=3, seeds=(1, 2), out_dir=str(out), save_minutes=1e-9,
+                                               **kw)
+    sampler.rng = np.random.default_rng(0)
+    anml.train(config(tmp_path / "straight"), sampler, quiet=True)
+    real = run_loop.save_training_state
+
+    def killed(out_dir, name, it, *args, **kwargs):
+        if it == 1 and str(out_dir).endswith("seed2"):
+            raise SystemExit("killed")  # as a kill -9 there would: nothing after it runs
+        return real(out_dir, name, it, *args, **kwargs)
+    monkeypatch.setattr(run_loop, "save_training_state", killed)
+    with pytest.raises(SystemExit):
+        anml.train(config(tmp_path / "split"), sampler, quiet=True)
+    assert resumables(tmp_path / "split" / "seed1") == [f"{NAME}_ANML-0_resume.pt", f"{NAME}_ANML-1_resume.pt"]
+    assert resumables(tmp_path / "split" / "seed2") == [f"{NAME}_ANML-0_resume.pt"]
+    monkeypatch.setattr(run_loop, "save_training_state", real)
+    _, stopped, lasts = anml.train(config(tmp_path / "split", resume="latest"), sampler, quiet=True)
+    assert stopped is None
+    for seed, last in zip((1, 2), lasts):
+        assert same_weights(weights(last), weights(tmp_path / "straight" / f"seed{seed}" / last.name))
+        log = np.loadtxt(tmp_path / "split" / f"seed{seed}" / LOG["ANML"], delimiter=",", skiprows=1)
+        assert log[:, 0].tolist() == [0, 1, 2]

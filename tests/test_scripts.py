@@ -7,6 +7,7 @@ import re
 import signal
 import subprocess
 import sys
+import time
 
 import matplotlib.pyplot as plt
 import numpy as np
@@ -92,6 +93,27 @@ def test_ctrl_c_or_a_closed_terminal_stops_cleanly_with_exit_130(sig, omniglot_r
     assert f"({signal.Signals(sig).name}); continue with --resume latest" in out
     assert "interrupted: continue with the same command and --resume latest" in err
     assert len(list(tmp_path.glob("4_3_36_ANML-*_resume.pt"))) == 1
+
+
+def test_a_run_killed_before_it_could_resume_does_not_block_its_folder(omniglot_root, tmp_path):
+    """kill -9 of an i.i.d. pretraining in its first epoch (its log written, no resumable checkpoint
+    yet, the lock file left behind): the next start in that folder removes what it left, says so in
+    a notice, and trains."""
+    args = [*TINY_FLAGS, "--epochs", 1, "-d", "cpu", "--data-root", omniglot_root, "--out-dir", tmp_path]
+    proc = subprocess.Popen(command("pretrain_omni.py", *args, "--batch-size", 8, "--save-minutes", 60), cwd=REPO,
+                            env=script_env(), stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    log = tmp_path / "4_3_36_pretrain_log.csv"
+    deadline = time.monotonic() + 120
+    while not (log.is_file() and len(log.read_text().splitlines()) > 11) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    proc.kill()
+    proc.wait(timeout=30)
+    assert log.is_file() and not list(tmp_path.glob("*_resume.pt"))
+    again = run("pretrain_omni.py", *args, "--batch-size", 4096)
+    assert_ok(again)
+    assert re.search(rf"notice: taking over the lock .* of pid {proc.pid}", again.stderr)
+    assert re.search(rf"notice: removed 4_3_36_pretrain_log.csv from {tmp_path}: pid {proc.pid}, which ended", again.stderr)
+    assert (tmp_path / "4_3_36_pretrain-0.pth").is_file()
 
 
 def test_a_script_error_is_one_line_and_exit_2(tmp_path):
@@ -359,6 +381,19 @@ def test_count_ops_counts_operations_not_views():
     assert counts["mul"] >= 2 and counts["sum"] == 1  # the backward's operations are counted too
 
 
+def test_out_of_memory_is_one_line_and_exit_2(capsys):
+    from harness.cli import run_cli
+
+    def main():
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:117] data. DefaultCPUAllocator: not enough memory: you "
+                           "tried to allocate 1099511627776 bytes.")
+    with pytest.raises(SystemExit) as exit_:
+        run_cli(main)
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1 and err.startswith("error: out of memory (") and "--meta-batch" in err
+
+
 def test_make_comparisons_at_tiny_scale(omniglot_root, checkpoint, tmp_path):
     """results/make_comparisons.sh end to end with tiny networks: six trainings (i.i.d. with and without
     zapping, ASB with and without, first-order ANML, OML), the init checkpoint, seventeen evaluations on
@@ -394,6 +429,9 @@ def test_make_comparisons_at_tiny_scale(omniglot_root, checkpoint, tmp_path):
     assert len({json.dumps(r["report_run_seeds"]) for r in reports.values()}) == 1
     assert all([row["classes"] for row in r["rows"]] == [2, 4] for r in reports.values())
     assert plt.imread(tmp_path / "out" / "comparisons.png").std() > 0.01
+    partial = tmp_path / "out" / "asb_seq.json"  # as an evaluation stopped by Ctrl-C leaves it
+    partial.write_text(json.dumps({**reports["asb_seq"], "partial": True}))
     again = subprocess.run(script, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
     assert_ok(again)
-    assert "training" not in again.stdout and again.stdout.count(": done (") == 17
+    assert "training" not in again.stdout and again.stdout.count(": done (") == 16
+    assert "== asb_seq\n" in again.stdout and "partial" not in json.loads(partial.read_text())
