@@ -91,7 +91,7 @@ def test_seeds_in_one_process_write_each_seeds_run(omniglot_root, single_runs, t
     whatever its place in the list; each continues alone, as the single run it is."""
     proc = run("train_omni.py", *flags(omniglot_root, tmp_path, 12, "--seeds", *order))
     assert_ok(proc)
-    done = ", ".join(f"{tmp_path}/seed{s}/{NAME}_ANML-11.pth" for s in order)
+    done = ", ".join(f"{tmp_path}/seed{s}/{NAME}_ANML-11.pth" for s in sorted(order))  # one order, however given
     assert f"done: {done}" in proc.stdout
     for seed in order:
         files = sorted(p.name for p in (tmp_path / f"seed{seed}").iterdir())
