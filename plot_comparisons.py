@@ -1,4 +1,5 @@
-"""Plot meta-test accuracy against the number of classes, one line per eval_omni.py --json file.
+"""Plot meta-test accuracy against the number of classes, one line per eval_omni.py --json file: test
+accuracy beside train accuracy, as the ANML paper draws them.
 
     python plot_comparisons.py results/comparisons/*.json -o results/comparisons/comparisons.png
 
@@ -6,8 +7,9 @@ Each file is one method on one network, named {network}_{method}...json as make_
 them: the line is labelled by the network (from the name) and by how it learned at meta-test (from
 the file: "pretrained, all parameters learn", "ANML + NCM"). A row's point is the test accuracy on
 the reported runs at the learning rate (ridge, distance) chosen on the selection runs, or, without
-selection runs, the best on the reported runs (marked "best on same runs" in the legend); the error
-bars are the standard deviation over runs.
+selection runs, the best on the reported runs (marked "best on same runs" in the legend); the right
+panel gives the same runs' accuracy on the images they learned from; the error bars are the standard
+deviation over runs.
 """
 import argparse
 from pathlib import Path
@@ -35,11 +37,13 @@ def network_of(stem):
 
 
 def curve(report, network):
-    """(classes, mean test accuracy, std, which reading, legend label) of one checked eval_omni.py
+    """{classes, test and train mean and std, which reading, legend label} of one checked eval_omni.py
     report of `network`."""
     rows = reported(report)
-    return ([n for n, _ in rows], [r["test_mean"] for _, r in rows], [r["test_std"] for _, r in rows],
-            reading_key(report), row_label(network, report))
+    column = lambda key: [r[key] for _, r in rows]
+    return {"classes": [n for n, _ in rows], "test": (column("test_mean"), column("test_std")),
+            "train": (column("train_mean"), column("train_std")), "key": reading_key(report),
+            "label": row_label(network, report)}
 
 
 def load_curves(paths):
@@ -58,22 +62,31 @@ def picture_path(out):
 
 
 def plot_comparisons(curves, out, title="Omniglot meta-test: accuracy against classes learned"):
-    """One picture, one line per method (log-scale classes), written atomically to `out`."""
-    fig, ax = plt.subplots(figsize=(8, 5.5))
-    for classes, mean, std, key, label in curves.values():
-        note = "" if key == "chosen_on_selection_runs" else " (best on same runs)"
-        ax.errorbar(classes, mean, yerr=std, marker="o", capsize=3, label=label + note)
-    ax.set_xscale("log")
-    ticks = sorted({n for classes, *_ in curves.values() for n in classes})
-    ax.set_xticks(ticks, [str(n) for n in ticks])
-    ax.minorticks_off()
-    ax.set_xlabel("classes learned")
-    ax.set_ylabel("test accuracy")
-    ax.set_ylim(0, 1)
-    ax.set_title(title)
-    ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
+    """One picture: test accuracy (left) and train accuracy (right) against classes learned (log
+    scale), one line per method, a shared legend below; written atomically to `out`."""
+    fig, axes = plt.subplots(1, 2, figsize=(12, 6.5), sharex=True)
+    for ax in axes:  # up to twenty lines, each its own colour
+        ax.set_prop_cycle(color=plt.cm.tab20.colors[::2] + plt.cm.tab20.colors[1::2])
+    for c in curves.values():
+        note = "" if c["key"] == "chosen_on_selection_runs" else " (best on same runs)"
+        for ax, which in zip(axes, ("test", "train")):
+            mean, std = c[which]
+            ax.errorbar(c["classes"], mean, yerr=std, marker="o", markersize=4, capsize=3,
+                        label=c["label"] + note if which == "test" else None)
+    ticks = sorted({n for c in curves.values() for n in c["classes"]})
+    for ax, which in zip(axes, ("test", "train")):
+        ax.set_xscale("log")
+        ax.set_xticks(ticks, [str(n) for n in ticks])
+        ax.minorticks_off()
+        ax.set_xlabel("classes learned")
+        ax.set_ylabel(f"meta-test {which} accuracy")
+        ax.set_ylim(0, 1)
+        ax.grid(True, alpha=0.3)
+    axes[0].set_title("held-out images of the classes learned")
+    axes[1].set_title("the images learned from")
+    fig.suptitle(title)
+    fig.legend(loc="lower center", ncol=3, fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0.04 + 0.035 * ((len(curves) + 2) // 3), 1, 0.97))
     try:
         write_atomic(out, lambda tmp: fig.savefig(tmp, format="png", dpi=150))
     finally:

@@ -337,10 +337,11 @@ def test_plot_comparisons_reads_the_reports(tmp_path, capsys):
     for name, report in files.items():
         (tmp_path / f"{name}.json").write_text(json.dumps(report))
     curves = plot_comparisons.load_curves([tmp_path / f"{name}.json" for name in files])
-    assert curves["a_seq"] == ([10, 50], [0.9, 0.7], [0.1, 0.1], "chosen_on_selection_runs",
-                               "a_seq, last layer on frozen features")
-    assert curves["b_lstsq"] == ([10], [0.5], [0.1], "best_on_reported_runs", "b_lstsq, closed-form last layer")
-    assert {name: c[4] for name, c in curves.items() if name not in ("a_seq", "b_lstsq")} == {
+    assert curves["a_seq"] == {"classes": [10, 50], "test": ([0.9, 0.7], [0.1, 0.1]), "train": ([1.0, 1.0], [0.0, 0.0]),
+                               "key": "chosen_on_selection_runs", "label": "a_seq, last layer on frozen features"}
+    assert curves["b_lstsq"] == {"classes": [10], "test": ([0.5], [0.1]), "train": ([1.0], [0.0]),
+                                 "key": "best_on_reported_runs", "label": "b_lstsq, closed-form last layer"}
+    assert {name: c["label"] for name, c in curves.items() if name not in ("a_seq", "b_lstsq")} == {
         "pretrain_seq": "pretrained, last layer on frozen features",
         "pretrain_seq_no_freeze": "pretrained, all parameters learn",
         "pretrain_zap_iid_no_freeze": "pretrained with zapping, i.i.d. oracle, all parameters learn",
