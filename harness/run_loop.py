@@ -102,7 +102,7 @@ def run(configs, build, quiet=False, writer=True, restarted=False):
 
 
 def run_in_folders(configs, build, quiet, writer, restarted):
-    """`run`, its folders there."""
+    """`run` itself: the locks, the starts checked and aligned, the loop, the clean-up of a stillborn run."""
     with contextlib.ExitStack() as locks:
         for c in configs if writer else ():
             check_out_dir(Path(c.out_dir))
@@ -113,8 +113,8 @@ def run_in_folders(configs, build, quiet, writer, restarted):
         starts = aligned_starts(configs, [starting_state(c, check_fresh=writer and not restarted, restarted=restarted)
                                           for c in configs])
         fresh = [c for c, (state, _) in zip(configs, starts) if state is None] if writer else []
+        steps = build()  # nothing is written before it: its errors (missing data) pass as they are
         try:
-            steps = build()
             return run_locked(configs, steps, starts, quiet, writer)
         except Diverged as e:  # its log shows where: kept
             raise Diverged(f"{e}; {last_good(configs)} ({configs[0].DIVERGED_ADVICE})") from e
