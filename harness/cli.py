@@ -107,6 +107,11 @@ def run_cli(main):
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     except (MemoryError, RuntimeError) as e:
+        if type(e).__name__ in ("DistBackendError", "DistNetworkError", "DistError"):  # torch.distributed's
+            print(f"error: another process of this torchrun job stopped ({str(e).strip().splitlines()[0][:160]}): "
+                  f"run the same command again with --resume latest (the last resumable checkpoints continue the "
+                  f"runs exactly)", file=sys.stderr)
+            sys.exit(2)
         if not out_of_memory(e):
             raise
         detail = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__

@@ -92,13 +92,23 @@ def run(configs, build, quiet=False, writer=True, restarted=False):
     torchrun rank other than 0) reads them but writes nothing. `restarted`: torchrun restarted this
     process after a failure: each run continues from its newest resumable checkpoint, or starts again."""
     configs = list(configs)
-    new_folders = [Path(c.out_dir) for c in configs if writer and not Path(c.out_dir).exists()]
+    new_folders = {f for c in configs if writer for f in missing_folders(Path(c.out_dir))}
     try:
         return run_in_folders(configs, build, quiet, writer, restarted)
     finally:
-        for folder in new_folders:  # a run refused before it wrote anything leaves no empty folder
-            if folder.is_dir() and not any(folder.iterdir()):
+        for folder in sorted(new_folders, key=lambda f: len(f.parts), reverse=True):  # deepest first
+            if folder.is_dir() and not any(folder.iterdir()):  # a run refused before it wrote anything
                 folder.rmdir()
+
+
+def missing_folders(folder):
+    """`folder` and its parents that do not exist yet (a run makes them)."""
+    missing = []
+    for f in [folder, *folder.parents]:
+        if f.exists():
+            break
+        missing.append(f)
+    return missing
 
 
 def run_in_folders(configs, build, quiet, writer, restarted):
@@ -109,7 +119,9 @@ def run_in_folders(configs, build, quiet, writer, restarted):
             lock = locks.enter_context(RunLock(c.out_dir, c.name, c.KIND))
             clean_out_dir(Path(c.out_dir))
             if lock.stale_pid is not None:
-                remove_stillborn_run(c, f"pid {lock.stale_pid}, which ended")
+                remove_stillborn_run(c, f"pid {lock.stale_pid} (it ended)")
+        if writer and set_aside_interrupted_first_save(configs):
+            configs = [replace(c, resume=None) for c in configs]  # they start again, together
         starts = aligned_starts(configs, [starting_state(c, check_fresh=writer and not restarted, restarted=restarted)
                                           for c in configs])
         fresh = [c for c, (state, _) in zip(configs, starts) if state is None] if writer else []
@@ -119,25 +131,61 @@ def run_in_folders(configs, build, quiet, writer, restarted):
         except Diverged as e:  # its log shows where: kept
             raise Diverged(f"{e}; {last_good(configs)} ({configs[0].DIVERGED_ADVICE})") from e
         except BaseException as e:
-            for c in fresh:
-                remove_stillborn_run(c, "this process, which stopped with an error")
+            who, many = "this process, which stopped with an error,", len(fresh) > 3
+            removed = [c for c in fresh if remove_stillborn_run(c, who, quiet=many)]
+            if many and removed:
+                notice(f"removed the files of {len(removed)} runs ({removed[0].out_dir}, ...), written by {who} "
+                       f"before their first resumable checkpoints")
             if isinstance(e, OSError):  # a checkpoint or the log could not be written (WriteError, a full disk)
                 raise WriteError(f"{e}; {last_good(configs)}: free some space (or fix the folder), then "
                                  f"continue with --resume latest") from e
             raise
 
 
-def remove_stillborn_run(config, who):
+def remove_stillborn_run(config, who, quiet=False):
     """Remove what a run wrote before its first resumable checkpoint (its log, an early checkpoint):
-    nothing there can be continued, and left there it would block every later start in its folder."""
+    nothing there can be continued, and left there it would block every later start in its folder.
+    Returns the files removed (with a notice, unless `quiet`)."""
     if newest_resumable(config.out_dir, config.name, config.KIND) is not None:
-        return
+        return []
     files = run_files(config)
     for path in files:
         path.unlink(missing_ok=True)
-    if files:
-        notice(f"removed {', '.join(p.name for p in files)} from {config.out_dir}: {who} wrote them before "
-               f"the run's first resumable checkpoint")
+    if files and not quiet:
+        notice(f"removed {', '.join(p.name for p in files)} from {config.out_dir}, written by {who} before the "
+               f"run's first resumable checkpoint")
+    return files
+
+
+def set_aside_interrupted_first_save(configs):
+    """Runs that train together and were stopped while they wrote their first resumable checkpoints
+    (some have it, the others none): no iteration can be continued by all, so they start again. The
+    checkpoints of those that saved are moved, not deleted, into `{out_dir}/interrupted_first_save/`.
+    Only where each such checkpoint is the run's one and records this very group (`trained_with`).
+    Returns whether it set any aside."""
+    if len(configs) < 2:
+        return False
+    found = [checkpoints_in(c.out_dir, c.name, resumable=True, kind=c.KIND) for c in configs]
+    if all(found) or not any(found):
+        return False
+    group = sorted(str(c.out_dir) for c in configs)
+    for c, resumables in zip(configs, found):
+        if len(resumables) > 1:
+            return False
+        if resumables:
+            stored = read_training_state(next(iter(resumables.values())), c.KIND).get("config") or {}
+            if sorted(stored.get("trained_with") or []) != group:
+                return False
+    for c, resumables in zip(configs, found):
+        if resumables:
+            aside = Path(c.out_dir) / "interrupted_first_save"
+            aside.mkdir(exist_ok=True)
+            files = run_files(c)
+            for path in files:
+                path.replace(aside / path.name)
+            notice(f"moved {', '.join(p.name for p in files)} to {aside}/: the runs trained together were stopped "
+                   f"while they wrote their first resumable checkpoints, so they start again")
+    return True
 
 
 def aligned_starts(configs, starts):
@@ -171,6 +219,7 @@ def run_locked(configs, steps, starts, quiet, writer=True):
         raise ValueError(f"runs that train together must continue from the same {steps.unit}, not {shown}: "
                          f"continue them one at a time")
     first, elapsed = firsts[0], max(elapsed)
+    group = [str(c.out_dir) for c in configs] if len(configs) > 1 else None  # recorded with each save
     lasts = [checkpoint_path(c.out_dir, c.name, steps.milestone(steps.total - 1), kind=kind) for c in configs]
     models = [model for model, _, _ in runs]
     if first == steps.total:  # resumed at its end: only its last checkpoint may be missing or damaged
@@ -212,8 +261,8 @@ def run_locked(configs, steps, starts, quiet, writer=True):
                         check_finite_parameters(model, i)
                         save_atomic(cpu_state_dict(model), checkpoint_path(c.out_dir, c.name, index, kind=kind))
                     saved.append(save_training_state(c.out_dir, c.name, i, model, optimizer, holder.rng,
-                                                     elapsed + clock(), c.as_dict(), kind, torch_rng_state(holder),
-                                                     prune=False))
+                                                     elapsed + clock(), {**c.as_dict(), "trained_with": group},
+                                                     kind, torch_rng_state(holder), prune=False))
                 for c, path in zip(configs, saved):  # once every run has its new one: a kill cannot split them
                     prune_resumables(c.out_dir, c.name, kind, keep=path)
                 last_save = clock()

@@ -464,6 +464,10 @@ def test_a_refused_resume_leaves_no_empty_folder(sampler, tmp_path):
     with pytest.raises(ValueError, match="no 4_3_36_ANML-\\*_resume.pt"):
         run_tiny("ANML", sampler, tmp_path / "new", 2, resume="latest")
     assert not (tmp_path / "new").exists()
+    seeds = MetaTrainConfig(**TINY, epochs=2, seeds=(1, 2), out_dir=str(tmp_path / "a" / "b"), resume="latest")
+    with pytest.raises(ValueError, match="no 4_3_36_ANML-\\*_resume.pt"):
+        anml.train(seeds, sampler, quiet=True)
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_runs_stopped_between_their_saves_continue_together_exactly(sampler, tmp_path, monkeypatch):
@@ -493,3 +497,28 @@ def test_runs_stopped_between_their_saves_continue_together_exactly(sampler, tmp
         assert same_weights(weights(last), weights(tmp_path / "straight" / f"seed{seed}" / last.name))
         log = np.loadtxt(tmp_path / "split" / f"seed{seed}" / LOG["ANML"], delimiter=",", skiprows=1)
         assert log[:, 0].tolist() == [0, 1, 2]
+
+
+def test_runs_stopped_in_their_first_save_start_again_together(sampler, tmp_path, monkeypatch, capsys):
+    """--seeds 1 2 stopped after seed 1 wrote its first resumable checkpoint and before seed 2 did: no
+    iteration can be continued by both, so --resume latest sets seed 1's files aside (moved, not
+    deleted), starts both again, and they end as two uninterrupted runs."""
+    from harness import run_loop
+    config = lambda out, **kw: MetaTrainConfig(**TINY, epochs=2, seeds=(1, 2), out_dir=str(out), **kw)
+    anml.train(config(tmp_path / "straight"), sampler, quiet=True)
+    real = run_loop.save_training_state
+
+    def killed(out_dir, name, it, *args, **kwargs):
+        if str(out_dir).endswith("seed2"):
+            raise SystemExit("killed")
+        return real(out_dir, name, it, *args, **kwargs)
+    monkeypatch.setattr(run_loop, "save_training_state", killed)
+    with pytest.raises(SystemExit):
+        anml.train(config(tmp_path / "split"), sampler, quiet=True)
+    assert resumables(tmp_path / "split" / "seed1") and not resumables(tmp_path / "split" / "seed2")
+    monkeypatch.setattr(run_loop, "save_training_state", real)
+    _, stopped, lasts = anml.train(config(tmp_path / "split", resume="latest"), sampler, quiet=True)
+    assert stopped is None and "so they start again" in capsys.readouterr().err
+    assert (tmp_path / "split" / "seed1" / "interrupted_first_save" / f"{NAME}_ANML-0_resume.pt").is_file()
+    for seed, last in zip((1, 2), lasts):
+        assert same_weights(weights(last), weights(tmp_path / "straight" / f"seed{seed}" / last.name))

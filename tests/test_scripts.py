@@ -112,7 +112,8 @@ def test_a_run_killed_before_it_could_resume_does_not_block_its_folder(omniglot_
     again = run("pretrain_omni.py", *args, "--batch-size", 4096)
     assert_ok(again)
     assert re.search(rf"notice: taking over the lock .* of pid {proc.pid}", again.stderr)
-    assert re.search(rf"notice: removed 4_3_36_pretrain_log.csv from {tmp_path}: pid {proc.pid}, which ended", again.stderr)
+    assert re.search(rf"notice: removed 4_3_36_pretrain_log.csv from {tmp_path}, written by pid {proc.pid} \(it ended\)",
+                     again.stderr)
     assert (tmp_path / "4_3_36_pretrain-0.pth").is_file()
 
 
@@ -393,6 +394,19 @@ def test_out_of_memory_is_one_line_and_exit_2(capsys):
     assert exit_.value.code == 2
     err = capsys.readouterr().err
     assert len(err.splitlines()) == 1 and err.startswith("error: out of memory (") and "--meta-batch" in err
+
+
+def test_a_peer_process_that_died_is_one_line_and_exit_2(capsys):
+    """Under torchrun, the processes left when one dies get a distributed error: one line saying what to run."""
+    from harness.cli import run_cli
+
+    def main():
+        raise torch.distributed.DistBackendError("[../gloo/transport/tcp/pair.cc:534] Connection closed by peer")
+    with pytest.raises(SystemExit) as exit_:
+        run_cli(main)
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and len(err.splitlines()) == 1
+    assert err.startswith("error: another process of this torchrun job stopped") and "--resume latest" in err
 
 
 def test_make_comparisons_at_tiny_scale(omniglot_root, checkpoint, tmp_path):

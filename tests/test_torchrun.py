@@ -97,7 +97,9 @@ def test_seeds_in_one_process_write_each_seeds_run(omniglot_root, single_runs, t
         files = sorted(p.name for p in (tmp_path / f"seed{seed}").iterdir())
         assert files == sorted(p.name for p in (single_runs / f"seed{seed}").iterdir())
         assert_equal_up_to_float32(final(tmp_path / f"seed{seed}", 12), final(single_runs / f"seed{seed}", 12))
-        assert losses(tmp_path / f"seed{seed}") == pytest.approx(losses(single_runs / f"seed{seed}"), rel=1e-5)
+        # after a flipped Adam step (above) the later losses differ by up to ~1e-3 of themselves (measured:
+        # 5e-4 for seed 7 of --seeds 7 4 5); another run's draws move them by percents
+        assert losses(tmp_path / f"seed{seed}") == pytest.approx(losses(single_runs / f"seed{seed}"), rel=2e-3)
     alone = run("train_omni.py", *flags(omniglot_root, tmp_path / "seed5", 14, "--seed", 5, "--resume", "latest"))
     assert_ok(alone)
     assert "done:" in alone.stdout
