@@ -86,6 +86,14 @@ def build_config(parser, cls, args, **values):
         parser.error(str(e))
 
 
+def peer_lost(error):
+    """Whether `error` is torch.distributed's word that another process of the job is gone (gloo raises
+    a plain RuntimeError for it, newer versions a DistBackendError)."""
+    text = str(error).lower()
+    return type(error).__name__ in ("DistBackendError", "DistNetworkError", "DistError") or \
+        "closed by peer" in text or "reset by peer" in text or "remote worker crashing" in text
+
+
 def out_of_memory(error):
     """Whether `error` says the CPU or GPU ran out of memory (torch raises RuntimeErrors for it)."""
     text = str(error).lower()
@@ -107,7 +115,7 @@ def run_cli(main):
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     except (MemoryError, RuntimeError) as e:
-        if type(e).__name__ in ("DistBackendError", "DistNetworkError", "DistError"):  # torch.distributed's
+        if peer_lost(e):
             print(f"error: another process of this torchrun job stopped ({str(e).strip().splitlines()[0][:160]}): "
                   f"run the same command again with --resume latest (the last resumable checkpoints continue the "
                   f"runs exactly)", file=sys.stderr)
