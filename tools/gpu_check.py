@@ -136,6 +136,8 @@ def main(argv=None):
             failed.append(name)
             print("    " + "\n    ".join(log.read_text().splitlines()[-8:]), flush=True)
     print(f"{len(failed)} failed: {', '.join(failed)}" if failed else "all checks passed", flush=True)
+    if args.work is None:
+        shutil.rmtree(work, ignore_errors=True)  # the trainings' folders; the logs stay
     return 1 if failed else 0
 
 
