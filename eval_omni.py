@@ -67,6 +67,9 @@ def parse_args(argv=None):
                         help="seq and iid: Adam over every parameter (RLN, NM and fc), the whole network run on "
                              "every image, as the original ANML code's --no_freeze (default: the last layer alone "
                              "on frozen features)")
+    parser.add_argument("--lanes", type=positive_int, default=1,
+                        help="with --no-freeze (seq): how many (run, learning rate) pairs learn at once, as lanes of "
+                             "one step (the same steps; %(default)s: one after another; on a GPU, all of them)")
     parser.add_argument("--epochs-iid", type=positive_int,
                         help="for iid: passes over the shuffled images, each a new shuffle (1: as many steps as seq)")
     parser.add_argument("-r", "--runs", type=positive_int, default=10,

@@ -381,6 +381,7 @@ class EvalConfig(Session):
     seed: int = 0
     original_loop: bool = False  # higherANML's full-network loop instead of the frozen-feature one
     no_freeze: bool = False  # seq, iid: Adam over every parameter (RLN, NM, fc), the original ANML code's baseline
+    lanes: int = 1  # --no-freeze seq: (run, rate) pairs learning at once (fastpath/full_network.py)
     json: str | None = None
 
     def __post_init__(self):
@@ -434,6 +435,10 @@ class EvalConfig(Session):
         if self.no_freeze and method not in ("seq", "iid"):
             raise ConfigError(f"--no-freeze lets every parameter learn by Adam steps: it runs --method seq or iid, "
                               f"not {method}, which learns on frozen features")
+        check_positive("--lanes", self.lanes, integer=True)
+        if self.lanes > 1 and not (self.no_freeze and method == "seq"):
+            raise ConfigError("--lanes batches the runs where every parameter learns: give it with --no-freeze and "
+                              "--method seq (the frozen-feature methods batch their runs already)")
         if self.distances is not None:
             object.__setattr__(self, "distances", tuple(self.distances))
             unknown = [d for d in self.distances if d not in DISTANCES]

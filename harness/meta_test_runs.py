@@ -1,7 +1,8 @@
 """The meta-test's runs: what each draws from its seed, the frozen-feature methods that learn on
 them (`fastpath.frozen_features`), and higherANML's loop with the whole network run on every image
 (`original_fit`), for RLN and NM frozen (--original-loop) or learning too (--no-freeze, the
-original ANML code's baseline). `anml.meta_test` runs them; `anml` gives higherANML's names
+original ANML code's baseline), the latter also several runs at a time (--lanes, `lanes_meta_test`,
+`fastpath.full_network`). `anml.meta_test` runs them; `anml` gives higherANML's names
 (`test_test`, `original_fit`) from here."""
 import copy
 
@@ -10,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from fastpath.full_network import Lanes
 from fastpath.frozen_features import (FeatureBank, MetaTestRun, empty_results, iid_orders, learn_on_features, ncm_fit,
                                       ridge_fit, shuffle_rng)
 from model import reset_last_layer
@@ -93,6 +95,8 @@ def meta_test_runs(config, sampler, model, seeds, runs, progress=True, features=
     run is drawn, and the features of every run's classes computed, as for all of them."""
     runs = list(runs)
     results = empty_results(config, len(runs)) if results is None else results
+    if config.lanes > 1:
+        return lanes_meta_test(config, sampler, model, [seeds[r] for r in runs], results, progress)
     if config.original_loop or config.no_freeze:
         return original_meta_test(config, sampler, model, [seeds[r] for r in runs], results, progress)
     inits, samples = draw_runs(model, sampler, seeds, config.classes[-1], config.train_examples)
@@ -170,6 +174,59 @@ def full_network_run(net, sampler, counts, lr, config, orders=None, bar=None):
         scores.append(score(learner, n))
         finite &= all_finite(learner)
     return scores, finite
+
+
+def lanes_meta_test(config, sampler, model, seeds, results, progress):
+    """`original_meta_test` of seq with --no-freeze, `config.lanes` (run, rate) pairs learning at a time
+    as the lanes of one step (`fastpath.full_network.Lanes`): each run draws its network and sample as
+    there, and each pair takes the same steps, in the same order, scored after the same counts."""
+    counts, lrs = list(config.classes), list(config.grid)
+    pairs = [(r, l) for r in range(len(seeds)) for l in range(len(lrs))]
+    steps = counts[-1] * config.train_examples
+    with tqdm(total=steps * len(pairs), disable=not progress, desc=f"test-train (full network, lanes of {config.lanes})",
+              unit="step", unit_scale=True, smoothing=0) as bar:
+        for start in range(0, len(pairs), config.lanes):
+            group = pairs[start:start + config.lanes]
+            runs = sorted({r for r, _ in group})
+            nets, train_ims, train_labels, test_ims, test_labels = drawn_runs(model, sampler, [seeds[r] for r in runs],
+                                                                              counts[-1], config)
+            of_run = torch.tensor([runs.index(r) for r, _ in group], device=config.device)
+            lanes = Lanes([nets[i] for i in of_run.tolist()], [lrs[l] for _, l in group])
+            for s in range(steps):
+                lanes.step(train_ims[of_run, s], train_labels[of_run, s])
+                t, into_the_task = divmod(s + 1, config.train_examples)
+                if into_the_task:  # task t + 1 is not learned yet
+                    continue
+                bar.update(len(group) * config.train_examples)
+                if t in counts:
+                    k, tested, trained = counts.index(t), t * config.test_examples, t * config.train_examples
+                    test = lanes.predict(test_ims[of_run, :tested]) == test_labels[of_run, :tested]
+                    train = lanes.predict(train_ims[of_run, :trained]) == train_labels[of_run, :trained]
+                    for i, (r, l) in enumerate(group):
+                        # as test_test and train_accuracy compute them: the mean of the classes' means
+                        per_class = test[i].view(-1, config.test_examples).float().mean(1).cpu().numpy()
+                        results["test"][k, l, r] = float(per_class.mean())
+                        results["train"][k, l, r] = train[i].float().mean().item()
+            finite = lanes.finite().tolist()
+            for i, (r, l) in enumerate(group):
+                results["non_finite"][l, r] = not finite[i]
+    return results
+
+
+def drawn_runs(model, sampler, seeds, num_classes, config):
+    """What each run of `seeds` draws, as `full_network_run` draws it: (its networks (`run_network`),
+    training images [R, S, 1, H, W] in class order, their labels [R, S], test images [R, T, 1, H, W],
+    their labels [R, T])."""
+    nets, train_ims, train_labels, test_ims, test_labels = [], [], [], [], []
+    for entropy in seeds:
+        sampler.rng, generator = run_generators(*entropy)
+        nets.append(run_network(model, generator, no_freeze=True))
+        train_tasks, (ims, labels), _ = sampler.sample_test(num_classes, config.train_examples, device=config.device)
+        train_ims.append(torch.cat([im for task in train_tasks for im, _ in task]))
+        train_labels.append(torch.cat([label for task in train_tasks for _, label in task]))
+        test_ims.append(ims)
+        test_labels.append(labels)
+    return nets, *(torch.stack(t) for t in (train_ims, train_labels, test_ims, test_labels))
 
 
 def all_finite(model):

@@ -42,6 +42,9 @@ CLASSES=${CLASSES:-"10 50 100 200 600"}
 LRS=${LRS:-"0.01 0.003 0.001 0.0008 0.0005 0.0003 0.0001"}
 RIDGES=${RIDGES:-"0.01 0.1 1 10 100 1000 10000"}
 NF_LRS=${NF_LRS:-"0.001 0.0003 0.0001 0.00003 0.00001"}  # --no-freeze: the original ANML code's range (1e-3..1e-5)
+# --no-freeze: the (run, rate) pairs learning at once (--lanes); all of a row's on a GPU, one at a time on a
+# CPU, where lanes are slower (docs/comparisons.md)
+if [ "$DEVICE" = cuda ]; then NF_LANES=${NF_LANES:-$(( (RUNS + SEL) * $(echo $NF_LRS | wc -w) ))}; else NF_LANES=${NF_LANES:-1}; fi
 
 mkdir -p "$OUT"
 RANDOM_INIT="$PRETRAIN_DIR/${NAME}_init.pth"
@@ -115,9 +118,9 @@ evaluate asb_seq       "$ASB"         --method seq   -l $LRS
 evaluate asb_zap_seq   "$ASB_ZAP"     --method seq   -l $LRS
 evaluate oml_seq       "$OML"         --method seq   -l $LRS
 # every parameter learns: a full-network step per image (hours per row on a CPU, docs/comparisons.md)
-evaluate pretrain_seq_no_freeze "$PRETRAINED"  --method seq --no-freeze -l $NF_LRS
-evaluate random_seq_no_freeze   "$RANDOM_INIT" --method seq --no-freeze -l $NF_LRS
-evaluate anml_seq_no_freeze     "$ANML"        --method seq --no-freeze -l $NF_LRS
+evaluate pretrain_seq_no_freeze "$PRETRAINED"  --method seq --no-freeze --lanes "$NF_LANES" -l $NF_LRS
+evaluate random_seq_no_freeze   "$RANDOM_INIT" --method seq --no-freeze --lanes "$NF_LANES" -l $NF_LRS
+evaluate anml_seq_no_freeze     "$ANML"        --method seq --no-freeze --lanes "$NF_LANES" -l $NF_LRS
 
 # (d) one picture, one line per method
 $PY plot_comparisons.py "$OUT"/*.json -o "$OUT/comparisons.png"

@@ -9,7 +9,7 @@ import torch
 import anml
 from harness import meta_test_runs
 from harness.checkpoints import load_model
-from harness.config import EvalConfig
+from harness.config import ConfigError, EvalConfig
 from fastpath.frozen_features import FeatureBank, MetaTestRun, empty_results, sequential_fit
 
 
@@ -319,6 +319,78 @@ def test_no_freeze_iid_sees_each_image_once_an_epoch_shuffled(small_checkpoint, 
     fast = anml.meta_test(frozen, sampler, load_model(small_checkpoint), progress=False)
     np.testing.assert_allclose(loop["test"], fast["test"], atol=1e-6)
     np.testing.assert_allclose(loop["train"], fast["train"], atol=1e-6)
+
+
+def test_lanes_equal_separate_networks_learning_with_adam_in_float64():
+    """fastpath.full_network.Lanes: three networks of one shape, each with its own images and rate,
+    learn side by side; every weight and output equals that of each network trained alone by
+    torch.optim.Adam over model.parameters(), one image at a time (float64). The conv biases, left
+    out of the lanes, change no output."""
+    from fastpath.full_network import Lanes, learned_names
+    from model import ANML
+    torch.manual_seed(0)
+    nets = [ANML(4, 3, 36).double() for _ in range(3)]
+    lrs, steps = [1e-2, 3e-3, 1e-3], 6
+    images = torch.rand(3, steps, 1, 1, 28, 28, dtype=torch.float64)
+    labels = torch.randint(0, 1000, (3, steps))
+    start = nets[0].get_parameter("rln.convBlock1.conv.weight").detach().clone()
+    lanes = Lanes(nets, lrs)
+    for s in range(steps):
+        lanes.step(images[:, s, 0], labels[:, s])
+    test = torch.rand(3, 7, 1, 28, 28, dtype=torch.float64)
+    predicted = lanes.predict(test, images_per_pass=6)  # several passes, the last one short
+    for l, (net, lr) in enumerate(zip(nets, lrs)):
+        opt = torch.optim.Adam(net.parameters(), lr=lr)
+        for s in range(steps):
+            opt.zero_grad()
+            torch.nn.functional.cross_entropy(net(images[l, s]), labels[l, s:s + 1]).backward()
+            opt.step()
+        state = lanes.lane_state(l)
+        assert set(state) == set(learned_names(net)) and not any("conv.bias" in n for n in state)
+        for name, weight in state.items():
+            torch.testing.assert_close(weight, net.get_parameter(name).detach(), rtol=1e-8, atol=1e-9)
+        with torch.no_grad():
+            assert torch.equal(predicted[l], net(test[l]).argmax(1))
+    assert not torch.equal(lanes.lane_state(0)["rln.convBlock1.conv.weight"], start)  # the RLN learned
+    assert lanes.finite().tolist() == [True] * 3
+
+
+def test_no_freeze_lanes_give_the_runs_of_the_loop(small_checkpoint, sampler):
+    """--lanes: the meta-test's runs and rates learning as lanes, in groups that cut across runs (5 of
+    2 runs x 3 rates, then 1), score what the one-run loop scores (float32: to a test image's worth),
+    on the same draws; a rate so large that its lane diverges is flagged and leaves the others alone."""
+    counts, lrs = (2, 4), (3e-3, 1e-2, 1e30)
+    config = EvalConfig(model=str(small_checkpoint), classes=counts, runs=2, lrs=lrs, seed=6, no_freeze=True)
+    model = load_model(small_checkpoint)
+    loop = anml.meta_test(config, sampler, model, progress=False)
+    lanes = anml.meta_test(replace(config, lanes=5), sampler, model, progress=False)
+    finite = ~loop["non_finite"][:2]
+    np.testing.assert_allclose(lanes["test"][:, :2], loop["test"][:, :2], atol=1 / (5 * counts[0]) + 1e-6)
+    np.testing.assert_allclose(lanes["train"][:, :2], loop["train"][:, :2], atol=1 / (15 * counts[0]) + 1e-6)
+    assert (np.abs(lanes["test"][:, :2] - loop["test"][:, :2]) < 1e-6).mean() >= 0.75  # most exactly
+    assert finite.all() and lanes["non_finite"].tolist() == loop["non_finite"].tolist() == [[False] * 2] * 2 + [[True] * 2]
+    assert lanes["train"][-1, :2].min() > 0.3  # it learned: chance among 1000 outputs is 0.001
+    grouped_by_two = anml.meta_test(replace(config, lanes=2, lrs=lrs[:2]), sampler, model, progress=False)
+    np.testing.assert_allclose(grouped_by_two["test"], lanes["test"][:, :2], atol=1 / (5 * counts[0]) + 1e-6)
+
+
+def test_lanes_flag_is_for_the_whole_network_runs():
+    for settings in ({}, {"method": "iid", "no_freeze": True}, {"method": "ncm"}):
+        with pytest.raises(ConfigError, match="--lanes batches the runs where every parameter learns"):
+            EvalConfig(model="m.pth", lanes=4, **settings)
+    with pytest.raises(ConfigError, match="--lanes must be a whole number > 0"):
+        EvalConfig(model="m.pth", lanes=0, no_freeze=True)
+    assert EvalConfig(model="m.pth", lanes=4, no_freeze=True).lanes == 4
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_no_freeze_lanes_on_cuda_equal_cpu(small_checkpoint, sampler):
+    """The lanes on the GPU against the one-run loop on the CPU."""
+    config = EvalConfig(model=str(small_checkpoint), classes=(3, 6), runs=2, lrs=(3e-3, 1e-3), seed=2, no_freeze=True)
+    cpu = anml.meta_test(config, sampler, load_model(small_checkpoint), progress=False)
+    gpu = anml.meta_test(replace(config, device="cuda", lanes=4), sampler, load_model(small_checkpoint), progress=False)
+    np.testing.assert_allclose(gpu["test"], cpu["test"], atol=0.07)
+    np.testing.assert_allclose(gpu["train"], cpu["train"], atol=0.03)
 
 
 # ----------------------------------------------------------------------------- the nearest class mean

@@ -415,13 +415,13 @@ def test_a_peer_process_that_died_is_one_line_and_exit_2(capsys):
 def test_make_comparisons_at_tiny_scale(omniglot_root, checkpoint, tmp_path):
     """results/make_comparisons.sh end to end with tiny networks: six trainings (i.i.d. with and without
     zapping, ASB with and without, first-order ANML, OML), the init checkpoint, seventeen evaluations on
-    the same runs (ncm and every parameter learning among them), and the picture; run again, it keeps
+    the same runs (ncm and every parameter learning, in lanes, among them), and the picture; run again, it keeps
     what is done."""
     env = script_env(PY=sys.executable, DEVICE="cpu", ANML=str(checkpoint), SIZES=" ".join(TINY_FLAGS), NAME="4_3_36",
                      EPOCHS="1", BATCH="4096", PRETRAIN_DIR=str(tmp_path / "pre"), OUT=str(tmp_path / "out"),
                      RUNS="1", SEL="2", CLASSES="2 4", LRS="0.03 0.01", RIDGES="1 10", ASB_EPISODES="2",
                      FO_EPOCHS="2", FO_DIR=str(tmp_path / "fo"), OML_SIZES="--rln 2", OML_NAME="2", OML_EPOCHS="2",
-                     OML_DIR=str(tmp_path / "oml"), NF_LRS="0.01 0.001")
+                     OML_DIR=str(tmp_path / "oml"), NF_LRS="0.01 0.001", NF_LANES="3")
     script = ["bash", "results/make_comparisons.sh", "--data-root", str(omniglot_root)]
     proc = subprocess.run(script, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
     assert_ok(proc)
@@ -434,6 +434,7 @@ def test_make_comparisons_at_tiny_scale(omniglot_root, checkpoint, tmp_path):
     assert [label for label, r in reports.items() if r["no_freeze"]] == labels[-3:]
     assert reports["random_ncm"]["grid"] == ["euclidean", "cosine"] and reports["anml_seq_no_freeze"]["grid"] == \
         [0.01, 0.001]
+    assert {reports[label]["config"]["lanes"] for label in labels[-3:]} == {3}  # 6 runs and rates, 3 at a time
     assert reports["random_ncm"]["model"] == reports["random_seq_no_freeze"]["model"] == reports["random_seq"]["model"]
     assert reports["oml_seq"]["model"].endswith("oml/2_OML-1.pth")
     assert reports["pretrain_seq"]["model"].endswith("4_3_36_pretrain-0.pth")

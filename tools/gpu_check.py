@@ -6,8 +6,9 @@
 Runs, in priority order and each under its own time limit: the CUDA tests, the benchmark of the
 iteration (with its operation count) and of several models and tasks, short trainings of every
 kind each followed by `--resume latest`, a run moved from the CPU to the device and back, an
-evaluation of several models, and torchrun with two processes. Prints one line per check (PASS or
-FAIL, seconds, what it ran), keeps each check's output in --logs, and exits 1 if any check failed.
+evaluation of several models, one with every parameter learning in lanes, and torchrun with two
+processes. Prints one line per check (PASS or FAIL, seconds, what it ran), keeps each check's
+output in --logs, and exits 1 if any check failed.
 """
 import argparse
 import os
@@ -75,6 +76,9 @@ def checks(device, work, data):
     out.append(("eval_omni.py of two models", 240,
                 [py + ["eval_omni.py", "-m", *models, "-c", "5", "10", "-l", "0.001", "0.0005", "-r", "2",
                        "--selection-runs", "2", "--json", str(work / "eval.json"), *common]]))
+    out.append(("eval_omni.py --no-freeze --lanes 4", 240,
+                [py + ["eval_omni.py", "-m", models[0], "-c", "3", "5", "-l", "0.001", "0.0005", "-r", "2",
+                       "--no-freeze", "--lanes", "4", "--json", str(work / "eval_lanes.json"), *common]]))
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone"]
     out.append(("torchrun with two processes", 240,
                 [torchrun + ["train_omni.py", *size, "--seeds", "1", "2", "--epochs", "2",
