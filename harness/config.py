@@ -439,6 +439,8 @@ class EvalConfig(Session):
         if self.lanes > 1 and not (self.no_freeze and method == "seq"):
             raise ConfigError("--lanes batches the runs where every parameter learns: give it with --no-freeze and "
                               "--method seq (the frozen-feature methods batch their runs already)")
+        if self.lanes > 1 and self.original_loop:
+            raise ConfigError("--original-loop is higherANML's loop, one run at a time: leave out --lanes")
         if self.distances is not None:
             object.__setattr__(self, "distances", tuple(self.distances))
             unknown = [d for d in self.distances if d not in DISTANCES]

@@ -378,6 +378,8 @@ def test_lanes_flag_is_for_the_whole_network_runs():
     for settings in ({}, {"method": "iid", "no_freeze": True}, {"method": "ncm"}):
         with pytest.raises(ConfigError, match="--lanes batches the runs where every parameter learns"):
             EvalConfig(model="m.pth", lanes=4, **settings)
+    with pytest.raises(ConfigError, match="one run at a time: leave out --lanes"):
+        EvalConfig(model="m.pth", lanes=4, no_freeze=True, original_loop=True)
     with pytest.raises(ConfigError, match="--lanes must be a whole number > 0"):
         EvalConfig(model="m.pth", lanes=0, no_freeze=True)
     assert EvalConfig(model="m.pth", lanes=4, no_freeze=True).lanes == 4
