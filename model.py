@@ -76,6 +76,20 @@ class ANML(nn.Module):
         return self.rln(x) * self.nm(x)
 
 
+OPEN_GATE_BIAS = 40.0  # sigmoid(40) rounds to 1.0 in float32 and float64
+
+
+def open_gate(model):
+    """Fix the NM's gate open: its last layer's weights zero and biases OPEN_GATE_BIAS, so that it
+    outputs exactly 1 for every image and feature, and its gradient, sigmoid(40) (1 - sigmoid(40)), is
+    exactly 0: no step moves the NM. The network is then the RLN and the last layer alone (the plain
+    convnet of Frati et al.'s ASB), kept in ANML's format for every script that reads one."""
+    with torch.no_grad():
+        model.nm.fc.weight.zero_()
+        model.nm.fc.bias.fill_(OPEN_GATE_BIAS)
+    return model
+
+
 def kaiming_std(weight):
     """The std of kaiming_normal_ (fan_in, gain sqrt(2)) for a [out, in] weight: a last layer's
     re-initialisation (its rows, or all of it)."""

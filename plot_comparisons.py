@@ -25,7 +25,8 @@ from harness.results import read_results, reading_key, reported, row_label  # no
 
 # The networks of make_comparisons.sh's file names, {prefix}_{method}...: the longest prefix names it.
 NETWORKS = {"anml": "ANML", "anml_first_order": "first-order ANML", "pretrain": "pretrained",
-            "pretrain_zap": "pretrained with zapping", "asb": "ASB", "asb_zap": "ASB with zapping", "oml": "OML",
+            "pretrain_zap": "pretrained with zapping", "asb": "ASB", "asb_zap": "ASB with zapping",
+            "asb_zap_gated": "ASB with zapping, NM gate learned", "oml": "OML",
             "random": "random"}
 
 

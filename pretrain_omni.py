@@ -40,7 +40,7 @@ from harness.cli import (add_run_args, add_session_args, add_size_args, build_co
                  report_end, run_cli)
 from harness.config import SCHEDULES, PretrainConfig
 from datasets import OmniSampler
-from model import adapted_in_the_inner_loop, reset_last_layer, seeded_network
+from model import adapted_in_the_inner_loop, open_gate, reset_last_layer, seeded_network
 from harness.runtime import resolve_device, set_threads
 
 
@@ -63,6 +63,9 @@ def parse_args(argv=None):
     parser.add_argument("--episodes", type=positive_int, default=9000, help="asb: episodes (%(default)s)")
     parser.add_argument("--seq-lr", type=positive_float, default=0.1,
                         help="asb: SGD rate of the sequential one-image steps (%(default)s)")
+    parser.add_argument("--open-gate", action="store_true",
+                        help="fix the NM's gate at 1 (it never learns): the RLN and last layer alone, the network "
+                             "of Frati et al.'s ASB, saved in ANML's format")
     parser.add_argument("--seed", type=non_negative_int, default=1,
                         help="seeds the initialisation (torch) and the epochs' orders or the episodes (%(default)s)")
     parser.add_argument("--init-only", action="store_true",
@@ -74,8 +77,10 @@ def parse_args(argv=None):
 
 
 def initial_model(config):
-    """The network as train_omni.py also starts it (model.seeded_network)."""
-    return seeded_network(config.rln, config.nm, config.mask, config.seed)
+    """The network as train_omni.py also starts it (model.seeded_network), its gate fixed open with
+    --open-gate (model.open_gate: no draw is taken, so the run's draws are the gated run's)."""
+    model = seeded_network(config.rln, config.nm, config.mask, config.seed)
+    return open_gate(model) if config.open_gate else model
 
 
 def init_path(config):

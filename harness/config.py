@@ -298,9 +298,10 @@ class PretrainConfig(RunSettings):
     zap: bool = False  # iid: the whole last layer re-initialised every epoch; asb: the episode's class row
     episodes: int = 9000  # asb
     seq_lr: float = 0.1  # asb: SGD rate of the sequential steps
+    open_gate: bool = False  # the NM's gate fixed at 1 (model.open_gate): the RLN and last layer alone
 
-    RUN_KEYS = ("rln", "nm", "mask", "schedule", "zap", "lr", "batch_size", "lobotomize", "seq_lr", "seed", "epochs",
-                "episodes")
+    RUN_KEYS = ("rln", "nm", "mask", "schedule", "zap", "lr", "batch_size", "lobotomize", "seq_lr", "open_gate", "seed",
+                "epochs", "episodes")
     DIVERGED_ADVICE = "a smaller --lr is a new run: another --out-dir"
 
     def unused_settings(self):
@@ -360,7 +361,8 @@ class PretrainConfig(RunSettings):
 FLAGS = {"rln": "--rln", "nm": "--nm", "mask": "--mask", "inner_lr": "--inner-lr", "outer_lr": "--outer-lr",
          "seed": "--seed", "backend": "--backend", "first_order": "--first-order", "epochs": "--epochs",
          "lr": "--lr", "batch_size": "--batch-size", "lobotomize": "--lobotomize", "meta_batch": "--meta-batch",
-         "schedule": "--schedule", "zap": "--zap", "episodes": "--episodes", "seq_lr": "--seq-lr", "arch": "--arch"}
+         "schedule": "--schedule", "zap": "--zap", "episodes": "--episodes", "seq_lr": "--seq-lr", "arch": "--arch",
+         "open_gate": "--open-gate"}
 MAY_CHANGE_ON_RESUME = ("epochs", "episodes")  # a run may be continued further than first planned
 
 

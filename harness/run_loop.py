@@ -18,7 +18,7 @@ import os
 import signal
 import threading
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Callable
 
@@ -385,6 +385,9 @@ def check_settings(stored, config, path):
     if not isinstance(stored, dict):
         raise ValueError(f"--resume: {path} records no settings, so it cannot be checked against "
                          f"{format_settings(current, keys)}: start a new run in another --out-dir")
+    # a setting that the run's checkpoint does not record did not exist yet: the run had its default
+    defaults = {f.name: f.default for f in fields(config)}
+    stored = {**{k: defaults[k] for k in keys if k not in stored and k in defaults}, **stored}
     changed = [k for k in keys if k in stored and stored[k] != current[k]]
     if changed:
         raise ValueError(f"--resume: {path} was trained with {format_settings(stored, changed)}, not "

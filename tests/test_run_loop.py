@@ -192,6 +192,8 @@ def test_resume_refuses_other_settings_but_not_more_epochs(kind, sampler, tmp_pa
     elif kind == "asb":
         with pytest.raises(ValueError, match=r"was trained with --zap --seq-lr 0.1, not no --zap --seq-lr 0.2"):
             run_tiny(kind, sampler, tmp_path, 2, zap=False, seq_lr=0.2, resume="latest")
+        with pytest.raises(ValueError, match=r"was trained with no --open-gate, not --open-gate"):
+            run_tiny(kind, sampler, tmp_path, 2, open_gate=True, resume="latest")
     else:
         with pytest.raises(ValueError, match=r"was trained with --batch-size 400, not --batch-size 200"):
             pretrain_omni.pretrain(PretrainConfig(**TINY, epochs=2, batch_size=200, out_dir=str(tmp_path),
@@ -222,6 +224,19 @@ def test_a_checkpoint_without_settings_is_refused_in_one_line(kind, sampler, tmp
     torch.save(state, path)
     with pytest.raises(ValueError, match="records no settings, so it cannot be checked"):
         run_tiny(kind, sampler, tmp_path / "split", 2, resume="latest")
+
+
+def test_a_setting_the_checkpoint_does_not_record_is_its_default(sampler, tmp_path):
+    """A run saved before a setting existed (here ASB's --open-gate) ran with what is now its default:
+    it resumes without the flag, and is refused with it."""
+    run_tiny("asb", sampler, tmp_path / "split", 1)
+    path = newest_resumable(tmp_path / "split", NAME, "asb")
+    state = torch.load(path, weights_only=True)
+    del state["config"]["open_gate"]
+    torch.save(state, path)
+    with pytest.raises(ValueError, match=r"was trained with no --open-gate, not --open-gate"):
+        run_tiny("asb", sampler, tmp_path / "split", 2, open_gate=True, resume="latest")
+    run_tiny("asb", sampler, tmp_path / "split", 2, resume="latest")
 
 
 def test_a_checkpoint_of_the_previous_format_resumes_exactly(sampler, tmp_path):

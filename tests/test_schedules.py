@@ -1,6 +1,8 @@
 """Pretraining's schedules (`pretrain_omni.py`): alternating sequential and batch learning (ASB) and
 zapping, against direct computations."""
 import copy
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -83,3 +85,34 @@ def test_iid_zapping_draws_the_last_layer_afresh_every_epoch(sampler, tmp_path, 
     drawn = finals[True]["fc.weight"]
     assert (drawn - start["fc.weight"]).abs().mean() > 0.1
     assert drawn.std().item() == pytest.approx(anml.kaiming_std(drawn), rel=0.05)
+
+
+def test_an_open_gate_passes_every_feature_and_never_moves(sampler, tmp_path):
+    """--open-gate: the NM outputs exactly 1 on real images, so the network is fc(rln(x)); ASB episodes
+    (and the Adam steps over everything) leave every NM weight exactly where it was, while the RLN and
+    the last layer learn; the checkpoint is an ANML that any script reads, its gate still open."""
+    from harness.checkpoints import load_model
+    settings = PretrainConfig(**TINY, schedule="asb", zap=True, episodes=3, open_gate=True, out_dir=str(tmp_path))
+    start = pretrain_omni.initial_model(settings)
+    gated = pretrain_omni.initial_model(PretrainConfig(**TINY, schedule="asb"))
+    sampler.rng = np.random.default_rng(0)
+    [model], _, _ = pretrain_omni.pretrain(settings, sampler, quiet=True)
+    ims = sampler.evaluation[:4, :3].flatten(0, 1)
+    with torch.no_grad():
+        assert torch.equal(model.nm(ims), torch.ones(len(ims), TINY["mask"]))
+        assert torch.equal(model(ims), model.fc(model.rln(ims)))
+        assert torch.equal(model.double().nm(ims.double()), torch.ones(len(ims), TINY["mask"], dtype=torch.float64))
+    model.float()
+    for name, p in start.state_dict().items():
+        moved = (model.state_dict()[name] - p).abs().max()
+        assert (moved == 0) if name.startswith("nm.") else (moved > 1e-6 or name.endswith("conv.bias")), name
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
+    from gate_stats import gate_statistics
+    mean, above, norm = gate_statistics(model, ims)
+    assert (mean, above) == (1.0, 1.0) and norm == pytest.approx(model.rln(ims).pow(2).sum(1).mean().item())
+    assert gate_statistics(start.float(), ims)[:2] == (1.0, 1.0)
+    assert gate_statistics(gated, ims)[0] < 0.9  # a gate that learns starts half open
+    saved = load_model(tmp_path / "4_3_36_asb-2.pth")
+    with torch.no_grad():
+        assert torch.equal(saved.nm(ims), torch.ones(len(ims), TINY["mask"]))
+    assert all(torch.equal(p, gated.state_dict()[n]) for n, p in start.state_dict().items() if not n.startswith("nm.fc"))

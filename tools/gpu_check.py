@@ -60,7 +60,7 @@ def checks(device, work, data):
              ("train --arch oml", "oml", lambda o, *f: py + ["train_omni.py", "--arch", "oml", *oml_size, *f,
                                                              "--out-dir", str(work / o), *common], []),
              ("pretrain asb --zap", "asb_zap", pretrain, ["--schedule", "asb", "--zap"]),
-             ("pretrain asb", "asb", pretrain, ["--schedule", "asb"]),
+             ("pretrain asb --open-gate", "asb", pretrain, ["--schedule", "asb", "--open-gate"]),
              ("pretrain iid --zap", "iid_zap", pretrain, ["--zap", "--batch-size", "512"])]
     for name, folder, make, flags in kinds:
         length, longer = (["--episodes", "3"], ["--episodes", "5"]) if "asb" in folder else \
