@@ -14,6 +14,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from datasets import OmniSampler  # noqa: E402
 from harness.checkpoints import load_model  # noqa: E402
+from harness.cli import run_cli  # noqa: E402
 
 
 def gate_statistics(model, images):
@@ -42,4 +43,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)
