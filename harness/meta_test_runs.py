@@ -41,18 +41,27 @@ def predict_in_batches(model, ims, batch_size=100):
         return torch.cat([model(ims[i:i + batch_size]).argmax(1) for i in range(0, len(ims), batch_size)])
 
 
+def training_images(train_tasks):
+    """(images [S, 1, H, W], labels [S]) of every training image of `train_tasks`, class after class."""
+    return (torch.cat([im for task in train_tasks for im, _ in task]),
+            torch.cat([label for task in train_tasks for _, label in task]))
+
+
 def train_accuracy(model, train_tasks):
     """Accuracy of `model` on every training image of `train_tasks`."""
-    ims = torch.cat([im for task in train_tasks for im, _ in task])
-    labels = torch.cat([label for task in train_tasks for _, label in task])
+    ims, labels = training_images(train_tasks)
     return (predict_in_batches(model, ims) == labels).float().mean().item()
+
+
+def per_class_accuracy(correct, test_examples):
+    """Per-class accuracy from the held-out images' hits `correct` (classes contiguous, in order)."""
+    return correct.view(-1, test_examples).float().mean(1).cpu().numpy()
 
 
 def test_test(model, test_data, test_examples=5):
     """Per-class accuracy of `model` on the held-out images (classes contiguous, in order)."""
     ims, labels = test_data
-    correct = predict_in_batches(model, ims) == labels
-    return correct.view(-1, test_examples).float().mean(1).cpu().numpy()
+    return per_class_accuracy(predict_in_batches(model, ims) == labels, test_examples)
 
 
 def original_fit(model, train_tasks, lr, after_task=None):
@@ -202,10 +211,8 @@ def lanes_meta_test(config, sampler, model, seeds, results, progress):
                     k, tested, trained = counts.index(t), t * config.test_examples, t * config.train_examples
                     test = lanes.predict(test_ims[of_run, :tested]) == test_labels[of_run, :tested]
                     train = lanes.predict(train_ims[of_run, :trained]) == train_labels[of_run, :trained]
-                    for i, (r, l) in enumerate(group):
-                        # as test_test and train_accuracy compute them: the mean of the classes' means
-                        per_class = test[i].view(-1, config.test_examples).float().mean(1).cpu().numpy()
-                        results["test"][k, l, r] = float(per_class.mean())
+                    for i, (r, l) in enumerate(group):  # as scores_after computes them
+                        results["test"][k, l, r] = float(per_class_accuracy(test[i], config.test_examples).mean())
                         results["train"][k, l, r] = train[i].float().mean().item()
             finite = lanes.finite().tolist()
             for i, (r, l) in enumerate(group):
@@ -222,8 +229,9 @@ def drawn_runs(model, sampler, seeds, num_classes, config):
         sampler.rng, generator = run_generators(*entropy)
         nets.append(run_network(model, generator, no_freeze=True))
         train_tasks, (ims, labels), _ = sampler.sample_test(num_classes, config.train_examples, device=config.device)
-        train_ims.append(torch.cat([im for task in train_tasks for im, _ in task]))
-        train_labels.append(torch.cat([label for task in train_tasks for _, label in task]))
+        images, classes = training_images(train_tasks)
+        train_ims.append(images)
+        train_labels.append(classes)
         test_ims.append(ims)
         test_labels.append(labels)
     return nets, *(torch.stack(t) for t in (train_ims, train_labels, test_ims, test_labels))
