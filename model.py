@@ -90,6 +90,17 @@ def open_gate(model):
     return model
 
 
+def kaiming_convs(model):
+    """Draw every convolution's weight afresh with kaiming_normal_ (fan_in, gain sqrt(2)), biases kept:
+    how Frati et al.'s convnet starts (`init_model_weights`), where PyTorch's default draws weights
+    sqrt(6) times smaller. The draws come from torch's generator, after the network's own."""
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, nn.Conv2d):
+                nn.init.kaiming_normal_(module.weight)
+    return model
+
+
 def kaiming_std(weight):
     """The std of kaiming_normal_ (fan_in, gain sqrt(2)) for a [out, in] weight: a last layer's
     re-initialisation (its rows, or all of it)."""

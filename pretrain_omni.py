@@ -21,7 +21,8 @@ parameters ANML's inner loop adapts (RLN and last layer) and keeps them, then on
 the 84 images: ANML's episode without a meta-gradient. It writes `{name}_asb-{episode}.pth` every 1000
 episodes and at the last. `--zap` re-initialises (Kaiming normal, bias kept) the whole last layer at
 the start of every epoch after the first (iid), or the episode's class row before its sequential
-steps (asb), as that paper's code does.
+steps (asb), as that paper's code does. `--open-gate` fixes the NM's gate at 1 and `--conv-init
+kaiming` draws the convolutions with `kaiming_normal_`: together, that paper's plain convnet.
 
 --init-only writes `{out_dir}/{name}_init.pth`: the network as `torch.manual_seed(seed)` initialises
 it, before any training; with the same --seed it is where this script and train_omni.py start.
@@ -38,9 +39,9 @@ from harness import run_loop
 from harness.checkpoints import cpu_state_dict, save_atomic
 from harness.cli import (add_run_args, add_session_args, add_size_args, build_config, non_negative_int, positive_float, positive_int,
                  report_end, run_cli)
-from harness.config import SCHEDULES, PretrainConfig
+from harness.config import CONV_INITS, SCHEDULES, PretrainConfig
 from datasets import OmniSampler
-from model import adapted_in_the_inner_loop, open_gate, reset_last_layer, seeded_network
+from model import adapted_in_the_inner_loop, kaiming_convs, open_gate, reset_last_layer, seeded_network
 from harness.runtime import resolve_device, set_threads
 
 
@@ -66,6 +67,9 @@ def parse_args(argv=None):
     parser.add_argument("--open-gate", action="store_true",
                         help="fix the NM's gate at 1 (it never learns): the RLN and last layer alone, the network "
                              "of Frati et al.'s ASB, saved in ANML's format")
+    parser.add_argument("--conv-init", choices=CONV_INITS, default="torch",
+                        help="how the convolutions start: torch (PyTorch's default, as train_omni.py; default) or "
+                             "kaiming (kaiming_normal_, as Frati et al.'s convnet)")
     parser.add_argument("--seed", type=non_negative_int, default=1,
                         help="seeds the initialisation (torch) and the epochs' orders or the episodes (%(default)s)")
     parser.add_argument("--init-only", action="store_true",
@@ -77,9 +81,12 @@ def parse_args(argv=None):
 
 
 def initial_model(config):
-    """The network as train_omni.py also starts it (model.seeded_network), its gate fixed open with
-    --open-gate (model.open_gate: no draw is taken, so the run's draws are the gated run's)."""
+    """The network as train_omni.py also starts it (model.seeded_network), its convolutions drawn
+    again with --conv-init kaiming (model.kaiming_convs), its gate fixed open with --open-gate
+    (model.open_gate: no draw is taken, so the run's other draws are the gated run's)."""
     model = seeded_network(config.rln, config.nm, config.mask, config.seed)
+    if config.conv_init == "kaiming":
+        kaiming_convs(model)
     return open_gate(model) if config.open_gate else model
 
 

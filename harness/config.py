@@ -17,6 +17,7 @@ BACKENDS = ("auto", "higher", "func", "graph")  # auto: graph on CUDA, func else
 METHODS = ("seq", "iid", "lstsq", "ncm")
 DISTANCES = ("euclidean", "cosine")  # ncm's distances to the class means
 SCHEDULES = ("iid", "asb")  # pretraining: i.i.d. minibatches; alternating sequential and batch (Frati et al.)
+CONV_INITS = ("torch", "kaiming")  # pretraining's convolutions: PyTorch's default draw; kaiming_normal_ (Frati et al.)
 ARCHS = ("anml", "oml")  # meta-training: ANML's network, or OML's (oml.py)
 MAX_PARAMETERS = 10**9  # a network above this (4 GB of weights, four times that to train) is a typo
 MAX_SEED = 2**32 - 1
@@ -299,9 +300,10 @@ class PretrainConfig(RunSettings):
     episodes: int = 9000  # asb
     seq_lr: float = 0.1  # asb: SGD rate of the sequential steps
     open_gate: bool = False  # the NM's gate fixed at 1 (model.open_gate): the RLN and last layer alone
+    conv_init: str = "torch"  # torch: PyTorch's default; kaiming: kaiming_normal_ (model.kaiming_convs)
 
-    RUN_KEYS = ("rln", "nm", "mask", "schedule", "zap", "lr", "batch_size", "lobotomize", "seq_lr", "open_gate", "seed",
-                "epochs", "episodes")
+    RUN_KEYS = ("rln", "nm", "mask", "schedule", "zap", "lr", "batch_size", "lobotomize", "seq_lr", "open_gate",
+                "conv_init", "seed", "epochs", "episodes")
     DIVERGED_ADVICE = "a smaller --lr is a new run: another --out-dir"
 
     def unused_settings(self):
@@ -313,6 +315,8 @@ class PretrainConfig(RunSettings):
         check_positive("--batch-size", self.batch_size, integer=True)
         if self.schedule not in SCHEDULES:
             raise ConfigError(f"unknown --schedule {self.schedule!r}: choose one of {', '.join(SCHEDULES)}")
+        if self.conv_init not in CONV_INITS:
+            raise ConfigError(f"unknown --conv-init {self.conv_init!r}: choose one of {', '.join(CONV_INITS)}")
         check_positive("--episodes", self.episodes, integer=True)
         check_positive("--seq-lr", self.seq_lr)
         if self.lobotomize and self.schedule == "asb":
@@ -362,7 +366,7 @@ FLAGS = {"rln": "--rln", "nm": "--nm", "mask": "--mask", "inner_lr": "--inner-lr
          "seed": "--seed", "backend": "--backend", "first_order": "--first-order", "epochs": "--epochs",
          "lr": "--lr", "batch_size": "--batch-size", "lobotomize": "--lobotomize", "meta_batch": "--meta-batch",
          "schedule": "--schedule", "zap": "--zap", "episodes": "--episodes", "seq_lr": "--seq-lr", "arch": "--arch",
-         "open_gate": "--open-gate"}
+         "open_gate": "--open-gate", "conv_init": "--conv-init"}
 MAY_CHANGE_ON_RESUME = ("epochs", "episodes")  # a run may be continued further than first planned
 
 

@@ -75,15 +75,16 @@ train "$PRETRAINED" "$PRETRAIN_DIR/${NAME}_pretrain-*_resume.pt" pretrain_omni.p
 train "$FIRST_ORDER" "$FO_DIR/${NAME}_ANML-*_resume.pt" train_omni.py $SIZES --first-order --epochs "$FO_EPOCHS" \
     --out-dir "$FO_DIR"
 # alternating sequential and batch learning, zapping the episode's class, on Frati et al.'s network: the RLN
-# and last layer alone (--open-gate; with a gate to learn, ASB closes it: docs/comparisons.md)
+# and last layer alone (--open-gate; with a gate to learn, ASB closes it: docs/comparisons.md), its
+# convolutions drawn as theirs (--conv-init kaiming)
 train "$ASB_ZAP" "$PRETRAIN_DIR/asb_zap/${NAME}_asb-*_resume.pt" pretrain_omni.py $SIZES --schedule asb --zap \
-    --open-gate --episodes "$ASB_EPISODES" --out-dir "$PRETRAIN_DIR/asb_zap"
+    --open-gate --conv-init kaiming --episodes "$ASB_EPISODES" --out-dir "$PRETRAIN_DIR/asb_zap"
 # OML (its network, its inner loop over the last layer, its rates), on ANML's episodes
 train "$OML" "$OML_DIR/${OML_NAME}_OML-*_resume.pt" train_omni.py --arch oml $OML_SIZES --epochs "$OML_EPOCHS" \
     --out-dir "$OML_DIR"
 # ASB without zapping, and the i.i.d. pretraining with the whole last layer zapped every epoch
 train "$ASB" "$PRETRAIN_DIR/asb/${NAME}_asb-*_resume.pt" pretrain_omni.py $SIZES --schedule asb --open-gate \
-    --episodes "$ASB_EPISODES" --out-dir "$PRETRAIN_DIR/asb"
+    --conv-init kaiming --episodes "$ASB_EPISODES" --out-dir "$PRETRAIN_DIR/asb"
 train "$ZAPPED" "$PRETRAIN_DIR/iid_zap/${NAME}_pretrain-*_resume.pt" pretrain_omni.py $SIZES --epochs "$EPOCHS" \
     --batch-size "$BATCH" --zap --out-dir "$PRETRAIN_DIR/iid_zap"
 

@@ -66,7 +66,7 @@ def test_pretrain_config_counts_steps_in_epochs():
     assert config.steps_per_epoch == 19 and config.total_steps == 38  # 19,280 images, the last batch partial
     assert config.epochs_for(38) == 2 and config.epochs_for(39) == 3
     assert set(config.run_settings()) == {"rln", "nm", "mask", "lr", "batch_size", "lobotomize", "seed", "epochs",
-                                          "schedule", "zap", "open_gate"}  # not asb's episodes and seq_lr
+                                          "schedule", "zap", "open_gate", "conv_init"}  # not asb's episodes, seq_lr
     assert (config.KIND, config.UNIT, config.LENGTH_FLAG) == ("pretrain", "step", "--epochs")
     asb = PretrainConfig(rln=4, nm=3, mask=36, schedule="asb", episodes=30)
     assert (asb.KIND, asb.LOG, asb.UNIT, asb.total_steps, asb.epochs_for(31)) == ("asb", "asb_log", "episode", 30, 31)
@@ -74,6 +74,8 @@ def test_pretrain_config_counts_steps_in_epochs():
         PretrainConfig(batch_size=0)
     with pytest.raises(ConfigError, match="unknown --schedule 'sgd'"):
         PretrainConfig(schedule="sgd")
+    with pytest.raises(ConfigError, match="unknown --conv-init 'xavier': choose one of torch, kaiming"):
+        PretrainConfig(conv_init="xavier")
     with pytest.raises(ConfigError, match="--lobotomize is the iid schedule's"):
         PretrainConfig(schedule="asb", lobotomize=True)
 

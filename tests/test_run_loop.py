@@ -194,6 +194,8 @@ def test_resume_refuses_other_settings_but_not_more_epochs(kind, sampler, tmp_pa
             run_tiny(kind, sampler, tmp_path, 2, zap=False, seq_lr=0.2, resume="latest")
         with pytest.raises(ValueError, match=r"was trained with no --open-gate, not --open-gate"):
             run_tiny(kind, sampler, tmp_path, 2, open_gate=True, resume="latest")
+        with pytest.raises(ValueError, match=r"was trained with --conv-init torch, not --conv-init kaiming"):
+            run_tiny(kind, sampler, tmp_path, 2, conv_init="kaiming", resume="latest")
     else:
         with pytest.raises(ValueError, match=r"was trained with --batch-size 400, not --batch-size 200"):
             pretrain_omni.pretrain(PretrainConfig(**TINY, epochs=2, batch_size=200, out_dir=str(tmp_path),

@@ -116,3 +116,24 @@ def test_an_open_gate_passes_every_feature_and_never_moves(sampler, tmp_path):
     with torch.no_grad():
         assert torch.equal(saved.nm(ims), torch.ones(len(ims), TINY["mask"]))
     assert all(torch.equal(p, gated.state_dict()[n]) for n, p in start.state_dict().items() if not n.startswith("nm.fc"))
+
+
+def test_kaiming_convs_draw_every_convolution_as_frati_et_al_and_nothing_else():
+    """--conv-init kaiming: each convolution's weight is a fresh draw of std sqrt(2 / fan_in), about
+    sqrt(6) times PyTorch's default; biases, norms and the linear layers are the default network's,
+    and the same seed draws the same network."""
+    sizes = dict(rln=32, nm=8, mask=288)
+    default = pretrain_omni.initial_model(PretrainConfig(**sizes, schedule="asb")).state_dict()
+    kaiming = pretrain_omni.initial_model(PretrainConfig(**sizes, schedule="asb", conv_init="kaiming")).state_dict()
+    again = pretrain_omni.initial_model(PretrainConfig(**sizes, schedule="asb", conv_init="kaiming")).state_dict()
+    convs = [name for name in default if name.endswith("conv.weight")]
+    assert len(convs) == 6
+    for name, p in kaiming.items():
+        assert torch.equal(p, again[name]), name
+        if name in convs:
+            fan_in = p[0].numel()
+            assert p.std().item() == pytest.approx((2 / fan_in) ** 0.5, rel=0.1), name
+            assert default[name].std().item() == pytest.approx((1 / (3 * fan_in)) ** 0.5, rel=0.1), name
+        else:
+            assert torch.equal(p, default[name]), name
+

@@ -444,8 +444,8 @@ def test_make_comparisons_at_tiny_scale(omniglot_root, checkpoint, tmp_path):
     assert reports["asb_zap_seq"]["model"].endswith("asb_zap/4_3_36_asb-1.pth")
     settings = [torch.load(tmp_path / "pre" / d / f"4_3_36_{k}-{i}_resume.pt")["config"]
                 for d, k, i in (("iid_zap", "pretrain", 4), ("asb", "asb", 1), ("asb_zap", "asb", 1))]
-    assert [(c["schedule"], c["zap"], c["open_gate"]) for c in settings] == \
-        [("iid", True, False), ("asb", False, True), ("asb", True, True)]
+    assert [(c["schedule"], c["zap"], c["open_gate"], c["conv_init"]) for c in settings] == \
+        [("iid", True, False, "torch"), ("asb", False, True, "kaiming"), ("asb", True, True, "kaiming")]
     assert len({json.dumps(r["report_run_seeds"]) for r in reports.values()}) == 1
     assert all([row["classes"] for row in r["rows"]] == [2, 4] for r in reports.values())
     assert plt.imread(tmp_path / "out" / "comparisons.png").std() > 0.01
