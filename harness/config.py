@@ -97,6 +97,11 @@ def check_positive(flag, value, integer=False):
         raise ConfigError(f"{flag} must be a {'whole' if integer else 'finite'} number > 0, got {value!r}")
 
 
+def check_choice(flag, value, choices):
+    if value not in choices:
+        raise ConfigError(f"unknown {flag} {value!r}: choose one of {', '.join(choices)}")
+
+
 def check_seed(value, flag="--seed"):
     if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= MAX_SEED:
         raise ConfigError(f"{flag} must be a whole number in 0..{MAX_SEED}, got {value!r}")
@@ -218,8 +223,7 @@ class MetaTrainConfig(RunSettings):
                 check_seed(seed, "--seeds")
             if len(set(self.seeds)) < len(self.seeds):
                 raise ConfigError(f"--seeds must differ, got {' '.join(map(str, self.seeds))}")
-        if self.arch not in ARCHS:
-            raise ConfigError(f"unknown --arch {self.arch!r}: choose one of {', '.join(ARCHS)}")
+        check_choice("--arch", self.arch, ARCHS)
         refusal = backend_refusal(resolve_backend(self.backend, self.device), self.arch, self.first_order,
                                   self.several or self.meta_batch > 1, self.device)
         if refusal:
@@ -313,10 +317,8 @@ class PretrainConfig(RunSettings):
         self.check_run()
         check_positive("--lr", self.lr)
         check_positive("--batch-size", self.batch_size, integer=True)
-        if self.schedule not in SCHEDULES:
-            raise ConfigError(f"unknown --schedule {self.schedule!r}: choose one of {', '.join(SCHEDULES)}")
-        if self.conv_init not in CONV_INITS:
-            raise ConfigError(f"unknown --conv-init {self.conv_init!r}: choose one of {', '.join(CONV_INITS)}")
+        check_choice("--schedule", self.schedule, SCHEDULES)
+        check_choice("--conv-init", self.conv_init, CONV_INITS)
         check_positive("--episodes", self.episodes, integer=True)
         check_positive("--seq-lr", self.seq_lr)
         if self.lobotomize and self.schedule == "asb":
@@ -399,8 +401,7 @@ class EvalConfig(Session):
         if not self.classes or not all(1 <= n <= NUM_EVALUATION for n in self.classes):
             raise ConfigError(f"--classes must be in 1..{NUM_EVALUATION} (Omniglot's evaluation classes), "
                               f"got {' '.join(map(str, self.classes)) or 'none'}")
-        if self.method not in METHODS:
-            raise ConfigError(f"unknown --method {self.method!r}: choose one of {', '.join(METHODS)}")
+        check_choice("--method", self.method, METHODS)
         self.check_method_flags()
         if self.method != "ncm":
             for value in self.grid:

@@ -136,4 +136,3 @@ def test_kaiming_convs_draw_every_convolution_as_frati_et_al_and_nothing_else():
             assert default[name].std().item() == pytest.approx((1 / (3 * fan_in)) ** 0.5, rel=0.1), name
         else:
             assert torch.equal(p, default[name]), name
-
