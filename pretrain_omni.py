@@ -90,6 +90,12 @@ def initial_model(config):
     return open_gate(model) if config.open_gate else model
 
 
+def network_note(config):
+    """How the start line names the network's departures from train_omni.py's: its gate and conv draw."""
+    return (f"{', gate fixed open' if config.open_gate else ''}"
+            f"{', kaiming convolutions' if config.conv_init == 'kaiming' else ''}")
+
+
 def init_path(config):
     return Path(config.out_dir) / f"{config.name}_init.pth"
 
@@ -152,7 +158,7 @@ def pretrain(config, sampler=None, quiet=False):
     def build():  # once the run's files are locked and its start is checked
         print(f"pretraining {config.name} for {config.epochs} epochs of batch {config.batch_size} on {config.device} "
               f"(lr {config.lr:g}, seed {config.seed}{', lobotomize' if config.lobotomize else ''}"
-              f"{', zapping every epoch' if config.zap else ''}"
+              f"{', zapping every epoch' if config.zap else ''}{network_note(config)}"
               f"{run_loop.threads_note(config.device)}) -> {config.out_dir}/", flush=True)
         data = sampler or OmniSampler(config.data_root, download=config.download, seed=config.seed)
         model = initial_model(config).to(config.device)
@@ -192,8 +198,8 @@ def pretrain_asb(config, sampler=None, quiet=False):
     def build():  # once the run's files are locked and its start is checked
         print(f"pretraining {config.name} by alternating sequential and batch learning for {config.episodes} "
               f"episodes on {config.device} (sequential SGD {config.seq_lr:g}, batch Adam {config.lr:g}, seed "
-              f"{config.seed}{', zapping' if config.zap else ''}{run_loop.threads_note(config.device)}) -> "
-              f"{config.out_dir}/", flush=True)
+              f"{config.seed}{', zapping' if config.zap else ''}{network_note(config)}"
+              f"{run_loop.threads_note(config.device)}) -> {config.out_dir}/", flush=True)
         data = sampler or OmniSampler(config.data_root, download=config.download)
         data.rng = np.random.default_rng(config.seed)  # the run's seed draws its episodes (a resume restores them)
         model = initial_model(config).to(config.device)

@@ -446,6 +446,9 @@ def test_make_comparisons_at_tiny_scale(omniglot_root, checkpoint, tmp_path):
                 for d, k, i in (("iid_zap", "pretrain", 4), ("asb", "asb", 1), ("asb_zap", "asb", 1))]
     assert [(c["schedule"], c["zap"], c["open_gate"], c["conv_init"]) for c in settings] == \
         [("iid", True, False, "torch"), ("asb", False, True, "kaiming"), ("asb", True, True, "kaiming")]
+    start = "pretraining 4_3_36 by alternating sequential and batch learning for 2 episodes on cpu (sequential SGD " \
+            "0.1, batch Adam 0.001, seed 1{}, gate fixed open, kaiming convolutions, 1 thread)"
+    assert start.format("") in proc.stdout and start.format(", zapping") in proc.stdout
     assert len({json.dumps(r["report_run_seeds"]) for r in reports.values()}) == 1
     assert all([row["classes"] for row in r["rows"]] == [2, 4] for r in reports.values())
     assert plt.imread(tmp_path / "out" / "comparisons.png").std() > 0.01
