@@ -366,7 +366,10 @@ def test_no_freeze_lanes_give_the_runs_of_the_loop(small_checkpoint, sampler):
     lanes = anml.meta_test(replace(config, lanes=5), sampler, model, progress=False)
     finite = ~loop["non_finite"][:2]
     np.testing.assert_allclose(lanes["test"][:, :2], loop["test"][:, :2], atol=1 / (5 * counts[0]) + 1e-6)
-    np.testing.assert_allclose(lanes["train"][:, :2], loop["train"][:, :2], atol=1 / (15 * counts[0]) + 1e-6)
+    # train: a few images' worth (4 of the 60 at 4 classes): every parameter learns at 1e-2, and the
+    # lanes' batched convolutions round differently on each CPU (one Intel Xeon: 3 images of 60)
+    np.testing.assert_allclose(lanes["train"][:, :2], loop["train"][:, :2], atol=2 / (15 * counts[0]) + 1e-6)
+    assert (np.abs(lanes["train"][:, :2] - loop["train"][:, :2]) < 1e-6).mean() >= 0.75  # most exactly
     assert (np.abs(lanes["test"][:, :2] - loop["test"][:, :2]) < 1e-6).mean() >= 0.75  # most exactly
     assert finite.all() and lanes["non_finite"].tolist() == loop["non_finite"].tolist() == [[False] * 2] * 2 + [[True] * 2]
     assert lanes["train"][-1, :2].min() > 0.3  # it learned: chance among 1000 outputs is 0.001
