@@ -261,8 +261,8 @@ def hand_trained_run(checkpoint, sampler, seed, r, counts, lr):
 
 
 def test_no_freeze_run_equals_adam_over_every_parameter_one_image_at_a_time(small_checkpoint, sampler):
-    """A no-freeze sequential run, weights and accuracies, bit for bit against the loop written out
-    by hand; its counts nest along one sequence as separate runs would give them; and it is not the
+    """A no-freeze sequential run against the loop written out by hand: the weights bit for bit, the
+    accuracies to float32 rounding of their means; its counts nest along one sequence as separate runs would give them; and it is not the
     frozen protocol's result."""
     counts, lrs, seed = [2, 4], [3e-3, 1e-2], 6
     config = EvalConfig(model=str(small_checkpoint), classes=tuple(counts), runs=2, lrs=tuple(lrs), seed=seed,
@@ -272,8 +272,10 @@ def test_no_freeze_run_equals_adam_over_every_parameter_one_image_at_a_time(smal
     for r in range(2):
         for l, lr in enumerate(lrs):
             scores, weights = hand_trained_run(small_checkpoint, sampler, seed, r, counts, lr)
-            np.testing.assert_array_equal(results["test"][:, l, r], [test for test, _ in scores])
-            np.testing.assert_array_equal(results["train"][:, l, r], [train for _, train in scores])
+            # accuracies are k/n means in float32, whose last bit depends on the reduction's path;
+            # one image differing is 0.05 here
+            np.testing.assert_allclose(results["test"][:, l, r], [test for test, _ in scores], rtol=0, atol=1e-6)
+            np.testing.assert_allclose(results["train"][:, l, r], [train for _, train in scores], rtol=0, atol=1e-6)
     sampler.rng, generator = anml.run_generators(seed, 1)
     net = anml.run_network(model, generator, no_freeze=True)
     meta_test_runs.full_network_run(net, sampler, counts, lrs[1], config)
