@@ -262,8 +262,8 @@ def hand_trained_run(checkpoint, sampler, seed, r, counts, lr):
 
 def test_no_freeze_run_equals_adam_over_every_parameter_one_image_at_a_time(small_checkpoint, sampler):
     """A no-freeze sequential run against the loop written out by hand: the weights bit for bit, the
-    accuracies to float32 rounding of their means; its counts nest along one sequence as separate runs would give them; and it is not the
-    frozen protocol's result."""
+    accuracies to float32 rounding of their means; its counts nest along one sequence as separate
+    runs would give them; and it is not the frozen protocol's result."""
     counts, lrs, seed = [2, 4], [3e-3, 1e-2], 6
     config = EvalConfig(model=str(small_checkpoint), classes=tuple(counts), runs=2, lrs=tuple(lrs), seed=seed,
                         no_freeze=True)
