@@ -9,6 +9,13 @@ from tqdm import tqdm
 
 from fastpath.cuda_graphs import ReplayedSteps
 
+
+def hit_rate(hits):
+    """Fraction of True along the last dimension of the boolean tensor `hits`, as numpy float64: the
+    exact count over n, so every path that makes the same predictions reports the same bits (the last
+    bit of a float32 mean depends on the reduction's path)."""
+    return hits.sum(-1).cpu().numpy() / hits.shape[-1]
+
 # Images per forward pass of the frozen nets: on the CPU a small batch's first-block activations stay
 # in the cache (docs/speed.md); a GPU wants large batches.
 CPU_FEATURE_BATCH = 20
@@ -110,8 +117,8 @@ class LastLayers:
     def accuracy(self, x, y):
         """Accuracy [L, R] on each run's rows x [R, n, D] with labels y [R, n], and per row [L, R, n]."""
         Wl, bl = self.W.view(self.L, self.R, *self.W.shape[1:]), self.b.view(self.L, self.R, -1)
-        correct = torch.stack([predict(Wl[l], bl[l], x) == y for l in range(self.L)]).float()
-        return correct.mean(2).cpu().numpy(), correct
+        correct = torch.stack([predict(Wl[l], bl[l], x) == y for l in range(self.L)])
+        return hit_rate(correct), correct
 
 
 def sequential_fit(features, runs, weights, bias, lrs, counts=None, bar=None):
@@ -132,7 +139,7 @@ def sequential_fit(features, runs, weights, bias, lrs, counts=None, bar=None):
         layers.train_until(n * n_train, bar)
         scores["train"][k] = layers.accuracy(train_x[:, :n * n_train], train_y[:, :n * n_train])[0]
         scores["test"][k], correct = layers.accuracy(test_x[:, :n * n_test], test_y[:, :n * n_test])
-        scores["test_per_class"] = correct.view(len(lrs), len(runs), n, n_test).mean(-1).cpu().numpy()
+        scores["test_per_class"] = hit_rate(correct.view(len(lrs), len(runs), n, n_test))
     scores["non_finite"] = layers.non_finite()
     return scores
 
@@ -236,7 +243,7 @@ def ridge_fit(features, runs, ridges, counts, progress=False, scores=None):
             for key, xs, ys in (("train", x, y),
                                 ("test", test_x[r, :n * n_test].double(), position_labels(n, n_test, train_x.device))):
                 predictions = (xs @ weights + intercepts[:, None]).argmax(2)  # [L, rows]
-                scores[key][k, :, r] = (predictions == ys).double().mean(1).cpu().numpy()
+                scores[key][k, :, r] = hit_rate(predictions == ys)
     return scores
 
 
@@ -284,7 +291,7 @@ def ncm_fit(features, runs, distances, counts, progress=False, scores=None):
                                 ("test", test_x[:n * n_test], position_labels(n, n_test, device))):
                 for l, distance in enumerate(distances):
                     predictions = nearest_mean(xs, class_means[:n], distance)
-                    scores[key][k, l, r] = (predictions == ys).double().mean().item()
+                    scores[key][k, l, r] = hit_rate(predictions == ys)
     return scores
 
 

@@ -12,8 +12,8 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from fastpath.full_network import Lanes
-from fastpath.frozen_features import (FeatureBank, MetaTestRun, empty_results, iid_orders, learn_on_features, ncm_fit,
-                                      ridge_fit, shuffle_rng)
+from fastpath.frozen_features import (FeatureBank, MetaTestRun, empty_results, hit_rate, iid_orders, learn_on_features,
+                                      ncm_fit, ridge_fit, shuffle_rng)
 from model import reset_last_layer
 
 
@@ -50,12 +50,12 @@ def training_images(train_tasks):
 def train_accuracy(model, train_tasks):
     """Accuracy of `model` on every training image of `train_tasks`."""
     ims, labels = training_images(train_tasks)
-    return (predict_in_batches(model, ims) == labels).float().mean().item()
+    return float(hit_rate(predict_in_batches(model, ims) == labels))
 
 
 def per_class_accuracy(correct, test_examples):
     """Per-class accuracy from the held-out images' hits `correct` (classes contiguous, in order)."""
-    return correct.view(-1, test_examples).float().mean(1).cpu().numpy()
+    return hit_rate(correct.view(-1, test_examples))
 
 
 def test_test(model, test_data, test_examples=5):
@@ -92,11 +92,12 @@ def run_network(model, generator=None, no_freeze=False):
 
 
 def scores_after(model, train_tasks, test_data, n, test_examples):
-    """(test accuracy, train accuracy) of `model` on the first n classes' held-out and training images."""
+    """(test accuracy, train accuracy) of `model` on the first n classes' held-out and training images,
+    each the exact count of hits over the images (the mean of the per-class accuracies)."""
     ims, labels = test_data
     rows = n * test_examples
-    test = test_test(model, (ims[:rows], labels[:rows]), test_examples)
-    return float(test.mean()), train_accuracy(model, train_tasks[:n])
+    test = hit_rate(predict_in_batches(model, ims[:rows]) == labels[:rows])
+    return float(test), train_accuracy(model, train_tasks[:n])
 
 
 def meta_test_runs(config, sampler, model, seeds, runs, progress=True, features=None, results=None):
@@ -212,8 +213,8 @@ def lanes_meta_test(config, sampler, model, seeds, results, progress):
                     test = lanes.predict(test_ims[of_run, :tested]) == test_labels[of_run, :tested]
                     train = lanes.predict(train_ims[of_run, :trained]) == train_labels[of_run, :trained]
                     for i, (r, l) in enumerate(group):  # as scores_after computes them
-                        results["test"][k, l, r] = float(per_class_accuracy(test[i], config.test_examples).mean())
-                        results["train"][k, l, r] = train[i].float().mean().item()
+                        results["test"][k, l, r] = float(hit_rate(test[i]))
+                        results["train"][k, l, r] = float(hit_rate(train[i]))
             finite = lanes.finite().tolist()
             for i, (r, l) in enumerate(group):
                 results["non_finite"][l, r] = not finite[i]
