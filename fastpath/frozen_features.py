@@ -10,16 +10,17 @@ from tqdm import tqdm
 from fastpath.cuda_graphs import ReplayedSteps
 
 
+# Images per forward pass of the frozen nets: on the CPU a small batch's first-block activations stay
+# in the cache (docs/speed.md); a GPU wants large batches.
+CPU_FEATURE_BATCH = 20
+GPU_FEATURE_BATCH = 2000
+
+
 def hit_rate(hits):
     """Fraction of True along the last dimension of the boolean tensor `hits`, as numpy float64: the
     exact count over n, so every path that makes the same predictions reports the same bits (the last
     bit of a float32 mean depends on the reduction's path)."""
     return hits.sum(-1).cpu().numpy() / hits.shape[-1]
-
-# Images per forward pass of the frozen nets: on the CPU a small batch's first-block activations stay
-# in the cache (docs/speed.md); a GPU wants large batches.
-CPU_FEATURE_BATCH = 20
-GPU_FEATURE_BATCH = 2000
 
 
 class MetaTestRun:
