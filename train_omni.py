@@ -16,7 +16,12 @@ runs, and a new run does not start in a folder that holds another run of the sam
 import argparse
 from pathlib import Path
 
-import anml
+from harness.cli import quiet_start
+
+if __name__ == "__main__":
+    quiet_start()  # a Ctrl-C or SIGTERM while torch loads: one line, exit 130
+
+import anml  # noqa: E402
 from harness.cli import (add_run_args, add_session_args, add_size_args, build_config, non_negative_int, positive_float, positive_int,
                  report_end, run_cli)
 from harness.config import ARCHS, BACKENDS, MetaTrainConfig

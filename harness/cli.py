@@ -8,9 +8,10 @@ import math
 import shlex
 import signal
 import sys
+import threading
 from pathlib import Path
 
-from harness.config import ConfigError, field_names
+from harness.config import ConfigError, field_names, max_threads
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -29,6 +30,14 @@ def non_negative_int(text):
     return value
 
 
+def thread_count(text):
+    """--threads: 1 up to this machine's CPUs."""
+    value = positive_int(text)
+    if value > max_threads():
+        raise argparse.ArgumentTypeError(f"must be at most {max_threads()} (this machine's CPUs), got {value}")
+    return value
+
+
 def positive_float(text):
     value = float(text)
     if not (value > 0 and math.isfinite(value)):
@@ -40,9 +49,9 @@ def add_session_args(parser):
     """-d/--device, --threads, --data-root and --no-download, as every script that loads data takes them."""
     parser.add_argument("-d", "--device", choices=("cpu", "cuda"),
                         help="cpu or cuda (default: cuda if available, else cpu)")
-    parser.add_argument("--threads", type=positive_int, metavar="N",
-                        help="CPU threads for torch (default: $OMP_NUM_THREADS, else the cores not busy with "
-                             "other work)")
+    parser.add_argument("--threads", type=thread_count, metavar="N",
+                        help=f"CPU threads for torch, at most {max_threads()} (default: $OMP_NUM_THREADS, else the "
+                             f"cores not busy with other work)")
     parser.add_argument("--data-root", metavar="DIR",
                         help="the folder that holds Omniglot: images_background.zip and images_evaluation.zip, "
                              "or DIR/omniglot with them (default: $OMNIGLOT_ROOT, else a per-user cache that is "
@@ -106,11 +115,51 @@ def notice(message):
     print(f"notice: {message}", file=sys.stderr, flush=True)
 
 
-def run_cli(main):
-    """Run main(); a library ValueError, an OSError (missing data, an unwritable output) or Ctrl-C
-    becomes a short message on stderr and a non-zero exit, never a traceback."""
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)  # Ctrl-C, kill, a closed terminal
+
+
+def stop_quietly(signum, frame):
+    """A stop signal before run_cli runs main: `interrupted` and exit 130, as run_cli ends an interrupted main."""
+    print("interrupted", file=sys.stderr, flush=True)
+    raise SystemExit(130)
+
+
+def replaceable(handler):
+    """Whether a signal's handler is Python's default or quiet_start's, not one set on purpose (nohup's
+    ignored SIGHUP stays ignored)."""
+    return handler in (signal.SIG_DFL, signal.default_int_handler, stop_quietly)
+
+
+def quiet_start():
+    """Called first by a script run as a program, before its heavy imports: until run_cli runs main, Ctrl-C,
+    SIGTERM or SIGHUP (while torch loads, say) print `interrupted` and exit 130 instead of a traceback."""
+    for sig in STOP_SIGNALS:
+        if replaceable(signal.getsignal(sig)):
+            signal.signal(sig, stop_quietly)
+
+
+@contextlib.contextmanager
+def stop_signals_interrupt():
+    """Inside the block, Ctrl-C, SIGTERM and SIGHUP raise KeyboardInterrupt (a signal set aside on purpose
+    stays so); the handlers before are put back after."""
+    if threading.current_thread() is not threading.main_thread():  # only the main thread may set handlers
+        yield
+        return
+    old = {sig: signal.signal(sig, signal.default_int_handler) for sig in STOP_SIGNALS
+           if replaceable(signal.getsignal(sig))}
     try:
-        main()
+        yield
+    finally:
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
+
+
+def run_cli(main):
+    """Run main(); a library ValueError, an OSError (missing data, an unwritable output), Ctrl-C or
+    SIGTERM becomes a short message on stderr and a non-zero exit, never a traceback."""
+    try:
+        with stop_signals_interrupt():
+            main()
     except (ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

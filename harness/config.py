@@ -24,6 +24,12 @@ MAX_SEED = 2**32 - 1
 MAX_EPOCHS_IID = 1000
 
 
+def max_threads():
+    """The most CPU threads a run may ask for: this machine's CPUs (more only wait for a core, and torch
+    crashes outright on a count such as 100000)."""
+    return os.cpu_count() or 1
+
+
 class ConfigError(ValueError):
     """A setting that cannot work; the message names the flag."""
 
@@ -135,6 +141,8 @@ class Session:
         check_device(self.device)
         if self.threads is not None:
             check_positive("--threads", self.threads, integer=True)
+            if self.threads > max_threads():
+                raise ConfigError(f"--threads must be at most {max_threads()} (this machine's CPUs), got {self.threads}")
         check_path("--data-root", self.data_root)
 
 
@@ -308,10 +316,16 @@ class PretrainConfig(RunSettings):
 
     RUN_KEYS = ("rln", "nm", "mask", "schedule", "zap", "lr", "batch_size", "lobotomize", "seq_lr", "open_gate",
                 "conv_init", "seed", "epochs", "episodes")
-    DIVERGED_ADVICE = "a smaller --lr is a new run: another --out-dir"
 
     def unused_settings(self):
         return ("batch_size", "lobotomize", "epochs") if self.schedule == "asb" else ("episodes", "seq_lr")
+
+    @property
+    def DIVERGED_ADVICE(self):
+        """What to change when the loss diverged: the rates this schedule trains with (asb: its
+        sequential SGD steps' and its batch Adam step's; iid: Adam's)."""
+        rates = "--seq-lr or --lr" if self.schedule == "asb" else "--lr"
+        return f"a smaller {rates} is a new run: another --out-dir"
 
     def __post_init__(self):
         self.check_run()

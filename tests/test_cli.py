@@ -240,3 +240,36 @@ def test_a_restarted_process_of_a_shared_meta_batch_says_what_to_run(monkeypatch
     monkeypatch.setattr(train_omni, "join_processes", lambda *a, **k: pytest.fail("joined a process group"))
     err = error_of(train_omni.main, [*TINY_FLAGS, "--meta-batch", "2", "-d", "cpu", *no_data], capsys)
     assert_one_error(err, r"cannot reconnect after one of them died: run the same command again with --resume latest")
+
+
+def test_gate_stats_refuses_an_oml_checkpoint_in_one_line_before_any_data(tmp_path, monkeypatch, capsys):
+    """OML's network has no NM gate: tools/gate_stats.py names the file and says so (exit 2), whether
+    it is given alone or among ANML checkpoints, before it loads Omniglot."""
+    from fastpath.oml import seeded_oml
+    from tools import gate_stats
+    monkeypatch.setattr(gate_stats, "OmniSampler", lambda *a, **k: pytest.fail("the data was loaded"))
+    oml, anml_path = tmp_path / "4_OML-0.pth", tmp_path / "4_3_36_ANML-0.pth"
+    torch.save(seeded_oml(4, 0).state_dict(), oml)
+    torch.save(ANML(4, 3, 36).state_dict(), anml_path)
+    for models in ([oml], [anml_path, oml]):
+        err = error_of(gate_stats.main, [*models, "--data-root", tmp_path], capsys)
+        assert_one_error(err, rf"{oml} holds OML's network, which has no NM gate to measure: give ANML checkpoints")
+
+
+@pytest.mark.parametrize("main", [train_omni.main, eval_omni.main, pretrain_omni.main, bench.main])
+def test_more_threads_than_the_machine_has_cpus_is_one_line(main, no_data, capsys):
+    """--threads 100000 made torch crash (exit 139, no message): at most the machine's CPUs."""
+    import os
+    argv = [*NOT_READ] if main is eval_omni.main else [*TINY_FLAGS]
+    err = error_of(main, [*argv, "--threads", 100000, *no_data], capsys)
+    assert_one_error(err, rf"argument --threads: must be at most {os.cpu_count()} \(this machine's CPUs\), "
+                          rf"got 100000$")
+
+
+def test_the_configs_refuse_more_threads_than_cpus_and_take_as_many():
+    import os
+    from harness.config import ConfigError, MetaTrainConfig
+    with pytest.raises(ConfigError, match=rf"--threads must be at most {os.cpu_count()} \(this machine's CPUs\)"):
+        MetaTrainConfig(threads=100000)
+    assert train_omni.parse_args([*TINY_FLAGS, "-d", "cpu", "--threads", str(os.cpu_count())])[0].threads == \
+        os.cpu_count()

@@ -142,3 +142,22 @@ def test_runs_are_the_same_whatever_order_they_are_given_in_and_rates_that_print
     folders = [r[2] for r in runs(outer_lrs=(1e-3, 0.0010000001, 1e9, 3e-5))]
     assert folders == ["r/seed1_outer-lr3e-05", "r/seed1_outer-lr0.001", "r/seed1_outer-lr0.0010000001",
                        "r/seed1_outer-lr1e+09"]
+
+
+def test_a_switch_left_off_reads_naturally_in_the_resume_messages():
+    """A switch that is off is `--open-gate off`: never "not no --open-gate", nor "--backend auto no --first-order"."""
+    from harness.run_start import check_settings
+    gated = PretrainConfig(rln=4, nm=3, mask=36, open_gate=False)
+    stored = {**dataclasses.replace(gated, open_gate=True).run_settings()}
+    with pytest.raises(ValueError, match=r"was trained with --open-gate, not --open-gate off: ") as error:
+        check_settings(stored, gated, "run_resume.pt")
+    assert "no --" not in str(error.value)
+    with pytest.raises(ValueError, match=r"cannot be checked against .*--backend auto --first-order off ") as error:
+        check_settings(None, MetaTrainConfig(rln=4, nm=3, mask=36), "old_resume.pt")
+    assert "no --" not in str(error.value)
+
+
+def test_a_diverged_pretraining_names_the_rates_of_its_schedule():
+    assert "a smaller --seq-lr or --lr is a new run" in PretrainConfig(schedule="asb").DIVERGED_ADVICE
+    assert "a smaller --lr is a new run" in PretrainConfig(schedule="iid").DIVERGED_ADVICE
+    assert "--outer-lr" in MetaTrainConfig().DIVERGED_ADVICE
