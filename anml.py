@@ -3,16 +3,16 @@
 - train-train: 20 inner SGD steps on one new class, one image at a time, over RLN + fc (`meta_step`);
 - train-test:  outer Adam step on those 20 images plus 64 remembered ones, through the unroll;
 - test-train:  frozen RLN and NM, a fresh fc learns N new classes in sequence, one Adam step an image
-               (`test_train`; `meta_test` runs many such runs and rates at once);
+               (`test_train`, with `original_fit`; `meta_test.py` runs many such runs and rates at once);
 - test-test:   accuracy on the held-out images of those N classes (`test_test`).
 
 `meta_loss` is the one place a backend and an architecture are dispatched: "higher" is the
 reference, higherANML's own code; "func" computes the same meta-gradient faster
 (`fastpath/functional.py`, `fastpath/oml.py` for OML) and "graph" replays "func" from a CUDA graph
 (`fastpath/cuda_graphs.py`). `train` runs the iterations in the loop that keeps a run safe
-(`harness/run_loop.py`). The meta-test runs on frozen features (`fastpath/frozen_features.py`)
+(`harness/run_loop.py`). `test_train` runs on frozen features (`fastpath/frozen_features.py`)
 unless higherANML's loop is asked for, or every parameter is to learn (`no_freeze`, the original
-ANML code's baseline), which only that loop can do (`harness/meta_test_runs.py`).
+ANML code's baseline), which only that loop can do (`original_fit`).
 """
 import copy
 
@@ -24,16 +24,14 @@ import torch.nn.functional as F
 from datasets import OmniSampler
 from fastpath.batched import MemberOptimizer, StackedMetaStep, one_or_each, seeded_stack, stacked_optimizer
 from fastpath.cuda_graphs import GraphedMetaStep
-from fastpath.frozen_features import FeatureBank, MetaTestRun, empty_results, sequential_fit
+from fastpath.frozen_features import FeatureBank, MetaTestRun, hit_rate, sequential_fit
 from fastpath.functional import accuracy, func_meta_loss
 from fastpath.oml import IMAGE_SIZE, OML, oml_meta_loss, seeded_oml
-from harness import run_loop
 from harness.checkpoints import load_model
 from harness.config import IMAGES_PER_CLASS, backend_refusal
-from harness.meta_test_runs import (meta_test_runs, original_fit, run_generators, run_network,  # noqa: F401
-                                    sum_runs_over_processes, test_test, train_accuracy)
 from harness.runtime import Ranks, any_process
-from model import inner_parameter_names, kaiming_std, reset_last_layer, seeded_network  # noqa: F401
+from harness.training_run import TrainingRuns, threads_note
+from model import inner_parameter_names, kaiming_std, reset_last_layer, seeded_network
 
 # ----------------------------------------------------------------------------- meta-training
 
@@ -130,7 +128,7 @@ def train(config, sampler=None, quiet=False, ranks=Ranks()):
 
     Writes higherANML's checkpoints `{out_dir}/{rln}_{nm}_{mask}_ANML-{it}.pth` every 1000
     iterations and at the last, a resumable checkpoint with each and every `save_minutes`, and the
-    CSV log; stops cleanly on a signal or the time limit. Returns run_loop.run's (the models, why
+    CSV log; stops cleanly on a signal or the time limit. Returns (the models, why
     they stopped early or None, each one's last checkpoint): one of each with one seed, one per run
     with --seeds or several rates, which train together (`fastpath/batched.py`), as do the tasks of
     a --meta-batch. Under torchrun (`ranks`) the runs are shared out over the processes, or, with
@@ -147,27 +145,31 @@ def train(config, sampler=None, quiet=False, ranks=Ranks()):
 
 def train_one(config, sampler=None, quiet=False, restarted=False):
     """One model, one task an iteration: the paper's algorithm, on any backend."""
-    def build():  # once the run's files are locked and its start is checked
+    with TrainingRuns([config], quiet, restarted=restarted) as run:  # its folder locked, its start checked
+        backend = config.resolved_backend
         print(f"meta-training {config.KIND} {config.name} for {config.epochs} its on {config.device} (backend "
               f"{config.backend}, seed {config.seed}{', first-order' if config.first_order else ''}"
-              f"{run_loop.threads_note(config.device)}) -> {config.out_dir}/",
-              flush=True)
+              f"{threads_note(config.device)}) -> {config.out_dir}/", flush=True)
         oml = config.arch == "oml"
         data = sampler or OmniSampler(config.data_root, download=config.download, im_size=IMAGE_SIZE if oml else 28)
         data.rng = np.random.default_rng(config.seed)  # the run's seed draws its tasks (a resume restores them)
         model = (seeded_oml(config.rln, config.seed) if oml else
                  seeded_network(config.rln, config.nm, config.mask, config.seed)).to(config.device)
-        backend = config.resolved_backend
         outer_opt = outer_optimizer(model, config.outer_lr, capturable=backend == "graph")
-
-        def make_step():  # after the resumable state is loaded: the CUDA graph records those weights
-            step = meta_stepper(backend, model, outer_opt, data, config.device, config.inner_lr, config.first_order)
-            return lambda it: tuple([value] for value in step())
-        return run_loop.Steps([model], [outer_opt], [data], config.epochs, make_step,
-                              run_loop.milestones(config.epochs), run_loop.progress_line,
-                              "iteration: outer loss | outer accuracy (seconds)")
-
-    return run_loop.run([config], build, quiet, restarted=restarted)
+        run.restore([model], [outer_opt], [data], config.epochs)
+        graphed = None  # after the restore: a CUDA graph records the weights it restored
+        if backend == "graph":
+            graphed = meta_stepper(backend, model, outer_opt, data, config.device, config.inner_lr, config.first_order)
+        for it in run.iterations():
+            if graphed is not None:
+                loss, acc = graphed()
+            else:
+                train_data, train_class, (valid_ims, valid_labels) = data.sample_train(device=config.device)
+                loss, acc = meta_step(model, outer_opt, train_data, train_class, valid_ims, valid_labels,
+                                      config.inner_lr, backend, config.first_order)
+            run.log(it, [loss], [acc])
+            run.save(it)
+    return run.outcome()
 
 
 def train_together(configs, sampler=None, quiet=False, ranks=Ranks(), shared=False):
@@ -179,44 +181,87 @@ def train_together(configs, sampler=None, quiet=False, ranks=Ranks(), shared=Fal
     backend = config.resolved_backend
     if shared and backend == "graph" and config.backend == "auto":
         backend = "func"  # the all_reduce between the processes is not recorded into the CUDA graph
-
-    def build():  # once the runs' files are locked and their starts are checked
+    with TrainingRuns(configs, quiet, writer=ranks.rank == 0 or not shared, restarted=ranks.restarted) as run:
         what = f"{len(seeds)} ANMLs" if len(seeds) > 1 else f"ANML {config.name}, seed {config.seed}"
         tasks = f", meta-batch {config.meta_batch}" if config.meta_batch > 1 else ""
         where = f", process {ranks.rank} of {ranks.world}" if ranks.world > 1 else ""
         print(f"meta-training {what} for {config.epochs} its on {config.device} (backend {backend}{tasks}"
-              f"{', first-order' if config.first_order else ''}{where}{run_loop.threads_note(config.device)}) -> "
+              f"{', first-order' if config.first_order else ''}{where}{threads_note(config.device)}) -> "
               f"{', '.join(c.out_dir + '/' for c in configs)}", flush=True)
         data = sampler or OmniSampler(config.data_root, download=config.download)
         stack, generators = seeded_stack(config.rln, config.nm, config.mask, seeds, config.device)
         outer_opt = stacked_optimizer(stack, [c.outer_lr for c in configs], capturable=backend == "graph")
         inner_lr = one_or_each([c.inner_lr for c in configs], config.device)
-        holders = []
+        task_draws = []
         for seed, generator in zip(seeds, generators):
-            holder = copy.copy(data)  # the same images, the seed's own task draws
-            holder.rng, holder.generator = np.random.default_rng(seed), generator
-            holders.append(holder)
-        optimizers = [MemberOptimizer(outer_opt, k) for k in range(len(seeds))]
-
-        def make_step():  # after the resumable states are loaded: the CUDA graph records those weights
-            step = StackedMetaStep(stack, outer_opt, holders, generators, config.meta_batch, inner_lr,
-                                   config.first_order, graphed=backend == "graph",
-                                   ranks=ranks if shared else Ranks())
-            return lambda it: step()
-        agree = (lambda stop: any_process(stop, config.device)) if shared else None
+            draws = copy.copy(data)  # the same images, the seed's own task draws
+            draws.rng, draws.generator = np.random.default_rng(seed), generator
+            task_draws.append(draws)
         header = f"iteration: outer loss | outer accuracy{', per run' if len(seeds) > 1 else ''} (seconds)"
-        return run_loop.Steps(stack.members, optimizers, holders, config.epochs, make_step,
-                              run_loop.milestones(config.epochs), run_loop.progress_line, header, agree=agree)
-
-    return run_loop.run(configs, build, quiet, writer=ranks.rank == 0 or not shared, restarted=ranks.restarted)
+        agree = (lambda stop: any_process(stop, config.device)) if shared else None
+        run.restore(stack.members, [MemberOptimizer(outer_opt, k) for k in range(len(seeds))], task_draws,
+                    config.epochs, header=header, agree=agree)
+        step = StackedMetaStep(stack, outer_opt, task_draws, generators, config.meta_batch, inner_lr,
+                               config.first_order, graphed=backend == "graph",  # records the restored weights
+                               ranks=ranks if shared else Ranks())
+        for it in run.iterations():
+            losses, accuracies = step()
+            run.log(it, losses, accuracies)
+            run.save(it)
+    return run.outcome()
 
 # ----------------------------------------------------------------------------- meta-testing
 
 
-def run_seeds(seed, runs, selection=False):
-    """The entropies of `runs` meta-test runs: [seed, r], or [seed, r, 1] for the selection runs
-    that choose a learning rate (so they never coincide with the runs that report it)."""
-    return [[seed, r, 1] if selection else [seed, r] for r in range(runs)]
+def learner(model, generator=None, no_freeze=False):
+    """The network one meta-test run trains: a copy of `model` with fc.weight re-initialised from
+    `generator` (bias kept), fc learning, and RLN and NM learning too with `no_freeze` (frozen
+    otherwise). `model` itself is left as it is."""
+    net = copy.deepcopy(model)
+    net.requires_grad_(no_freeze)
+    net.fc.requires_grad_(True)
+    reset_last_layer(net, generator)
+    return net
+
+
+def original_fit(model, train_tasks, lr, after_task=None):
+    """higherANML's test-train loop: Adam over model.parameters(), one step an image, task after task.
+    The parameters that require grad learn: fc alone when RLN and NM are frozen, every one of them
+    with --no-freeze. `after_task(t)`, if given, runs after task t (counted from 1) is learned."""
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    for t, task in enumerate(train_tasks, 1):
+        for image, label in task:
+            loss = F.cross_entropy(model(image), label)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        if after_task is not None:
+            after_task(t)
+    return model
+
+
+def predict_in_batches(model, ims, batch_size=100):
+    """model(ims).argmax(1), a batch at a time (600 classes' images at once take gigabytes)."""
+    with torch.no_grad():
+        return torch.cat([model(ims[i:i + batch_size]).argmax(1) for i in range(0, len(ims), batch_size)])
+
+
+def training_images(train_tasks):
+    """(images [S, 1, H, W], labels [S]) of every training image of `train_tasks`, class after class."""
+    return (torch.cat([im for task in train_tasks for im, _ in task]),
+            torch.cat([label for task in train_tasks for _, label in task]))
+
+
+def train_accuracy(model, train_tasks):
+    """Accuracy of `model` on every training image of `train_tasks`."""
+    ims, labels = training_images(train_tasks)
+    return float(hit_rate(predict_in_batches(model, ims) == labels))
+
+
+def test_test(model, test_data, test_examples=5):
+    """Per-class accuracy of `model` on the held-out images (classes contiguous, in order)."""
+    ims, labels = test_data
+    return hit_rate((predict_in_batches(model, ims) == labels).view(-1, test_examples))
 
 
 def test_train(PATH, sampler, num_classes=10, train_examples=15, device="cpu", lr=1e-3, quiet=False,
@@ -233,7 +278,7 @@ def test_train(PATH, sampler, num_classes=10, train_examples=15, device="cpu", l
         raise ValueError("test_train: no_freeze trains the whole network, which the frozen features cannot "
                          "(give fast=False)")
     model = PATH if isinstance(PATH, torch.nn.Module) else load_model(PATH)
-    model = run_network(model, generator, no_freeze).to(device)
+    model = learner(model, generator, no_freeze).to(device)
     if fast:
         model.requires_grad_(False)
         run = MetaTestRun(*sampler.sample_test_indices(num_classes, train_examples))
@@ -246,31 +291,3 @@ def test_train(PATH, sampler, num_classes=10, train_examples=15, device="cpu", l
     if not quiet:
         print(f"train accuracy {train_acc:.3f}")
     return test_test(model, test_data, test_examples=IMAGES_PER_CLASS - train_examples), train_acc
-
-
-def meta_test(config, sampler, model=None, progress=True, features=None, results=None, ranks=Ranks()):
-    """The meta-test runs of `config` (a config.EvalConfig): every class count and every value of
-    its grid (learning rates, or ridge regularisers for lstsq), on `config.runs` reported runs and
-    then `config.selection_runs` selection runs. Every value and method sees the same runs: run r
-    draws its classes, splits and fc initialisation from (seed, r), or (seed, r, 1) for a selection
-    run. A run learns one random order of classes and is scored after the first N of them for each
-    count N, which is what a run with N classes alone computes (it draws the same first N classes).
-
-    Returns {"test": [K, L, R], "train": [K, L, R]} accuracies (K counts in increasing order, L grid
-    values, R runs: the reported ones, then the selection ones). `model` (already loaded) replaces
-    config.model; `features`, a FeatureBank of that model, keeps its features across calls. The
-    accuracies are written into `results` (`empty_results`) as runs finish, so that the caller keeps
-    them when the meta-test is interrupted.
-
-    `ranks`: torchrun's processes share the runs out (process r takes runs r, r + world, ...; each
-    run depends on its own seed alone), then sum their results (`all_reduce`), so that every
-    process returns all of them."""
-    model = load_model(config.model, config.device) if model is None else model.to(config.device)
-    model.requires_grad_(False)
-    seeds = run_seeds(config.seed, config.runs) + run_seeds(config.seed, config.selection_runs, selection=True)
-    results = empty_results(config) if results is None else results
-    if ranks.world > 1:
-        mine = list(range(ranks.rank, len(seeds), ranks.world))
-        shared = meta_test_runs(config, sampler, model, seeds, mine, progress, features)
-        return sum_runs_over_processes(results, shared, mine, config.device)
-    return meta_test_runs(config, sampler, model, seeds, range(len(seeds)), progress, features, results)

@@ -30,12 +30,16 @@ it, before any training; with the same --seed it is where this script and train_
 import argparse
 from pathlib import Path
 
-import numpy as np
-import torch
+from harness.cli import quiet_start
+
+if __name__ == "__main__":
+    quiet_start()  # a Ctrl-C or SIGTERM while torch loads: one line, exit 130
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
 import torch.nn.functional as F
 
 import anml
-from harness import run_loop
 from harness.checkpoints import cpu_state_dict, save_atomic
 from harness.cli import (add_run_args, add_session_args, add_size_args, build_config, non_negative_int, positive_float, positive_int,
                  report_end, run_cli)
@@ -43,6 +47,7 @@ from harness.config import CONV_INITS, SCHEDULES, PretrainConfig
 from datasets import OmniSampler
 from model import adapted_in_the_inner_loop, kaiming_convs, open_gate, reset_last_layer, seeded_network
 from harness.runtime import resolve_device, set_threads
+from harness.training_run import TrainingRuns, progress_line, threads_note
 
 
 def parse_args(argv=None):
@@ -148,74 +153,76 @@ def asb_episode(model, opt, episode, seq_lr, zap=False):
 
 
 def pretrain(config, sampler=None, quiet=False):
-    """Train for config.epochs (config.episodes with --schedule asb) in the run loop that
-    train_omni.py uses (run_loop.run, which gives the return value: [the model], why it stopped
-    early or None, [the last checkpoint's path])."""
+    """Train for config.epochs (config.episodes with --schedule asb), kept safe as train_omni.py keeps
+    its runs (`TrainingRuns`). Returns ([the model], why it stopped early or None, [the last
+    checkpoint's path])."""
     if config.schedule == "asb":
         return pretrain_asb(config, sampler, quiet)
     per_epoch = config.steps_per_epoch
-
-    def build():  # once the run's files are locked and its start is checked
+    with TrainingRuns([config], quiet) as run:  # its folder locked, its start checked
         print(f"pretraining {config.name} for {config.epochs} epochs of batch {config.batch_size} on {config.device} "
               f"(lr {config.lr:g}, seed {config.seed}{', lobotomize' if config.lobotomize else ''}"
               f"{', zapping every epoch' if config.zap else ''}{network_note(config)}"
-              f"{run_loop.threads_note(config.device)}) -> {config.out_dir}/", flush=True)
+              f"{threads_note(config.device)}) -> {config.out_dir}/", flush=True)
         data = sampler or OmniSampler(config.data_root, download=config.download, seed=config.seed)
         model = initial_model(config).to(config.device)
         opt = torch.optim.Adam(model.parameters(), lr=config.lr)
         images, labels = background_set(data)
         if len(images) != config.images_per_epoch:
             raise ValueError(f"the background set has {len(images)} images, not {config.images_per_epoch}")
-        orders = {}
-
-        def step(i):
+        run.restore([model], [opt], [data], config.total_steps, milestone=lambda i: epoch_end(i, per_epoch),
+                    report=lambda i, losses, accuracies, seconds: epoch_line(i, per_epoch, losses, accuracies, seconds),
+                    header="epoch: loss | accuracy (seconds)", unit="step")
+        order = None
+        for i in run.iterations():
             epoch, j = divmod(i, per_epoch)
-            if config.zap and j == 0 and epoch > 0:
-                reset_last_layer(model)  # zapping: the whole last layer afresh every epoch
-            if epoch not in orders:
-                orders.clear()
-                orders[epoch] = epoch_order(config.seed, epoch, len(images))
-            batch = orders[epoch][j * config.batch_size:(j + 1) * config.batch_size]
+            if j == 0 or order is None:
+                order = epoch_order(config.seed, epoch, len(images))
+                if config.zap and j == 0 and epoch > 0:
+                    reset_last_layer(model)  # zapping: the whole last layer afresh every epoch
+            batch = order[j * config.batch_size:(j + 1) * config.batch_size]
             x, y = images[batch].to(config.device), labels[batch].to(config.device)
-            return tuple([value] for value in train_step(model, opt, x, y, config.lobotomize))
-        return run_loop.Steps([model], [opt], [data], config.total_steps, lambda: step, milestone, report,
-                              "epoch: loss | accuracy (seconds)", unit="step")
+            loss, acc = train_step(model, opt, x, y, config.lobotomize)
+            run.log(i, [loss], [acc])
+            run.save(i)
+    return run.outcome()
 
-    def milestone(i):
-        return i // per_epoch if i % per_epoch == per_epoch - 1 else None
 
-    def report(i, losses, accuracies, seconds):
-        if i % per_epoch == per_epoch - 1:
-            return (f"epoch {i // per_epoch}: loss {float(losses[0]):.3f} | accuracy {float(accuracies[0]):.3f} "
-                    f"({seconds:.1f}s)")
-        return None
+def epoch_end(i, per_epoch):
+    """The epoch whose checkpoint is written after step `i` (its last step), or None."""
+    return i // per_epoch if i % per_epoch == per_epoch - 1 else None
 
-    return run_loop.run([config], build, quiet)
+
+def epoch_line(i, per_epoch, losses, accuracies, seconds):
+    """`epoch E: loss | accuracy (seconds)` after an epoch's last step, else None."""
+    if i % per_epoch == per_epoch - 1:
+        return f"epoch {i // per_epoch}: loss {float(losses[0]):.3f} | accuracy {float(accuracies[0]):.3f} ({seconds:.1f}s)"
+    return None
 
 
 def pretrain_asb(config, sampler=None, quiet=False):
     """`pretrain` with --schedule asb: config.episodes episodes of `asb_episode`."""
-    def build():  # once the run's files are locked and its start is checked
+    with TrainingRuns([config], quiet) as run:  # its folder locked, its start checked
         print(f"pretraining {config.name} by alternating sequential and batch learning for {config.episodes} "
               f"episodes on {config.device} (sequential SGD {config.seq_lr:g}, batch Adam {config.lr:g}, seed "
               f"{config.seed}{', zapping' if config.zap else ''}{network_note(config)}"
-              f"{run_loop.threads_note(config.device)}) -> {config.out_dir}/", flush=True)
+              f"{threads_note(config.device)}) -> {config.out_dir}/", flush=True)
         data = sampler or OmniSampler(config.data_root, download=config.download)
         data.rng = np.random.default_rng(config.seed)  # the run's seed draws its episodes (a resume restores them)
         model = initial_model(config).to(config.device)
         opt = torch.optim.Adam(model.parameters(), lr=config.lr)
+        run.restore([model], [opt], [data], config.episodes, report=every_hundredth,
+                    header="episode: batch loss | batch accuracy (seconds)", unit="episode")
+        for i in run.iterations():
+            loss, acc = asb_episode(model, opt, data.sample_train(device=config.device), config.seq_lr, config.zap)
+            run.log(i, [loss], [acc])
+            run.save(i)
+    return run.outcome()
 
-        def step(i):
-            episode = data.sample_train(device=config.device)
-            return tuple([value] for value in asb_episode(model, opt, episode, config.seq_lr, config.zap))
-        return run_loop.Steps([model], [opt], [data], config.episodes, lambda: step,
-                              run_loop.milestones(config.episodes), report,
-                              "episode: batch loss | batch accuracy (seconds)", unit="episode")
 
-    def report(i, losses, accuracies, seconds):
-        return run_loop.progress_line(i, losses, accuracies, seconds) if i % 100 == 0 else None
-
-    return run_loop.run([config], build, quiet)
+def every_hundredth(i, losses, accuracies, seconds):
+    """ASB's progress line, every 100 episodes."""
+    return progress_line(i, losses, accuracies, seconds) if i % 100 == 0 else None
 
 
 def main(argv=None):

@@ -58,7 +58,9 @@ def find_resumable(resume, out_dir, name, kind="ANML"):
         return Path(resume)
     found = newest_resumable(out_dir, name, kind)
     if found is None:
-        raise ValueError(f"--resume latest: no {name}_{kind}-*_resume.pt in {out_dir}")
+        raise ValueError(f"--resume latest: no {name}_{kind}-*_resume.pt in {out_dir} (a run stopped before its "
+                         f"first resumable checkpoint, or none ran there): run the same command without --resume "
+                         f"to start it")
     return found
 
 
@@ -67,7 +69,10 @@ def save_atomic(obj, path):
 
     Saved through a file object, so the archive's folder name is torch's fixed "archive", not the
     temporary file's name: the same content gives the same bytes. Any failure of the writer (torch
-    raises RuntimeError on a full disk) becomes a WriteError; an older file at `path` is untouched."""
+    raises RuntimeError on a full disk) becomes a WriteError; an older file at `path` is untouched.
+    Each tensor is saved with its own storage (`own_storage`), never the whole stack it is a view of."""
+    obj = own_storage(obj)
+
     def write(tmp):
         with open(tmp, "wb") as f:
             torch.save(obj, f)
@@ -77,6 +82,20 @@ def save_atomic(obj, path):
         write_atomic(path, write)
     except Exception as e:
         raise WriteError(f"could not write {path}: {one_line(e)}") from e
+
+
+def own_storage(obj):
+    """`obj` (nested dicts, lists and tuples of tensors) with every tensor that views a larger storage
+    (a model of a stack trained together, `fastpath/batched.py`) copied into a storage of its own:
+    torch.save writes whole storages, so a view would carry the other models' weights into the file."""
+    if torch.is_tensor(obj):
+        whole = obj.untyped_storage().nbytes() == obj.numel() * obj.element_size()
+        return obj if whole and obj.storage_offset() == 0 and obj.is_contiguous() else obj.contiguous().clone()
+    if isinstance(obj, dict):
+        return {k: own_storage(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(own_storage(v) for v in obj)
+    return obj
 
 
 def cpu_state_dict(model):

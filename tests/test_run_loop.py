@@ -18,7 +18,7 @@ from harness.atomic import WriteError
 from harness.checkpoints import Diverged, checkpoint_path, newest_resumable, read_training_state, save_atomic
 from harness.config import MetaTrainConfig, PretrainConfig
 from conftest import TINY, same_weights, weights
-from harness.run_loop import TrainingLog, log_row_iteration
+from harness.training_log import TrainingLog, log_row_iteration
 
 NAME = "4_3_36"
 KINDS = ["ANML", "pretrain", "asb"]
@@ -187,12 +187,12 @@ def test_resume_refuses_other_settings_but_not_more_epochs(kind, sampler, tmp_pa
     if kind == "ANML":
         with pytest.raises(ValueError, match=r"--backend auto, not --backend higher"):
             run_tiny(kind, sampler, tmp_path, 2, backend="higher", resume="latest")
-        with pytest.raises(ValueError, match=r"was trained with no --first-order, not --first-order"):
+        with pytest.raises(ValueError, match=r"was trained with --first-order off, not --first-order"):
             run_tiny(kind, sampler, tmp_path, 2, first_order=True, resume="latest")
     elif kind == "asb":
-        with pytest.raises(ValueError, match=r"was trained with --zap --seq-lr 0.1, not no --zap --seq-lr 0.2"):
+        with pytest.raises(ValueError, match=r"was trained with --zap --seq-lr 0.1, not --zap off --seq-lr 0.2"):
             run_tiny(kind, sampler, tmp_path, 2, zap=False, seq_lr=0.2, resume="latest")
-        with pytest.raises(ValueError, match=r"was trained with no --open-gate, not --open-gate"):
+        with pytest.raises(ValueError, match=r"was trained with --open-gate off, not --open-gate"):
             run_tiny(kind, sampler, tmp_path, 2, open_gate=True, resume="latest")
         with pytest.raises(ValueError, match=r"was trained with --conv-init torch, not --conv-init kaiming"):
             run_tiny(kind, sampler, tmp_path, 2, conv_init="kaiming", resume="latest")
@@ -200,7 +200,7 @@ def test_resume_refuses_other_settings_but_not_more_epochs(kind, sampler, tmp_pa
         with pytest.raises(ValueError, match=r"was trained with --batch-size 400, not --batch-size 200"):
             pretrain_omni.pretrain(PretrainConfig(**TINY, epochs=2, batch_size=200, out_dir=str(tmp_path),
                                                   resume="latest"), FewClasses(sampler), quiet=True)
-        with pytest.raises(ValueError, match=r"was trained with no --lobotomize, not --lobotomize"):
+        with pytest.raises(ValueError, match=r"was trained with --lobotomize off, not --lobotomize"):
             run_tiny(kind, sampler, tmp_path, 2, lobotomize=True, resume="latest")
     before = resumables(tmp_path)
     run_tiny(kind, sampler, tmp_path, 2, resume="latest")  # more epochs: allowed
@@ -236,7 +236,7 @@ def test_a_setting_the_checkpoint_does_not_record_is_its_default(sampler, tmp_pa
     state = torch.load(path, weights_only=True)
     del state["config"]["open_gate"]
     torch.save(state, path)
-    with pytest.raises(ValueError, match=r"was trained with no --open-gate, not --open-gate"):
+    with pytest.raises(ValueError, match=r"was trained with --open-gate off, not --open-gate"):
         run_tiny("asb", sampler, tmp_path / "split", 2, open_gate=True, resume="latest")
     run_tiny("asb", sampler, tmp_path / "split", 2, resume="latest")
 
@@ -365,10 +365,10 @@ def test_checkpoint_bytes_depend_only_on_the_weights(tmp_path):
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_resumable_checkpoints_are_also_saved_on_a_clock(kind, sampler, tmp_path, monkeypatch):
-    from harness import run_loop
+    from harness import training_run
     saved = []
-    real = run_loop.save_training_state
-    monkeypatch.setattr(run_loop, "save_training_state", lambda out_dir, name, it, *a, **k: (
+    real = training_run.save_training_state
+    monkeypatch.setattr(training_run, "save_training_state", lambda out_dir, name, it, *a, **k: (
         saved.append(it), real(out_dir, name, it, *a, **k))[1])
     stepwise = kind in STEPWISE
     steps = 4 if stepwise else 1
@@ -386,10 +386,22 @@ def test_a_diverging_run_stops_before_saving_nan(kind, sampler, tmp_path):
     steps = 30 if kind == "ANML" else 3
     with pytest.raises(Diverged, match=r"training diverged.*last good resumable checkpoint is|no resumable"):
         run_tiny(kind, sampler, tmp_path, steps, outer_lr=1e9 if kind == "ANML" else 1e30)
-    for path in list(tmp_path.glob("*.pth")) + list(tmp_path.glob("*_resume.pt")):
+    for path in list(tmp_path.glob("**/*.pth")) + list(tmp_path.glob("**/*_resume.pt")):
         assert all(torch.isfinite(v).all() for v in weights(path).values()), path
-    assert "nan" in (tmp_path / LOG[kind]).read_text()
-    assert not list(tmp_path.glob(f"{NAME}_{kind}-{steps - 1}.pth"))
+    kept = tmp_path / LOG[kind] if newest_resumable(tmp_path, NAME, kind) else tmp_path / "diverged" / LOG[kind]
+    assert "nan" in kept.read_text()
+    assert not list(tmp_path.glob(f"**/{NAME}_{kind}-{steps - 1}.pth"))
+
+
+def test_a_run_that_diverges_before_its_first_resumable_checkpoint_leaves_its_folder_free(sampler, tmp_path):
+    """ASB's sequential steps at --seq-lr 1e30 diverge in the first episode: the log that shows it is
+    moved to diverged/, and the same command with a sane rate then starts in that folder."""
+    with pytest.raises(Diverged, match=r"no resumable checkpoint was written; its files are in .*diverged/"):
+        run_tiny("asb", sampler, tmp_path, 2, seq_lr=1e30)
+    assert "nan" in (tmp_path / "diverged" / LOG["asb"]).read_text()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["diverged"]
+    _, stopped, [last] = run_tiny("asb", sampler, tmp_path, 2)
+    assert stopped is None and last.is_file()
 
 
 def test_runs_trained_together_stop_together_when_one_diverges(sampler, tmp_path):
@@ -491,23 +503,23 @@ def test_runs_stopped_between_their_saves_continue_together_exactly(sampler, tmp
     """--seeds 1 2 stopped (a kill) after seed 1 saved iteration 1 and before seed 2 did: each keeps
     its iteration-0 checkpoint until both have the new one, so --resume latest continues both from
     iteration 0 and they end as two uninterrupted runs."""
-    from harness import run_loop
+    from harness import training_run
     config = lambda out, **kw: MetaTrainConfig(**TINY, epochs=3, seeds=(1, 2), out_dir=str(out), save_minutes=1e-9,
                                                **kw)
     sampler.rng = np.random.default_rng(0)
     anml.train(config(tmp_path / "straight"), sampler, quiet=True)
-    real = run_loop.save_training_state
+    real = training_run.save_training_state
 
     def killed(out_dir, name, it, *args, **kwargs):
         if it == 1 and str(out_dir).endswith("seed2"):
             raise SystemExit("killed")  # as a kill -9 there would: nothing after it runs
         return real(out_dir, name, it, *args, **kwargs)
-    monkeypatch.setattr(run_loop, "save_training_state", killed)
+    monkeypatch.setattr(training_run, "save_training_state", killed)
     with pytest.raises(SystemExit):
         anml.train(config(tmp_path / "split"), sampler, quiet=True)
     assert resumables(tmp_path / "split" / "seed1") == [f"{NAME}_ANML-0_resume.pt", f"{NAME}_ANML-1_resume.pt"]
     assert resumables(tmp_path / "split" / "seed2") == [f"{NAME}_ANML-0_resume.pt"]
-    monkeypatch.setattr(run_loop, "save_training_state", real)
+    monkeypatch.setattr(training_run, "save_training_state", real)
     _, stopped, lasts = anml.train(config(tmp_path / "split", resume="latest"), sampler, quiet=True)
     assert stopped is None
     for seed, last in zip((1, 2), lasts):
@@ -516,24 +528,96 @@ def test_runs_stopped_between_their_saves_continue_together_exactly(sampler, tmp
         assert log[:, 0].tolist() == [0, 1, 2]
 
 
-def test_runs_stopped_in_their_first_save_start_again_together(sampler, tmp_path, monkeypatch, capsys):
-    """--seeds 1 2 stopped after seed 1 wrote its first resumable checkpoint and before seed 2 did: no
-    iteration can be continued by both, so --resume latest sets seed 1's files aside (moved, not
-    deleted), starts both again, and they end as two uninterrupted runs."""
-    from harness import run_loop
-    config = lambda out, **kw: MetaTrainConfig(**TINY, epochs=2, seeds=(1, 2), out_dir=str(out), **kw)
-    anml.train(config(tmp_path / "straight"), sampler, quiet=True)
-    real = run_loop.save_training_state
+def test_checkpoints_of_runs_trained_together_hold_only_their_own_model(sampler, tmp_path):
+    """--seeds 1 2: each model is a view of one stack; its files hold its own tensors only, as large as a
+    run's alone, and their bytes depend on their content alone (saved again, the same bytes)."""
+    anml.train(MetaTrainConfig(**TINY, epochs=2, seeds=(1, 2), out_dir=str(tmp_path / "two")), sampler, quiet=True)
+    run_tiny("ANML", sampler, tmp_path / "one", 2)
+    files = sorted((tmp_path / "two" / "seed2").glob(f"{NAME}_ANML-*"))
+    assert [p.name for p in files] == [f"{NAME}_ANML-0.pth", f"{NAME}_ANML-1.pth", f"{NAME}_ANML-1_resume.pt"]
+    for path in files:
+        content = torch.load(path, weights_only=True)
+        for tensor in tensors_in(content):
+            assert tensor.untyped_storage().nbytes() == tensor.numel() * tensor.element_size(), path.name
+        if path.suffix == ".pth":
+            assert path.stat().st_size == (tmp_path / "one" / path.name).stat().st_size, path.name
+            again = io.BytesIO()
+            torch.save(content, again)
+            assert again.getvalue() == path.read_bytes(), path.name
+
+
+def tensors_in(obj):
+    """Every tensor in nested dicts, lists and tuples."""
+    if torch.is_tensor(obj):
+        return [obj]
+    values = obj.values() if isinstance(obj, dict) else obj if isinstance(obj, (list, tuple)) else []
+    return [t for v in values for t in tensors_in(v)]
+
+
+@pytest.mark.parametrize("spelling", ["relative", "moved"])
+def test_runs_stopped_in_their_first_save_continue_whatever_their_folder_is_called(spelling, sampler, tmp_path,
+                                                                                     monkeypatch):
+    """--seeds 1 2 --out-dir ../w/s5 killed between the seeds' first saves, then continued with the folder
+    spelled another way (or after moving it): both --resume latest and the plain command start again."""
+    from harness import training_run
+    real = training_run.save_training_state
 
     def killed(out_dir, name, it, *args, **kwargs):
         if str(out_dir).endswith("seed2"):
             raise SystemExit("killed")
         return real(out_dir, name, it, *args, **kwargs)
-    monkeypatch.setattr(run_loop, "save_training_state", killed)
+    (tmp_path / "w").mkdir()
+    monkeypatch.chdir(tmp_path / "w")
+    typed = os.path.join("..", "w", "s5")
+    config = lambda out, **kw: MetaTrainConfig(**TINY, epochs=2, seeds=(1, 2), out_dir=str(out), **kw)
+    monkeypatch.setattr(training_run, "save_training_state", killed)
+    with pytest.raises(SystemExit):
+        anml.train(config(typed), sampler, quiet=True)
+    monkeypatch.setattr(training_run, "save_training_state", real)
+    folder = tmp_path / "w" / "s5"
+    if spelling == "moved":
+        folder = folder.rename(tmp_path / "elsewhere")
+    for resume in ("latest", None):
+        _, stopped, lasts = anml.train(config(folder, resume=resume), sampler, quiet=True)
+        assert stopped is None and all(last.is_file() for last in lasts)
+
+
+def test_the_advice_after_a_failed_first_save_is_the_command_that_works(sampler, tmp_path, monkeypatch):
+    """A full disk at the first resumable checkpoint: no resumable checkpoint exists, so the advice is
+    the same command without --resume, which then works (--resume latest says the same)."""
+    from harness import training_run
+
+    def full(*args, **kwargs):
+        raise WriteError("could not write the checkpoint: No space left on device")
+    monkeypatch.setattr(training_run, "save_training_state", full)
+    with pytest.raises(WriteError, match="run the same command again, without --resume") as failed:
+        run_tiny("ANML", sampler, tmp_path, 2)
+    assert "--resume latest" not in str(failed.value)
+    monkeypatch.setattr(training_run, "save_training_state", checkpoints.save_training_state)
+    with pytest.raises(ValueError, match="run the same command without --resume"):
+        run_tiny("ANML", sampler, tmp_path, 2, resume="latest")
+    _, stopped, [last] = run_tiny("ANML", sampler, tmp_path, 2)
+    assert stopped is None and last.is_file()
+
+
+def test_runs_stopped_in_their_first_save_start_again_together(sampler, tmp_path, monkeypatch, capsys):
+    """--seeds 1 2 stopped after seed 1 wrote its first resumable checkpoint and before seed 2 did: no
+    iteration can be continued by both, so --resume latest sets seed 1's files aside (moved, not
+    deleted), starts both again, and they end as two uninterrupted runs."""
+    from harness import training_run
+    config = lambda out, **kw: MetaTrainConfig(**TINY, epochs=2, seeds=(1, 2), out_dir=str(out), **kw)
+    anml.train(config(tmp_path / "straight"), sampler, quiet=True)
+    real = training_run.save_training_state
+
+    def killed(out_dir, name, it, *args, **kwargs):
+        if str(out_dir).endswith("seed2"):
+            raise SystemExit("killed")
+        return real(out_dir, name, it, *args, **kwargs)
+    monkeypatch.setattr(training_run, "save_training_state", killed)
     with pytest.raises(SystemExit):
         anml.train(config(tmp_path / "split"), sampler, quiet=True)
     assert resumables(tmp_path / "split" / "seed1") and not resumables(tmp_path / "split" / "seed2")
-    monkeypatch.setattr(run_loop, "save_training_state", real)
+    monkeypatch.setattr(training_run, "save_training_state", real)
     _, stopped, lasts = anml.train(config(tmp_path / "split", resume="latest"), sampler, quiet=True)
     assert stopped is None and "so they start again" in capsys.readouterr().err
     assert (tmp_path / "split" / "seed1" / "interrupted_first_save" / f"{NAME}_ANML-0_resume.pt").is_file()
