@@ -147,7 +147,7 @@ def train_one(config, sampler=None, quiet=False, restarted=False):
     """One model, one task an iteration: the paper's algorithm, on any backend."""
     with TrainingRuns([config], quiet, restarted=restarted) as run:  # its folder locked, its start checked
         backend = config.resolved_backend
-        print(f"meta-training {config.KIND} {config.name} for {config.epochs} its on {config.device} (backend "
+        print(f"meta-training {config.kind} {config.name} for {config.epochs} its on {config.device} (backend "
               f"{config.backend}, seed {config.seed}{', first-order' if config.first_order else ''}"
               f"{threads_note(config.device)}) -> {config.out_dir}/", flush=True)
         oml = config.arch == "oml"

@@ -202,12 +202,12 @@ class MetaTrainConfig(RunSettings):
     outer_lrs: tuple | None = None  # several outer rates, one model each (with each seed and inner rate)
     meta_batch: int = 1  # tasks per iteration, the mean of their meta-gradients (1: the paper's)
 
-    LOG = "train_log"
-    UNIT = "iteration"
-    LENGTH_FLAG = "--epochs"
+    log_name = "train_log"
+    unit = "iteration"
+    length_flag = "--epochs"
     RUN_KEYS = ("arch", "rln", "nm", "mask", "inner_lr", "outer_lr", "seed", "backend", "first_order", "meta_batch",
                 "epochs")
-    DIVERGED_ADVICE = "a smaller --outer-lr is a new run: another --out-dir"
+    diverged_rates = "--outer-lr"  # what to lower when the loss diverged
 
     def unused_settings(self):
         return ("nm", "mask") if self.arch == "oml" else ()  # OML has no NM
@@ -241,7 +241,7 @@ class MetaTrainConfig(RunSettings):
                               "or --meta-batch")
 
     @property
-    def KIND(self):
+    def kind(self):
         """In checkpoint names: {name}_ANML-{iteration}.pth, or {channels}_OML-{iteration}.pth."""
         return "OML" if self.arch == "oml" else "ANML"
 
@@ -321,11 +321,10 @@ class PretrainConfig(RunSettings):
         return ("batch_size", "lobotomize", "epochs") if self.schedule == "asb" else ("episodes", "seq_lr")
 
     @property
-    def DIVERGED_ADVICE(self):
-        """What to change when the loss diverged: the rates this schedule trains with (asb: its
+    def diverged_rates(self):
+        """What to lower when the loss diverged: the rates this schedule trains with (asb: its
         sequential SGD steps' and its batch Adam step's; iid: Adam's)."""
-        rates = "--seq-lr or --lr" if self.schedule == "asb" else "--lr"
-        return f"a smaller {rates} is a new run: another --out-dir"
+        return "--seq-lr or --lr" if self.schedule == "asb" else "--lr"
 
     def __post_init__(self):
         self.check_run()
@@ -340,20 +339,20 @@ class PretrainConfig(RunSettings):
                               "with --zap")
 
     @property
-    def KIND(self):
+    def kind(self):
         """In file names: {name}_pretrain-{epoch}.pth (iid), {name}_asb-{episode}.pth (asb)."""
         return "asb" if self.schedule == "asb" else "pretrain"
 
     @property
-    def LOG(self):
-        return f"{self.KIND}_log"
+    def log_name(self):
+        return f"{self.kind}_log"
 
     @property
-    def UNIT(self):
+    def unit(self):
         return "episode" if self.schedule == "asb" else "step"
 
     @property
-    def LENGTH_FLAG(self):
+    def length_flag(self):
         return "--episodes" if self.schedule == "asb" else "--epochs"
 
     @property

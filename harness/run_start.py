@@ -26,7 +26,7 @@ def remove_stillborn_run(config, who, quiet=False):
     """Remove what a run wrote before its first resumable checkpoint (its log, an early checkpoint):
     nothing there can be continued, and left there it would block every later start in its folder.
     Returns the files removed (with a notice, unless `quiet`)."""
-    if newest_resumable(config.out_dir, config.name, config.KIND) is not None:
+    if newest_resumable(config.out_dir, config.name, config.kind) is not None:
         return []
     files = run_files(config)
     for path in files:
@@ -45,7 +45,7 @@ def set_aside_interrupted_first_save(configs):
     Returns whether it set any aside."""
     if len(configs) < 2:
         return False
-    found = [checkpoints_in(c.out_dir, c.name, resumable=True, kind=c.KIND) for c in configs]
+    found = [checkpoints_in(c.out_dir, c.name, resumable=True, kind=c.kind) for c in configs]
     if all(found) or not any(found):
         return False
     group, typed = sorted(group_members(configs)), sorted(str(c.out_dir) for c in configs)
@@ -53,7 +53,7 @@ def set_aside_interrupted_first_save(configs):
         if len(resumables) > 1:
             return False
         if resumables:
-            stored = read_training_state(next(iter(resumables.values())), c.KIND).get("config") or {}
+            stored = read_training_state(next(iter(resumables.values())), c.kind).get("config") or {}
             if sorted(stored.get("trained_with") or []) not in (group, typed):  # typed: as older runs recorded it
                 return False
     for c, resumables in zip(configs, found):
@@ -68,7 +68,7 @@ def set_aside_stillborn_run(config, folder_name, check=True):
     """Move the run's files into `{out_dir}/{folder_name}/` (kept for the user to read, and no longer
     blocking a new start there); returns that folder, or None where there was nothing to move or
     (`check`) the run has a resumable checkpoint, which a resume continues."""
-    if check and newest_resumable(config.out_dir, config.name, config.KIND) is not None:
+    if check and newest_resumable(config.out_dir, config.name, config.kind) is not None:
         return None
     files = run_files(config)
     if not files:
@@ -99,7 +99,7 @@ def aligned_starts(configs, starts):
     aligned = []
     for c, (state, path) in zip(configs, starts):
         if state["iteration"] != target:
-            earlier = checkpoints_in(c.out_dir, c.name, resumable=True, kind=c.KIND).get(target)
+            earlier = checkpoints_in(c.out_dir, c.name, resumable=True, kind=c.kind).get(target)
             if earlier is not None:
                 state, path = starting_state(replace(c, resume=str(earlier)))
         aligned.append((state, path))
@@ -127,21 +127,21 @@ def starting_state(config, check_fresh=True, restarted=False):
     or (None, None) for a new run (which must not overwrite another run's files, if `check_fresh`).
     A `restarted` process continues from the newest resumable checkpoint, if there is one."""
     resume = config.resume
-    if resume is None and restarted and newest_resumable(config.out_dir, config.name, config.KIND) is not None:
+    if resume is None and restarted and newest_resumable(config.out_dir, config.name, config.kind) is not None:
         resume = "latest"
     if resume is None:
         if check_fresh:
             check_fresh_start(config)
         return None, None
-    path = find_resumable(resume, config.out_dir, config.name, config.KIND)
-    state = read_training_state(path, config.KIND)
+    path = find_resumable(resume, config.out_dir, config.name, config.kind)
+    state = read_training_state(path, config.kind)
     check_finite(state["model"], path)
     check_settings(state.get("config"), config, path)
     done, total = state["iteration"] + 1, config.total_steps
     if done > total:
-        unit = config.UNIT
-        steps = "" if config.UNIT in ("iteration", "episode") else f" ({total} {unit}s)"
-        flag = config.LENGTH_FLAG
+        unit = config.unit
+        steps = "" if config.unit in ("iteration", "episode") else f" ({total} {unit}s)"
+        flag = config.length_flag
         raise ValueError(f"{path} has already trained {done} {unit}s, more than {flag} {config.length}{steps}: "
                          f"nothing to train (give {flag} {config.epochs_for(done)} or more to continue it)")
     return state, path
@@ -150,10 +150,10 @@ def starting_state(config, check_fresh=True, restarted=False):
 def run_files(config):
     """The files of `config`'s kind of run and network in its out_dir: checkpoints, resumable
     checkpoints and the log, whichever run wrote them."""
-    out_dir, name, kind = config.out_dir, config.name, config.KIND
+    out_dir, name, kind = config.out_dir, config.name, config.kind
     files = [*checkpoints_in(out_dir, name, kind=kind).values(),
              *checkpoints_in(out_dir, name, resumable=True, kind=kind).values()]
-    log = Path(out_dir) / f"{name}_{config.LOG}.csv"
+    log = Path(out_dir) / f"{name}_{config.log_name}.csv"
     return files + ([log] if log.is_file() else [])
 
 
@@ -161,15 +161,15 @@ def check_fresh_start(config):
     """A run started without --resume must not overwrite or mix with another run's files in its
     out_dir: it may only repeat a finished run with the very same settings (the same files)."""
     out_dir, name = config.out_dir, config.name
-    path = newest_resumable(out_dir, name, config.KIND)
+    path = newest_resumable(out_dir, name, config.kind)
     if path is None:
         files = run_files(config)
         if files:
             shown = ", ".join(p.name for p in files[:3]) + (", ..." if len(files) > 3 else "")
-            raise ValueError(f"{out_dir} already holds files of another {config.KIND} run of {name} ({shown}): a new "
+            raise ValueError(f"{out_dir} already holds files of another {config.kind} run of {name} ({shown}): a new "
                              f"run there would overwrite or mix with them; start it in another --out-dir")
         return
-    state = read_training_state(path, config.KIND)
+    state = read_training_state(path, config.kind)
     stored, last = state.get("config"), state["iteration"]
     if same_settings(stored, config) and last + 1 >= config.total_steps:
         notice(f"{out_dir} holds a finished run of {name} with the same settings: running it again, "
@@ -177,7 +177,7 @@ def check_fresh_start(config):
         return
     shown = f" ({format_settings(stored, [k for k in config.run_settings() if k in stored])})" \
         if isinstance(stored, dict) else ""
-    raise ValueError(f"{out_dir} already holds a run of {name}{shown}, resumable after {config.UNIT} {last}: "
+    raise ValueError(f"{out_dir} already holds a run of {name}{shown}, resumable after {config.unit} {last}: "
                      f"continue it with --resume latest, or start a new run in another --out-dir")
 
 
@@ -214,13 +214,13 @@ def check_settings(stored, config, path):
 def how_to_continue(configs):
     """The command that continues the runs from where they are now: --resume latest where each has a
     resumable checkpoint, else the same command again (a run stopped before its first one restarts)."""
-    if all(newest_resumable(c.out_dir, c.name, c.KIND) is not None for c in configs):
+    if all(newest_resumable(c.out_dir, c.name, c.kind) is not None for c in configs):
         return "continue with the same command and --resume latest"
     return "run the same command again, without --resume (no resumable checkpoint was written, so the run starts again)"
 
 
 def last_good(configs):
-    paths = [newest_resumable(c.out_dir, c.name, c.KIND) for c in configs]
+    paths = [newest_resumable(c.out_dir, c.name, c.kind) for c in configs]
     if all(p is None for p in paths):
         return "no resumable checkpoint was written"
     shown = ", ".join(str(p) for p in paths if p is not None)

@@ -75,7 +75,7 @@ class TrainingRuns:
 
     def __init__(self, configs, quiet=False, writer=True, restarted=False):
         self.configs, self.quiet, self.writer, self.restarted = list(configs), quiet, writer, restarted
-        self.kind = self.configs[0].KIND
+        self.kind = self.configs[0].kind
         self.stopped, self.models = None, []
 
     # ------------------------------------------------------------------------- the start
@@ -88,7 +88,7 @@ class TrainingRuns:
         try:
             for c in configs if writer else ():
                 check_out_dir(Path(c.out_dir))
-                lock = self.locks.enter_context(RunLock(c.out_dir, c.name, c.KIND))
+                lock = self.locks.enter_context(RunLock(c.out_dir, c.name, c.kind))
                 clean_out_dir(Path(c.out_dir))
                 if lock.stale_pid is not None:
                     remove_stillborn_run(c, f"pid {lock.stale_pid} (it ended)")
@@ -145,7 +145,7 @@ class TrainingRuns:
             return
         for holder, rng in zip(self.holders, self.rngs):
             restore_torch_rng(rng, getattr(holder, "generator", None))
-        self.logs = [TrainingLog(Path(c.out_dir) / f"{c.name}_{c.LOG}.csv", self.first)
+        self.logs = [TrainingLog(Path(c.out_dir) / f"{c.name}_{c.log_name}.csv", self.first)
                      for c in self.configs] if self.writer else []
         start = time.perf_counter()
         self.clock = lambda: time.perf_counter() - start
@@ -221,8 +221,10 @@ class TrainingRuns:
         configs = self.configs
         if isinstance(error, Diverged):
             aside = [folder for c in self.fresh if (folder := set_aside_stillborn_run(c, "diverged"))]
-            where = f"; its files are in {', '.join(map(str, aside))}/, which leaves the folder free" if aside else ""
-            raise Diverged(f"{error}; {last_good(configs)}{where} ({configs[0].DIVERGED_ADVICE})") from error
+            rates = configs[0].diverged_rates
+            advice = (f"its files are in {', '.join(map(str, aside))}/: the same command with a smaller {rates} "
+                      f"starts again there" if aside else f"a smaller {rates} is a new run: another --out-dir")
+            raise Diverged(f"{error}; {last_good(configs)}; {advice}") from error
         who, many = "this process, which stopped with an error,", len(self.fresh) > 3
         removed = [c for c in self.fresh if remove_stillborn_run(c, who, quiet=many)]
         if many and removed:

@@ -67,9 +67,9 @@ def test_pretrain_config_counts_steps_in_epochs():
     assert config.epochs_for(38) == 2 and config.epochs_for(39) == 3
     assert set(config.run_settings()) == {"rln", "nm", "mask", "lr", "batch_size", "lobotomize", "seed", "epochs",
                                           "schedule", "zap", "open_gate", "conv_init"}  # not asb's episodes, seq_lr
-    assert (config.KIND, config.UNIT, config.LENGTH_FLAG) == ("pretrain", "step", "--epochs")
+    assert (config.kind, config.unit, config.length_flag) == ("pretrain", "step", "--epochs")
     asb = PretrainConfig(rln=4, nm=3, mask=36, schedule="asb", episodes=30)
-    assert (asb.KIND, asb.LOG, asb.UNIT, asb.total_steps, asb.epochs_for(31)) == ("asb", "asb_log", "episode", 30, 31)
+    assert (asb.kind, asb.log_name, asb.unit, asb.total_steps, asb.epochs_for(31)) == ("asb", "asb_log", "episode", 30, 31)
     with pytest.raises(ConfigError, match="--batch-size"):
         PretrainConfig(batch_size=0)
     with pytest.raises(ConfigError, match="unknown --schedule 'sgd'"):
@@ -82,7 +82,7 @@ def test_pretrain_config_counts_steps_in_epochs():
 
 def test_an_oml_run_is_named_by_its_channels_and_checked_as_oml():
     config = MetaTrainConfig(arch="oml", rln=8, nm=3, mask=35)  # ANML's sizes play no part
-    assert (config.name, config.KIND) == ("8", "OML")
+    assert (config.name, config.kind) == ("8", "OML")
     with pytest.raises(ConfigError, match="makes a network of"):
         MetaTrainConfig(arch="oml", rln=100000)
     with pytest.raises(ConfigError, match="unknown --arch"):
@@ -158,6 +158,6 @@ def test_a_switch_left_off_reads_naturally_in_the_resume_messages():
 
 
 def test_a_diverged_pretraining_names_the_rates_of_its_schedule():
-    assert "a smaller --seq-lr or --lr is a new run" in PretrainConfig(schedule="asb").DIVERGED_ADVICE
-    assert "a smaller --lr is a new run" in PretrainConfig(schedule="iid").DIVERGED_ADVICE
-    assert "--outer-lr" in MetaTrainConfig().DIVERGED_ADVICE
+    assert PretrainConfig(schedule="asb").diverged_rates == "--seq-lr or --lr"
+    assert PretrainConfig(schedule="iid").diverged_rates == "--lr"
+    assert MetaTrainConfig().diverged_rates == "--outer-lr"

@@ -396,7 +396,8 @@ def test_a_diverging_run_stops_before_saving_nan(kind, sampler, tmp_path):
 def test_a_run_that_diverges_before_its_first_resumable_checkpoint_leaves_its_folder_free(sampler, tmp_path):
     """ASB's sequential steps at --seq-lr 1e30 diverge in the first episode: the log that shows it is
     moved to diverged/, and the same command with a sane rate then starts in that folder."""
-    with pytest.raises(Diverged, match=r"no resumable checkpoint was written; its files are in .*diverged/"):
+    with pytest.raises(Diverged, match=r"no resumable checkpoint was written; its files are in .*diverged/: the same "
+                                        r"command with a smaller --seq-lr or --lr starts again there"):
         run_tiny("asb", sampler, tmp_path, 2, seq_lr=1e30)
     assert "nan" in (tmp_path / "diverged" / LOG["asb"]).read_text()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["diverged"]
