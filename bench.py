@@ -27,10 +27,12 @@ import numpy as np
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import anml
+from meta_test import meta_test
 from fastpath.batched import StackedMetaStep, seeded_stack
 from harness.checkpoints import checkpoint_path, save_atomic
 from harness.cli import add_session_args, add_size_args, positive_int, run_cli
-from harness.config import NUM_EVALUATION, ConfigError, EvalConfig, check_sizes, network_name
+from harness.config import EvalConfig
+from protocol import NUM_EVALUATION, ConfigError, check_sizes, network_name
 from datasets import OmniSampler
 from model import ANML
 from harness.runtime import device_name, resolve_device, set_threads
@@ -73,7 +75,7 @@ def time_meta_test(args, fast):
                             device=args.device)
         synchronize(args.device)
         start = time.perf_counter()
-        anml.meta_test(config, sampler, progress=False)
+        meta_test(config, sampler, progress=False)
         synchronize(args.device)
         return time.perf_counter() - start
 

@@ -9,7 +9,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from harness.config import NUM_OUTPUTS, check_sizes
+from protocol import NUM_OUTPUTS, check_sizes
 
 
 class ConvBlock(nn.Module):

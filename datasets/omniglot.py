@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 from harness.atomic import remove_stale_temporaries, write_atomic
 from harness.cli import notice
-from harness.config import IMAGES_PER_CLASS, NUM_BACKGROUND, NUM_EVALUATION
+from protocol import IMAGES_PER_CLASS, NUM_BACKGROUND, NUM_EVALUATION
 
 SPLITS = ("images_background", "images_evaluation")
 NUM_CLASSES = {"images_background": NUM_BACKGROUND, "images_evaluation": NUM_EVALUATION}

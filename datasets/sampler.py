@@ -2,7 +2,7 @@
 import numpy as np
 import torch
 
-from harness.config import IMAGES_PER_CLASS, REMEMBER_SIZE
+from protocol import IMAGES_PER_CLASS, REMEMBER_SIZE
 
 from .omniglot import load_omniglot
 

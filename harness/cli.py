@@ -11,7 +11,8 @@ import sys
 import threading
 from pathlib import Path
 
-from harness.config import ConfigError, field_names, max_threads
+from harness.config import field_names, max_threads
+from protocol import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
 

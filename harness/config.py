@@ -5,12 +5,8 @@ import math
 import os
 from dataclasses import asdict, dataclass, fields, replace
 
-# Omniglot, and the numbers of ANML's protocol.
-NUM_BACKGROUND = 964  # meta-training classes (images_background)
-NUM_EVALUATION = 659  # meta-test classes (images_evaluation)
-IMAGES_PER_CLASS = 20  # drawers per character: a meta-training episode takes one inner step per image
-REMEMBER_SIZE = 64  # remembered background images in each outer loss, beside the episode's 20
-NUM_OUTPUTS = 1000  # the last layer's classes
+from protocol import (IMAGES_PER_CLASS, MAX_PARAMETERS, NUM_BACKGROUND, NUM_EVALUATION, NUM_OUTPUTS, ConfigError,
+                      check_sizes, network_name)
 
 BACKENDS = ("auto", "higher", "func", "graph")  # auto: graph on CUDA, func elsewhere
 # How the meta-test learns: in sequence, shuffled, a closed-form last layer, the nearest class mean.
@@ -19,7 +15,6 @@ DISTANCES = ("euclidean", "cosine")  # ncm's distances to the class means
 SCHEDULES = ("iid", "asb")  # pretraining: i.i.d. minibatches; alternating sequential and batch (Frati et al.)
 CONV_INITS = ("torch", "kaiming")  # pretraining's convolutions: PyTorch's default draw; kaiming_normal_ (Frati et al.)
 ARCHS = ("anml", "oml")  # meta-training: ANML's network, or OML's (oml.py)
-MAX_PARAMETERS = 10**9  # a network above this (4 GB of weights, four times that to train) is a typo
 MAX_SEED = 2**32 - 1
 MAX_EPOCHS_IID = 1000
 
@@ -28,36 +23,6 @@ def max_threads():
     """The most CPU threads a run may ask for: this machine's CPUs (more only wait for a core, and torch
     crashes outright on a count such as 100000)."""
     return os.cpu_count() or 1
-
-
-class ConfigError(ValueError):
-    """A setting that cannot work; the message names the flag."""
-
-
-def check_sizes(rln, nm, mask):
-    """Refuse sizes the architecture cannot build, or cannot hold in memory, saying why."""
-    for name, value in (("rln", rln), ("nm", nm), ("mask", mask)):
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            raise ConfigError(f"--{name} must be a positive integer, got {value!r}")
-    if mask != 9 * rln:
-        raise ConfigError(f"mask size {mask} does not fit: the RLN with {rln} channels gives "
-                          f"9 x {rln} = {9 * rln} features, so --mask must be {9 * rln}")
-    count = parameter_count(rln, nm, mask)
-    if count > MAX_PARAMETERS:
-        raise ConfigError(f"--rln {rln} --nm {nm} makes a network of {count / 1e9:.1f} billion parameters "
-                          f"({4 * count / 2**30:.0f} GiB of weights): at most {MAX_PARAMETERS:,} "
-                          f"(the paper's 256/112/2304 has 6,041,800)")
-
-
-def parameter_count(rln, nm, mask):
-    """Parameters of ANML(rln, nm, mask): two stacks of three conv blocks, the NM's gate layer, fc."""
-    blocks = lambda chs: (9 * chs + chs) + 2 * (9 * chs * chs + chs) + 3 * 2 * chs
-    return blocks(rln) + blocks(nm) + (9 * nm + 1) * mask + (mask + 1) * NUM_OUTPUTS
-
-
-def network_name(rln, nm, mask):
-    """The network's name in every file of a run: `{rln}_{nm}_{mask}`, as higherANML writes it."""
-    return f"{rln}_{nm}_{mask}"
 
 
 def resolve_backend(backend, device):

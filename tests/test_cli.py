@@ -268,7 +268,8 @@ def test_more_threads_than_the_machine_has_cpus_is_one_line(main, no_data, capsy
 
 def test_the_configs_refuse_more_threads_than_cpus_and_take_as_many():
     import os
-    from harness.config import ConfigError, MetaTrainConfig
+    from harness.config import MetaTrainConfig
+    from protocol import ConfigError
     with pytest.raises(ConfigError, match=rf"--threads must be at most {os.cpu_count()} \(this machine's CPUs\)"):
         MetaTrainConfig(threads=100000)
     assert train_omni.parse_args([*TINY_FLAGS, "-d", "cpu", "--threads", str(os.cpu_count())])[0].threads == \

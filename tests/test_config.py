@@ -3,9 +3,9 @@ import dataclasses
 
 import pytest
 
-from harness.config import (ConfigError, EvalConfig, MetaTrainConfig, PretrainConfig, check_sizes, parameter_count,
-                    resolve_backend)
+from harness.config import EvalConfig, MetaTrainConfig, PretrainConfig, resolve_backend
 from model import ANML
+from protocol import ConfigError, check_sizes, parameter_count
 
 
 @pytest.mark.parametrize("sizes", [(4, 3, 36), (8, 4, 72), (256, 112, 2304), (16, 1, 144)])

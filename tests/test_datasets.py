@@ -9,10 +9,10 @@ import pytest
 import torch
 from PIL import Image
 
-from datasets import (NUM_BACKGROUND, NUM_EVALUATION, DataError, OmniSampler, load_omniglot,
-                      resolve_data_root)
+from datasets import DataError, OmniSampler, load_omniglot, resolve_data_root
 from datasets import omniglot
 from datasets.omniglot import find_sources
+from protocol import NUM_BACKGROUND, NUM_EVALUATION
 
 
 def test_arrays(sampler):
