@@ -1,5 +1,7 @@
-"""Omniglot's and ANML's protocol's numbers, the network's size checks and the error a setting raises:
-the bottom of the project, plain Python that imports nothing of it (every other module may read it)."""
+"""The bottom of the project, plain Python that imports nothing of it (every other module may read it):
+Omniglot's and ANML's protocol's numbers, the network's size checks, the checks of a setting's value
+and the error they raise."""
+import math
 
 # Omniglot, and the numbers of ANML's protocol.
 NUM_BACKGROUND = 964  # meta-training classes (images_background)
@@ -7,6 +9,7 @@ NUM_EVALUATION = 659  # meta-test classes (images_evaluation)
 IMAGES_PER_CLASS = 20  # drawers per character: a meta-training episode takes one inner step per image
 REMEMBER_SIZE = 64  # remembered background images in each outer loss, beside the episode's 20
 NUM_OUTPUTS = 1000  # the last layer's classes
+MAX_SEED = 2**32 - 1
 MAX_PARAMETERS = 10**9  # a network above this (4 GB of weights, four times that to train) is a typo
 
 
@@ -38,3 +41,35 @@ def parameter_count(rln, nm, mask):
 def network_name(rln, nm, mask):
     """The network's name in every file of a run: `{rln}_{nm}_{mask}`, as higherANML writes it."""
     return f"{rln}_{nm}_{mask}"
+
+
+# ----------------------------------------------------------------------------- a setting's value
+
+
+def check_positive(flag, value, integer=False):
+    ok = isinstance(value, int) and not isinstance(value, bool) if integer else \
+        isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if not ok or value <= 0:
+        raise ConfigError(f"{flag} must be a {'whole' if integer else 'finite'} number > 0, got {value!r}")
+
+
+def check_choice(flag, value, choices):
+    if value not in choices:
+        raise ConfigError(f"unknown {flag} {value!r}: choose one of {', '.join(choices)}")
+
+
+def check_seed(value, flag="--seed"):
+    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= MAX_SEED:
+        raise ConfigError(f"{flag} must be a whole number in 0..{MAX_SEED}, got {value!r}")
+
+
+def check_device(device):
+    if device not in ("cpu", "cuda"):
+        raise ConfigError(f"-d must be cpu or cuda, got {device!r}")
+
+
+def check_path(flag, value, required=False):
+    if value is None and not required:
+        return
+    if not isinstance(value, str) or not value.strip():
+        raise ConfigError(f"{flag} must name a {'file' if flag in ('--json', '-m') else 'folder'}, got {value!r}")

@@ -6,7 +6,7 @@ import os
 from dataclasses import asdict, dataclass, fields, replace
 
 from protocol import (IMAGES_PER_CLASS, MAX_PARAMETERS, NUM_BACKGROUND, NUM_EVALUATION, NUM_OUTPUTS, ConfigError,
-                      check_sizes, network_name)
+                      check_choice, check_device, check_path, check_positive, check_seed, check_sizes, network_name)
 
 BACKENDS = ("auto", "higher", "func", "graph")  # auto: graph on CUDA, func elsewhere
 # How the meta-test learns: in sequence, shuffled, a closed-form last layer, the nearest class mean.
@@ -15,7 +15,6 @@ DISTANCES = ("euclidean", "cosine")  # ncm's distances to the class means
 SCHEDULES = ("iid", "asb")  # pretraining: i.i.d. minibatches; alternating sequential and batch (Frati et al.)
 CONV_INITS = ("torch", "kaiming")  # pretraining's convolutions: PyTorch's default draw; kaiming_normal_ (Frati et al.)
 ARCHS = ("anml", "oml")  # meta-training: ANML's network, or OML's (oml.py)
-MAX_SEED = 2**32 - 1
 MAX_EPOCHS_IID = 1000
 
 
@@ -59,35 +58,6 @@ def backend_refusal(backend, arch="anml", first_order=False, several=False, devi
         return ("--seeds, several rates and --meta-batch run on the func and graph backends (--backend auto, func), "
                 "not on higher, which trains one model one task at a time")
     return None
-
-
-def check_positive(flag, value, integer=False):
-    ok = isinstance(value, int) and not isinstance(value, bool) if integer else \
-        isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-    if not ok or value <= 0:
-        raise ConfigError(f"{flag} must be a {'whole' if integer else 'finite'} number > 0, got {value!r}")
-
-
-def check_choice(flag, value, choices):
-    if value not in choices:
-        raise ConfigError(f"unknown {flag} {value!r}: choose one of {', '.join(choices)}")
-
-
-def check_seed(value, flag="--seed"):
-    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= MAX_SEED:
-        raise ConfigError(f"{flag} must be a whole number in 0..{MAX_SEED}, got {value!r}")
-
-
-def check_device(device):
-    if device not in ("cpu", "cuda"):
-        raise ConfigError(f"-d must be cpu or cuda, got {device!r}")
-
-
-def check_path(flag, value, required=False):
-    if value is None and not required:
-        return
-    if not isinstance(value, str) or not value.strip():
-        raise ConfigError(f"{flag} must name a {'file' if flag in ('--json', '-m') else 'folder'}, got {value!r}")
 
 
 @dataclass(frozen=True)
