@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 
 import anml
+from meta_test import meta_test
 from harness.checkpoints import load_model, newest_resumable
 from harness.cli import add_session_args, build_config, positive_int, run_cli
 from harness.config import EvalConfig, MetaTrainConfig
@@ -86,7 +87,7 @@ def meta_test_row(model, sampler, features, classes, runs, rates, device):
     or the best of several on as many selection runs."""
     config = EvalConfig(model="in memory", classes=(classes,), lrs=tuple(rates), runs=runs, device=device,
                         selection_runs=runs if len(rates) > 1 else 0)
-    test = anml.meta_test(config, sampler, model, progress=True, features=features)["test"]  # [1, L, R]
+    test = meta_test(config, sampler, model, progress=True, features=features)["test"]  # [1, L, R]
     report, selection = test[..., :runs], (test[..., runs:] if len(rates) > 1 else None)
     chosen, _, _ = choose(report, selection)
     best = 0 if chosen is None else int(chosen[0])

@@ -24,19 +24,24 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-import numpy as np
-import torch
+from harness.cli import quiet_start
 
-import anml
-from harness.atomic import probe_writable, write_atomic
+if __name__ == "__main__":
+    quiet_start()  # a Ctrl-C or SIGTERM while torch loads: one line, exit 130
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from harness.atomic import check_output, remove_stale_temporaries, write_atomic
 from harness.checkpoints import load_model
 from harness.cli import (add_session_args, as_typed, build_config, interrupted_by_signals, non_negative_int, positive_float,
                  positive_int, run_cli)
-from harness.config import DISTANCES, IMAGES_PER_CLASS, METHODS, NUM_EVALUATION, EvalConfig
+from harness.config import DISTANCES, METHODS, EvalConfig
+from protocol import IMAGES_PER_CLASS, NUM_EVALUATION
 from datasets import OmniSampler
-from fastpath.frozen_features import empty_results
 from fastpath.oml import image_size
 from harness.results import FORMAT, choose, reading_key
+from meta_test import empty_results, meta_test, run_seeds
 from harness.runtime import (Ranks, device_name, join_processes, leave_processes, resolve_device, set_threads, sha256_of,
                      torchrun_ranks, versions)
 
@@ -85,7 +90,12 @@ def parse_args(argv=None):
                         help="run r draws its classes, splits and last-layer init from (seed, r) (%(default)s)")
     parser.add_argument("--original-loop", action="store_true",
                         help="higherANML's full-network loop instead of the (equivalent) frozen-feature fast path")
-    parser.add_argument("--json", metavar="FILE", help="write every run's accuracies and the settings to FILE")
+    parser.add_argument("--json", metavar="FILE",
+                        help="write every run's accuracies and the settings to FILE: a regular file (replaced "
+                             "atomically) or a new one; a symbolic link is written through to its target; anything "
+                             "else is refused. An interrupted evaluation writes its finished runs to FILE.partial.json "
+                             "(FILE's name with .partial before its suffix) and leaves FILE as it was; a complete one "
+                             "replaces FILE and removes that partial file")
     add_session_args(parser)
     args = parser.parse_args(argv)
     return build_config(parser, EvalConfig, args, classes=tuple(args.classes), model=args.models[0],
@@ -108,19 +118,22 @@ def summary_lines(classes, value, test, train, several, hyper="lr"):
             f"Classes {classes} Train accuracy {train.mean():.2f} (std {train.std():.2f}){tail}"]
 
 
-def check_writable(path):
-    """Fail now, not after a long evaluation, if the --json file cannot be written: a folder
-    given as the file, or a folder where no file can be created (read-only, /proc)."""
+def partial_path(path):
+    """Where an interrupted evaluation's report goes, beside the --json file and never over it:
+    `same.json` -> `same.partial.json` (`out` -> `out.partial`)."""
     path = Path(path)
-    if path.is_dir():
-        raise ValueError(f"--json {path} is a folder: give a file name")
-    blocking = next((p for p in path.parents if p.exists() and not p.is_dir()), None)
-    if blocking is not None:
-        raise ValueError(f"cannot write --json {path}: {blocking} is a file, not a folder")
-    try:
-        probe_writable(path.parent)
-    except OSError as e:
-        raise ValueError(f"cannot write --json {path}: {e.strerror or e}") from None
+    return path.with_name(f"{path.stem}.partial{path.suffix}")
+
+
+def check_outputs(config):
+    """Fail now, in one line, not after a long evaluation, if the --json file or its partial file could
+    not be written or is not a regular file (or a new path); and remove the temporary files that writers
+    of them killed mid-write left beside them."""
+    if not config.json:
+        return
+    for path in (Path(config.json), partial_path(config.json)):
+        target = check_output(path, "--json")
+        remove_stale_temporaries(target.parent, target.name)
 
 
 def check_distinct(paths, models):
@@ -189,8 +202,8 @@ def build_report(config, argv, report, selection, model_sha256, seconds, partial
         "no_freeze": config.no_freeze,  # True: every parameter learned; False: the last layer on frozen features
         "classes": list(config.classes), "train_examples": config.train_examples,
         "runs": config.runs, "selection_runs": config.selection_runs, "seed": config.seed,
-        "report_run_seeds": anml.run_seeds(config.seed, config.runs),  # SeedSequence entropies
-        "selection_run_seeds": anml.run_seeds(config.seed, config.selection_runs, selection=True),
+        "report_run_seeds": run_seeds(config.seed, config.runs),  # SeedSequence entropies
+        "selection_run_seeds": run_seeds(config.seed, config.selection_runs, selection=True),
         "fast": not (config.original_loop or config.no_freeze), "seconds": round(seconds, 3),
         "one_value_for_all_rows": None if one_for_all is None else grid[one_for_all],
         "config": config.as_dict(),
@@ -223,6 +236,20 @@ def write_report(path, report):
         write_atomic(path, lambda tmp: tmp.write_text(json.dumps(report, indent=1) + "\n"))
     except OSError as e:
         raise OSError(f"could not write --json {path}: {e.strerror or e}") from None
+
+
+def write_finished_report(path, report):
+    """The complete --json file, then no partial file of an earlier interrupted evaluation beside it."""
+    write_report(path, report)
+    partial_path(path).unlink(missing_ok=True)
+
+
+def write_partial_report(path, report):
+    """An interrupted evaluation's report, beside the --json file (which keeps a finished report)."""
+    partial = partial_path(path)
+    write_report(partial, report)
+    kept = f"; {path} is left as it was" if Path(path).exists() else ""
+    print(f"the runs finished before the interruption are in {partial} (marked partial){kept}", file=sys.stderr)
 
 
 def print_results(config, report, selection):
@@ -267,15 +294,14 @@ def evaluate(config, argv, sampler, model, finished=(), ranks=Ranks()):
     writer = ranks.rank == 0
     try:
         with interrupted_by_signals():
-            anml.meta_test(config, sampler, model, progress=writer, results=results, ranks=ranks)
+            meta_test(config, sampler, model, progress=writer, results=results, ranks=ranks)
     except KeyboardInterrupt:
         if config.json and writer:  # keep what was finished
             report, selection = split_runs(results, config.runs)
             partial = build_report(config, argv, report, selection, model_sha256, time.perf_counter() - start,
                                    partial=True)
-            write_report(config.json, partial if not finished else
-                         {"format": FORMAT, "partial": True, "per_model": [*finished, partial]})
-            print(f"the runs finished before the interruption are in {config.json} (marked partial)", file=sys.stderr)
+            write_partial_report(config.json, partial if not finished else
+                                 {"format": FORMAT, "partial": True, "per_model": [*finished, partial]})
         raise
     seconds = time.perf_counter() - start
     report, selection = split_runs(results, config.runs)
@@ -314,21 +340,28 @@ def print_across_models(config, rows, key):
 
 
 def main(argv=None):
+    """Check the outputs, load the models and the data, meta-test each model on the same runs, then
+    (several models) the reading across them. Under torchrun the processes share the runs out."""
     argv = sys.argv[1:] if argv is None else list(argv)
     config = parse_args(argv)
+    check_outputs(config)
     set_threads(config.threads)
     ranks = torchrun_ranks()
     join_processes(ranks, config.device)
     try:
-        evaluate_all(config, argv, ranks)
+        paths, models, sampler = load_models(config)
+        reports = []
+        for path, model in zip(paths, models):
+            reports.append(evaluate(replace(config, model=path), argv, sampler, model, finished=reports, ranks=ranks))
+        if ranks.rank == 0:
+            report_all(config, paths, reports)
     finally:
         leave_processes()
 
 
-def evaluate_all(config, argv, ranks):
-    """Each model of `config` on the same runs, then (several models) the reading across them."""
-    if config.json:
-        check_writable(config.json)
+def load_models(config):
+    """(paths, models, the sampler of their image size): every checkpoint loaded and checked before the
+    data loads."""
     paths = config.models or (config.model,)
     models = [load_model(path, config.device) for path in paths]  # a bad checkpoint fails before the data loads
     check_distinct(paths, models)
@@ -337,24 +370,24 @@ def evaluate_all(config, argv, ranks):
         raise ValueError("-m: the models read images of different sizes (ANML's 28x28, OML's 84x84): evaluate "
                          "them separately")
     sampler = OmniSampler(config.data_root, download=config.download, seed=config.seed, im_size=sizes.pop())
-    reports = []
-    for path, model in zip(paths, models):
-        reports.append(evaluate(replace(config, model=path), argv, sampler, model, finished=reports, ranks=ranks))
-    if ranks.rank > 0:
-        return
+    return paths, models, sampler
+
+
+def report_all(config, paths, reports):
+    """The --json of one model's report; of several, their reading across models, printed, and all of them."""
     if not config.models:
         if config.json:
-            write_report(config.json, reports[0])
+            write_finished_report(config.json, reports[0])
         return
     key = reading_key(reports[0])
     rows = across_models(config, reports)
     print_across_models(config, rows, key)
     if config.json:
         common = {k: v for k, v in reports[0].items() if k not in ("rows", "model", "model_sha256")}
-        write_report(config.json, {**common,
-                                   "models": list(paths), "across_models": True,
-                                   "seconds": round(sum(r["seconds"] for r in reports), 3),
-                                   "rows": rows, "per_model": reports})
+        write_finished_report(config.json, {**common,
+                                            "models": list(paths), "across_models": True,
+                                            "seconds": round(sum(r["seconds"] for r in reports), 3),
+                                            "rows": rows, "per_model": reports})
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ import matplotlib
 matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
 
-from harness.atomic import write_atomic  # noqa: E402
+from harness.atomic import check_output, write_atomic  # noqa: E402
 from harness.cli import run_cli  # noqa: E402
 from harness.results import read_results, reading_key, reported, row_label  # noqa: E402
 
@@ -97,9 +97,12 @@ def plot_comparisons(curves, out, title="Omniglot meta-test: accuracy against cl
 def main(argv=None):
     parser = argparse.ArgumentParser(prog=Path(__file__).name, description=__doc__.splitlines()[0])
     parser.add_argument("reports", nargs="+", help="eval_omni.py --json files, one line each")
-    parser.add_argument("-o", "--out", default="comparisons.png", help="picture to write (%(default)s)")
+    parser.add_argument("-o", "--out", default="comparisons.png",
+                        help="picture to write (%(default)s): a regular file or a new one; a symbolic link is "
+                             "written through to its target, anything else refused")
     args = parser.parse_args(argv)
     out = picture_path(args.out)
+    check_output(out, "-o")  # a regular file or a new path (a link: its target), before any work
     curves = load_curves(args.reports)
     plot_comparisons(curves, out)
     print(f"wrote {out}: {', '.join(curves)}")

@@ -16,7 +16,7 @@ matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from harness.atomic import write_atomic  # noqa: E402
+from harness.atomic import check_output, write_atomic  # noqa: E402
 from harness.cli import positive_int, run_cli  # noqa: E402
 from harness.results import read_results, reported  # noqa: E402
 
@@ -34,7 +34,9 @@ def parse_args(argv=None):
                         help="train_omni.py's CSV log (%(default)s); 'none' to skip the training curve")
     parser.add_argument("--baselines", nargs="*", default=BASELINES, metavar="JSON",
                         help="eval_omni.py --json files of other networks, drawn as thin lines (%(default)s)")
-    parser.add_argument("--out-dir", default="results", help="where the PNGs go (%(default)s)")
+    parser.add_argument("--out-dir", default="results",
+                        help="where the PNGs go (%(default)s); each a regular file or a new one (a symbolic "
+                             "link is written through to its target, anything else refused)")
     parser.add_argument("--smooth", type=positive_int, default=200,
                         help="moving-average window of the training curve, in iterations (%(default)s)")
     args = parser.parse_args(argv)
@@ -152,6 +154,9 @@ def save_figure(fig, path):
 def main(argv=None):
     args = parse_args(argv)
     out_dir = Path(args.out_dir)
+    pictures = ["evaluation_results.png"] + (["training_curve.png"] if args.log != "none" else [])
+    for name in pictures:  # regular files or new paths (a link: its target), before any work
+        check_output(out_dir / name, "--out-dir")
     baselines = {Path(b).stem.removesuffix("_seq").replace("pretrain", "pretrained"): read_results(b)
                  for b in args.baselines}
     plot_evaluation(read_results(args.results), out_dir / "evaluation_results.png", baselines)

@@ -14,7 +14,8 @@
 # Extra arguments go to every script (data flags). Writes results/comparisons/{label}.json (one
 # file per network and method, with a "method" key) and results/comparisons/comparisons.png.
 # Re-running skips what is done: finished trainings and evaluations whose JSON exists are kept
-# (FORCE=1 redoes the evaluations), a stopped training is resumed, so the work can be split into
+# (FORCE=1 redoes the evaluations; one interrupted leaves its finished runs in {label}.partial.json and the
+# finished {label}.json as it was), a stopped training is resumed, so the work can be split into
 # calls of limited length (e.g. TIME_LIMIT=500 stops each training cleanly after 500 s; the script
 # then stops and says to run it again).
 set -euo pipefail
@@ -124,5 +125,7 @@ evaluate pretrain_seq_no_freeze "$PRETRAINED"  --method seq --no-freeze --lanes 
 evaluate random_seq_no_freeze   "$RANDOM_INIT" --method seq --no-freeze --lanes "$NF_LANES" -l $NF_LRS
 evaluate anml_seq_no_freeze     "$ANML"        --method seq --no-freeze --lanes "$NF_LANES" -l $NF_LRS
 
-# (d) one picture, one line per method
-$PY plot_comparisons.py "$OUT"/*.json -o "$OUT/comparisons.png"
+# (d) one picture, one line per method (the partial reports of interrupted evaluations left out)
+reports=()
+for report in "$OUT"/*.json; do [[ $report == *.partial.json ]] || reports+=("$report"); done
+$PY plot_comparisons.py "${reports[@]}" -o "$OUT/comparisons.png"

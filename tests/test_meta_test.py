@@ -7,16 +7,19 @@ import pytest
 import torch
 
 import anml
-from harness import meta_test_runs
+import meta_test
+from model import reset_last_layer
 from harness.checkpoints import load_model
-from harness.config import ConfigError, EvalConfig
-from fastpath.frozen_features import FeatureBank, MetaTestRun, empty_results, hit_rate, sequential_fit
+from harness.config import EvalConfig
+from protocol import ConfigError
+from fastpath.frozen_features import FeatureBank, MetaTestRun, hit_rate, sequential_fit
+from meta_test import empty_results, run_generators
 
 
 def evaluate(checkpoint, sampler, num_classes=10, **settings):
-    """anml.meta_test of `checkpoint` with these EvalConfig settings, without progress bars."""
+    """meta_test.meta_test of `checkpoint` with these EvalConfig settings, without progress bars."""
     classes = tuple(np.atleast_1d(num_classes).tolist())
-    return anml.meta_test(EvalConfig(model=str(checkpoint), classes=classes, **settings), sampler, progress=False)
+    return meta_test.meta_test(EvalConfig(model=str(checkpoint), classes=classes, **settings), sampler, progress=False)
 
 
 def test_fast_meta_test_equals_the_original_loop(small_checkpoint, sampler):
@@ -67,8 +70,8 @@ def test_vectorised_grid_equals_separate_runs(small_checkpoint, sampler):
     features = FeatureBank(model, sampler.evaluation)
     runs, inits = [], []
     for r in range(3):
-        sampler.rng, generator = anml.run_generators(1, r)
-        anml.reset_last_layer(model, generator)
+        sampler.rng, generator = run_generators(1, r)
+        reset_last_layer(model, generator)
         inits.append(model.fc.weight.detach().clone())
         runs.append(MetaTestRun(*sampler.sample_test_indices(5, 15)))
     lrs = [1e-3, 5e-4]
@@ -90,8 +93,8 @@ def sampled_runs(model, sampler, n_runs, n_classes, seed=1):
     """Runs drawn as `meta_test` draws them, with their last-layer initialisations."""
     runs, inits = [], []
     for r in range(n_runs):
-        sampler.rng, generator = anml.run_generators(seed, r)
-        anml.reset_last_layer(model, generator)
+        sampler.rng, generator = run_generators(seed, r)
+        reset_last_layer(model, generator)
         inits.append(model.fc.weight.detach().clone())
         runs.append(MetaTestRun(*sampler.sample_test_indices(n_classes, 15)))
     return runs, torch.stack(inits)
@@ -116,7 +119,7 @@ def test_iid_equals_the_original_loop_on_shuffled_images(small_checkpoint, sampl
     anml.original_fit(model, [[images[i] for i in orders[0][0]]], lr)
     test_ims = sampler.evaluation[run.classes[:, None], run.test_idx].flatten(0, 1)
     test_labels = torch.as_tensor(np.repeat(run.classes, 5))
-    test_acc = (meta_test_runs.predict_in_batches(model, test_ims) == test_labels).sum().item() / len(test_labels)
+    test_acc = (anml.predict_in_batches(model, test_ims) == test_labels).sum().item() / len(test_labels)
     train_acc = anml.train_accuracy(model, [images])
     assert (fast["test"][0, 0, 0], fast["train"][0, 0, 0]) == (test_acc, train_acc)
     assert train_acc > 0.5  # it learned something: the comparison is not 0 == 0
@@ -194,9 +197,9 @@ from model import kaiming_std  # noqa: E402
 
 
 def trained_states(monkeypatch):
-    """Spies on original_fit (harness/meta_test_runs.py): the list of (the model's weights when it starts, the images it is
+    """Spies on original_fit (anml.py, as meta_test.py calls it): the list of (the model's weights when it starts, the images it is
     given in order, its weights when it ends), one entry a call."""
-    calls, real = [], meta_test_runs.original_fit
+    calls, real = [], anml.original_fit
 
     def spy(model, train_tasks, lr, after_task=None):
         start = {k: v.clone() for k, v in model.state_dict().items()}
@@ -204,7 +207,7 @@ def trained_states(monkeypatch):
         images = [(image, int(label)) for task in train_tasks for image, label in task]
         calls.append((start, images, {k: v.clone() for k, v in model.state_dict().items()}))
         return model
-    monkeypatch.setattr(meta_test_runs, "original_fit", spy)
+    monkeypatch.setattr(meta_test, "original_fit", spy)
     return calls
 
 
@@ -220,16 +223,16 @@ def test_no_freeze_trains_rln_and_nm_and_the_default_does_not(small_checkpoint, 
     model = load_model(small_checkpoint)
     original = {k: v.clone() for k, v in model.state_dict().items()}
     settings = dict(model=str(small_checkpoint), classes=(3,), runs=1, lrs=(3e-3,))
-    anml.meta_test(EvalConfig(no_freeze=True, **settings), sampler, model, progress=False)
+    meta_test.meta_test(EvalConfig(no_freeze=True, **settings), sampler, model, progress=False)
     ((start, _, end),) = calls
     assert all(changed(start, end, part) for part in ("rln.", "nm.", "fc."))
     assert not changed(original, start, "rln.") and not changed(original, start, "nm.")
     calls.clear()
-    anml.meta_test(EvalConfig(original_loop=True, **settings), sampler, model, progress=False)
+    meta_test.meta_test(EvalConfig(original_loop=True, **settings), sampler, model, progress=False)
     ((start, _, end),) = calls
     assert changed(start, end, "fc.") and not changed(start, end, "rln.") and not changed(start, end, "nm.")
     calls.clear()
-    anml.meta_test(EvalConfig(**settings), sampler, model, progress=False)
+    meta_test.meta_test(EvalConfig(**settings), sampler, model, progress=False)
     assert calls == []
     assert not changed(original, model.state_dict(), "rln.") and not changed(original, model.state_dict(), "nm.")
 
@@ -238,7 +241,7 @@ def hand_trained_run(checkpoint, sampler, seed, r, counts, lr):
     """The no-freeze protocol written out: run r's sample and generator, fc.weight drawn Kaiming-normal
     (bias kept), torch.optim.Adam over every parameter, one step an image in class order; the test
     and train accuracy after the first N classes for each N of `counts`, and the final weights."""
-    sampler.rng, generator = anml.run_generators(seed, r)
+    sampler.rng, generator = run_generators(seed, r)
     model = load_model(checkpoint)
     with torch.no_grad():
         model.fc.weight.copy_(torch.randn(model.fc.weight.shape, generator=generator) * kaiming_std(model.fc.weight))
@@ -267,24 +270,24 @@ def test_no_freeze_run_equals_adam_over_every_parameter_one_image_at_a_time(smal
     config = EvalConfig(model=str(small_checkpoint), classes=tuple(counts), runs=2, lrs=tuple(lrs), seed=seed,
                         no_freeze=True)
     model = load_model(small_checkpoint)
-    results = anml.meta_test(config, sampler, model, progress=False)
+    results = meta_test.meta_test(config, sampler, model, progress=False)
     for r in range(2):
         for l, lr in enumerate(lrs):
             scores, weights = hand_trained_run(small_checkpoint, sampler, seed, r, counts, lr)
             np.testing.assert_array_equal(results["test"][:, l, r], [test for test, _ in scores])
             np.testing.assert_array_equal(results["train"][:, l, r], [train for _, train in scores])
-    sampler.rng, generator = anml.run_generators(seed, 1)
-    net = anml.run_network(model, generator, no_freeze=True)
-    meta_test_runs.full_network_run(net, sampler, counts, lrs[1], config)
+    sampler.rng, generator = run_generators(seed, 1)
+    net = anml.learner(model, generator, no_freeze=True)
+    meta_test.full_network_run(net, sampler, counts, lrs[1], config)
     assert all(torch.equal(v, weights[k]) for k, v in net.state_dict().items())
-    sampler.rng, generator = anml.run_generators(seed, 1)
+    sampler.rng, generator = run_generators(seed, 1)
     per_class, train = anml.test_train(model, sampler, 4, lr=lrs[1], quiet=True, fast=False, generator=generator,
                                        no_freeze=True)  # higherANML's one-run API, every parameter learning
     assert train == scores[-1][1] and per_class.mean() == pytest.approx(scores[-1][0], rel=1e-12)
     assert results["train"][-1].min() > 0.3  # it learned: chance among 1000 outputs is 0.001
-    alone = anml.meta_test(replace(config, classes=(4,)), sampler, model, progress=False)
+    alone = meta_test.meta_test(replace(config, classes=(4,)), sampler, model, progress=False)
     np.testing.assert_array_equal(alone["test"][0], results["test"][1])
-    frozen = anml.meta_test(replace(config, no_freeze=False), sampler, model, progress=False)
+    frozen = meta_test.meta_test(replace(config, no_freeze=False), sampler, model, progress=False)
     assert not np.array_equal(frozen["train"], results["train"])
 
 
@@ -293,13 +296,13 @@ def test_no_freeze_iid_sees_each_image_once_an_epoch_shuffled(small_checkpoint, 
     takes one Adam step per image over E epochs, each epoch every training image of the first N
     classes once, in the frozen-feature iid's orders; and without --no-freeze this loop gives what
     the frozen-feature iid gives."""
-    from fastpath.frozen_features import shuffle_rng
+    from meta_test import shuffle_rng
     counts, seed, epochs = [2, 3], 2, 2
     calls = trained_states(monkeypatch)
     config = EvalConfig(model=str(small_checkpoint), classes=tuple(counts), runs=1, lrs=(1e-2,), seed=seed,
                         method="iid", epochs_iid=epochs, no_freeze=True)
-    anml.meta_test(config, sampler, load_model(small_checkpoint), progress=False)
-    sampler.rng, _ = anml.run_generators(seed, 0)
+    meta_test.meta_test(config, sampler, load_model(small_checkpoint), progress=False)
+    sampler.rng, _ = run_generators(seed, 0)
     tasks, _, _ = sampler.sample_test(counts[-1], 15)
     orders = iid_orders(shuffle_rng([seed, 0]), counts, 15, epochs)
     assert len(calls) == len(counts)
@@ -313,9 +316,9 @@ def test_no_freeze_iid_sees_each_image_once_an_epoch_shuffled(small_checkpoint, 
         assert [label for _, label in images] == [in_class_order[i][1] for i in index]
         assert not changed(calls[0][0], start, "") and changed(start, end, "rln.")
     frozen = replace(config, no_freeze=False)
-    loop = meta_test_runs.original_meta_test(frozen, sampler, load_model(small_checkpoint), [[seed, 0]],
-                                   empty_results(frozen, 1), progress=False)
-    fast = anml.meta_test(frozen, sampler, load_model(small_checkpoint), progress=False)
+    loop = meta_test.original_meta_test(frozen, sampler, load_model(small_checkpoint), [[seed, 0]], [0],
+                                        empty_results(frozen, 1))
+    fast = meta_test.meta_test(frozen, sampler, load_model(small_checkpoint), progress=False)
     np.testing.assert_array_equal(loop["test"], fast["test"])
     np.testing.assert_array_equal(loop["train"], fast["train"])
 
@@ -361,8 +364,8 @@ def test_no_freeze_lanes_give_the_runs_of_the_loop(small_checkpoint, sampler):
     counts, lrs = (2, 4), (3e-3, 1e-2, 1e30)
     config = EvalConfig(model=str(small_checkpoint), classes=counts, runs=2, lrs=lrs, seed=6, no_freeze=True)
     model = load_model(small_checkpoint)
-    loop = anml.meta_test(config, sampler, model, progress=False)
-    lanes = anml.meta_test(replace(config, lanes=5), sampler, model, progress=False)
+    loop = meta_test.meta_test(config, sampler, model, progress=False)
+    lanes = meta_test.meta_test(replace(config, lanes=5), sampler, model, progress=False)
     finite = ~loop["non_finite"][:2]
     np.testing.assert_allclose(lanes["test"][:, :2], loop["test"][:, :2], atol=1 / (5 * counts[0]) + 1e-6)
     # train: a few images' worth (4 of the 60 at 4 classes): every parameter learns at 1e-2, and the
@@ -372,7 +375,7 @@ def test_no_freeze_lanes_give_the_runs_of_the_loop(small_checkpoint, sampler):
     assert (lanes["test"][:, :2] == loop["test"][:, :2]).mean() >= 0.75
     assert finite.all() and lanes["non_finite"].tolist() == loop["non_finite"].tolist() == [[False] * 2] * 2 + [[True] * 2]
     assert lanes["train"][-1, :2].min() > 0.3  # it learned: chance among 1000 outputs is 0.001
-    grouped_by_two = anml.meta_test(replace(config, lanes=2, lrs=lrs[:2]), sampler, model, progress=False)
+    grouped_by_two = meta_test.meta_test(replace(config, lanes=2, lrs=lrs[:2]), sampler, model, progress=False)
     np.testing.assert_allclose(grouped_by_two["test"], lanes["test"][:, :2], atol=1 / (5 * counts[0]) + 1e-6)
 
 
@@ -391,8 +394,8 @@ def test_lanes_flag_is_for_the_whole_network_runs():
 def test_no_freeze_lanes_on_cuda_equal_cpu(small_checkpoint, sampler):
     """The lanes on the GPU against the one-run loop on the CPU."""
     config = EvalConfig(model=str(small_checkpoint), classes=(3, 6), runs=2, lrs=(3e-3, 1e-3), seed=2, no_freeze=True)
-    cpu = anml.meta_test(config, sampler, load_model(small_checkpoint), progress=False)
-    gpu = anml.meta_test(replace(config, device="cuda", lanes=4), sampler, load_model(small_checkpoint), progress=False)
+    cpu = meta_test.meta_test(config, sampler, load_model(small_checkpoint), progress=False)
+    gpu = meta_test.meta_test(replace(config, device="cuda", lanes=4), sampler, load_model(small_checkpoint), progress=False)
     np.testing.assert_allclose(gpu["test"], cpu["test"], atol=0.07)
     np.testing.assert_allclose(gpu["train"], cpu["train"], atol=0.03)
 

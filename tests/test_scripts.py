@@ -229,31 +229,32 @@ def test_eval_methods_share_runs_and_layout(omniglot_root, checkpoint, tmp_path,
 
 def test_an_interrupted_evaluation_keeps_its_finished_runs(omniglot_root, checkpoint, tmp_path, capsys, monkeypatch):
     """SIGTERM in the middle of the runs (here after two of the four run-rate pairs): exit 130, and
-    --json holds the finished runs, marked partial, which the plotting scripts refuse in one line."""
+    the partial file beside --json holds the finished runs, marked partial, which the plotting scripts
+    refuse in one line."""
     import os
-    from fastpath import frozen_features
+    import meta_test
     from harness.cli import run_cli
-    real, calls = frozen_features.sequential_fit, []
+    real, calls = meta_test.sequential_fit, []
 
     def fit_then_terminate(*args, **kwargs):
         calls.append(1)
         if len(calls) == 3:
             os.kill(os.getpid(), signal.SIGTERM)
         return real(*args, **kwargs)
-    monkeypatch.setattr(frozen_features, "sequential_fit", fit_then_terminate)
-    out = tmp_path / "partial.json"
+    monkeypatch.setattr(meta_test, "sequential_fit", fit_then_terminate)
+    out, partial = tmp_path / "report.json", tmp_path / "report.partial.json"
     with pytest.raises(SystemExit) as done:
         run_cli(lambda: evaluate_in_process(omniglot_root, capsys, "-m", checkpoint, "-c", 3, "-r", 2, "-l", 0.03,
                                             0.01, "--json", out))
     assert done.value.code == 130
-    assert f"are in {out} (marked partial)" in capsys.readouterr().err
-    report = json.loads(out.read_text())
+    assert f"are in {partial} (marked partial)\n" in capsys.readouterr().err and not out.exists()
+    report = json.loads(partial.read_text())
     assert report["partial"] is True and report["rows"][0]["best_on_reported_runs"] is None
     first, second = report["rows"][0]["per_value"]
     assert first["report"]["finished_runs"] == [0] and len(first["report"]["test"]) == 1
     assert second["report"]["finished_runs"] == [0] and second["report"]["test_mean"] is not None
     with pytest.raises(ValueError, match="partial report of an interrupted evaluation"):
-        plot_comparisons.load_curves([out])
+        plot_comparisons.load_curves([partial])
 
 
 def test_a_rate_that_blows_the_last_layer_up_is_named(omniglot_root, checkpoint, capsys):
@@ -461,3 +462,46 @@ def test_make_comparisons_at_tiny_scale(omniglot_root, checkpoint, tmp_path):
     assert_ok(again)
     assert "training" not in again.stdout and again.stdout.count(": done (") == 16
     assert "== asb_seq\n" in again.stdout and "partial" not in json.loads(partial.read_text())
+
+
+SLOW_TORCH_IMPORT = '''import importlib.abc, sys, time
+class SlowTorch(importlib.abc.MetaPathFinder):
+    """Says when torch starts to load, then loads it a minute late: a deterministic window for a signal."""
+    def find_spec(self, name, path=None, target=None):
+        if name == "torch":
+            print("loading torch", file=sys.stderr, flush=True)
+            time.sleep(60)
+        return None
+sys.meta_path.insert(0, SlowTorch())
+'''
+
+
+@pytest.mark.parametrize("script, sig", [("train_omni.py", signal.SIGINT), ("eval_omni.py", signal.SIGTERM),
+                                         ("pretrain_omni.py", signal.SIGINT), ("tools/gate_stats.py", signal.SIGTERM)])
+def test_a_signal_while_torch_loads_is_one_line_and_exit_130(script, sig, tmp_path):
+    """Ctrl-C or SIGTERM in a script's first second, while it imports torch (made slow here by a
+    sitecustomize on PYTHONPATH that delays the import): `interrupted`, exit 130, no traceback."""
+    (tmp_path / "sitecustomize.py").write_text(SLOW_TORCH_IMPORT)
+    args = {"eval_omni.py": ["-m", "model.pth"], "tools/gate_stats.py": ["model.pth"]}.get(script, [])
+    proc = subprocess.Popen(command(script, *args), cwd=REPO, env=script_env(PYTHONPATH=str(tmp_path)),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    assert proc.stderr.readline() == "loading torch\n"
+    proc.send_signal(sig)
+    out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 130 and "Traceback" not in err, err
+    assert err.strip() == "interrupted"
+
+
+def test_a_diverged_asb_pretraining_names_its_rates(omniglot_root, tmp_path, capsys):
+    """--schedule asb --seq-lr 1e30 diverges at once: the advice names --seq-lr (and --lr), not --lr alone."""
+    import pretrain_omni
+    from harness.cli import run_cli
+    with pytest.raises(SystemExit) as done:
+        run_cli(lambda: pretrain_omni.main([*TINY_FLAGS, "-d", "cpu", "--threads", "1", "--schedule", "asb", "--seq-lr",
+                                            "1e30", "--episodes", "2", "--data-root", str(omniglot_root),
+                                            "--out-dir", str(tmp_path)]))
+    err = capsys.readouterr().err
+    assert done.value.code == 2
+    assert_one_error(err, r"training diverged: .*diverged/: the same command with a smaller --seq-lr or --lr starts "
+                          r"again there$")
