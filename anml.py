@@ -8,9 +8,9 @@
 
 `meta_loss` is the one place a backend and an architecture are dispatched: "higher" is the
 reference, higherANML's own code; "func" computes the same meta-gradient faster
-(`fastpath/functional.py`, `fastpath/oml.py` for OML) and "graph" replays "func" from a CUDA graph
-(`fastpath/cuda_graphs.py`). `train` runs the iterations in the loop that keeps a run safe
-(`harness/run_loop.py`). `test_train` runs on frozen features (`fastpath/frozen_features.py`)
+(`fastpath/functional.py`, ANML's and OML's) and "graph" replays "func" from a CUDA graph
+(`fastpath/cuda_graphs.py`). `train_one` is the paper's loop (draw a task, `meta_step`, log, save),
+kept safe by `harness/training_run.TrainingRuns`; `train_together` the same for several models. `test_train` runs on frozen features (`fastpath/frozen_features.py`)
 unless higherANML's loop is asked for, or every parameter is to learn (`no_freeze`, the original
 ANML code's baseline), which only that loop can do (`original_fit`).
 """
@@ -25,13 +25,13 @@ from datasets import OmniSampler
 from fastpath.batched import MemberOptimizer, StackedMetaStep, one_or_each, seeded_stack, stacked_optimizer
 from fastpath.cuda_graphs import GraphedMetaStep
 from fastpath.frozen_features import FeatureBank, MetaTestRun, hit_rate, sequential_fit
-from fastpath.functional import accuracy, func_meta_loss
-from fastpath.oml import IMAGE_SIZE, OML, oml_meta_loss, seeded_oml
+from fastpath.functional import accuracy, func_meta_loss, oml_meta_loss
 from harness.checkpoints import load_model
-from harness.config import IMAGES_PER_CLASS, backend_refusal
+from harness.config import backend_refusal
 from harness.runtime import Ranks, any_process
 from harness.training_run import TrainingRuns, threads_note
-from model import inner_parameter_names, kaiming_std, reset_last_layer, seeded_network
+from model import IMAGE_SIZE, OML, inner_parameter_names, kaiming_std, reset_last_layer, seeded_network, seeded_oml
+from protocol import IMAGES_PER_CLASS
 
 # ----------------------------------------------------------------------------- meta-training
 

@@ -22,6 +22,11 @@ import tempfile
 import time
 from pathlib import Path
 
+from harness.quiet_start import quiet_start
+
+if __name__ == "__main__":
+    quiet_start()  # a Ctrl-C or SIGTERM while torch loads: one line, exit 130
+
 import torch
 import numpy as np
 from torch.utils._python_dispatch import TorchDispatchMode

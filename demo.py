@@ -15,6 +15,11 @@ import dataclasses
 import sys
 from pathlib import Path
 
+from harness.quiet_start import quiet_start
+
+if __name__ == "__main__":
+    quiet_start()  # a Ctrl-C or SIGTERM while torch loads: one line, exit 130
+
 import anml
 from meta_test import meta_test
 from harness.checkpoints import load_model, newest_resumable

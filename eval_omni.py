@@ -24,7 +24,7 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from harness.cli import quiet_start
+from harness.quiet_start import quiet_start
 
 if __name__ == "__main__":
     quiet_start()  # a Ctrl-C or SIGTERM while torch loads: one line, exit 130
@@ -39,7 +39,7 @@ from harness.cli import (add_session_args, as_typed, build_config, interrupted_b
 from harness.config import DISTANCES, METHODS, EvalConfig
 from protocol import IMAGES_PER_CLASS, NUM_EVALUATION
 from datasets import OmniSampler
-from fastpath.oml import image_size
+from model import image_size
 from harness.results import FORMAT, choose, reading_key
 from meta_test import empty_results, meta_test, run_seeds
 from harness.runtime import (Ranks, device_name, join_processes, leave_processes, resolve_device, set_threads, sha256_of,

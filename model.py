@@ -141,3 +141,57 @@ def sizes_from_state_dict(state_dict):
     except (KeyError, AttributeError, IndexError) as e:
         raise ValueError(f"not an ANML state_dict (missing or malformed {e})") from None
     return int(rln_chs), int(nm_chs), int(mask_size)
+
+
+# ----------------------------------------------------------------------------- OML, the paper's rival
+# Javed & White 2019, "Meta-Learning Representations for Continual Learning": its Omniglot network as
+# OML's code defines it (khurramjaved96/mrcl, `model/modelfactory.py`, after its 2020 meta-gradient
+# fix): a representation (RLN) of six 3x3 convolutions of 256 channels, strides 2, 1, 2, 1, 2, 2, no
+# padding, each followed by a ReLU, on 84x84 grey images (84 -> 41 -> 39 -> 19 -> 17 -> 8 -> 3: 2304
+# features), and a prediction network (PLN) of one linear layer to 1000 classes. Weights are
+# Kaiming-normal, biases zero, as there. Only the PLN adapts in OML's inner loop
+# (`fastpath/functional.oml_meta_loss`).
+
+OML_STRIDES = (2, 1, 2, 1, 2, 2)
+IMAGE_SIZE = 84  # OML's images; ANML's are 28x28
+
+
+class OML(nn.Module):
+    """OML's Omniglot network: fc(rln(x)), the RLN six strided convolutions with ReLUs."""
+
+    def __init__(self, channels=256, num_classes=NUM_OUTPUTS):
+        super().__init__()
+        convs, in_channels = [], 1
+        for stride in OML_STRIDES:
+            convs += [nn.Conv2d(in_channels, channels, 3, stride=stride), nn.ReLU()]
+            in_channels = channels
+        self.rln = nn.Sequential(*convs)
+        self.fc = nn.Linear(9 * channels, num_classes)
+        for module in self.modules():
+            if isinstance(module, (nn.Conv2d, nn.Linear)):
+                nn.init.kaiming_normal_(module.weight)
+                nn.init.zeros_(module.bias)
+
+    def features(self, x):
+        """The representation the PLN reads (frozen during meta-testing): [N, 9 channels]."""
+        return self.rln(x).flatten(1)
+
+    def forward(self, x):
+        return self.fc(self.features(x))
+
+
+def oml_sizes(state_dict):
+    """(channels, classes) of an OML checkpoint, read from its tensors' shapes."""
+    return int(state_dict["rln.0.weight"].shape[0]), int(state_dict["fc.weight"].shape[0])
+
+
+def seeded_oml(channels, seed):
+    """OML(channels) right after torch.manual_seed(seed), as model.seeded_network is for ANML."""
+    torch.manual_seed(seed)
+    return OML(channels)
+
+
+def image_size(model):
+    """The image side a network reads: OML's 84, ANML's 28."""
+    return IMAGE_SIZE if isinstance(model, OML) else 28
+

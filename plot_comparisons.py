@@ -14,6 +14,11 @@ deviation over runs.
 import argparse
 from pathlib import Path
 
+from harness.quiet_start import quiet_start
+
+if __name__ == "__main__":
+    quiet_start()  # a Ctrl-C or SIGTERM while torch loads: one line, exit 130
+
 import matplotlib
 
 matplotlib.use("Agg")  # files only, no display

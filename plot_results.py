@@ -10,6 +10,11 @@ README table and the ANML paper's number for comparison, and the baselines' test
 import argparse
 from pathlib import Path
 
+from harness.quiet_start import quiet_start
+
+if __name__ == "__main__":
+    quiet_start()  # a Ctrl-C or SIGTERM while torch loads: one line, exit 130
+
 import matplotlib
 
 matplotlib.use("Agg")  # files only, no display

@@ -30,7 +30,7 @@ it, before any training; with the same --seed it is where this script and train_
 import argparse
 from pathlib import Path
 
-from harness.cli import quiet_start
+from harness.quiet_start import quiet_start
 
 if __name__ == "__main__":
     quiet_start()  # a Ctrl-C or SIGTERM while torch loads: one line, exit 130

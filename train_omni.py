@@ -16,7 +16,7 @@ runs, and a new run does not start in a folder that holds another run of the sam
 import argparse
 from pathlib import Path
 
-from harness.cli import quiet_start
+from harness.quiet_start import quiet_start
 
 if __name__ == "__main__":
     quiet_start()  # a Ctrl-C or SIGTERM while torch loads: one line, exit 130

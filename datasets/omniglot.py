@@ -10,6 +10,7 @@ import hashlib
 import io
 import json
 import os
+import signal
 import urllib.error
 import urllib.request
 import zipfile
@@ -156,6 +157,14 @@ def _list_split(source, split):
     return [sorted(classes[k]) for k in sorted(classes)]
 
 
+def leave_stops_to_the_parent():
+    """A decoding worker ignores Ctrl-C and dies quietly when the pool ends it: the script that
+    started it says what happened, once."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, signal.SIG_DFL)
+
+
 def _read_pngs(job):
     """Worker: read and resize a list of PNGs from one folder or zip -> uint8 array [n, size, size]."""
     source, names, im_size = job
@@ -187,7 +196,7 @@ def _preprocess(sources, im_size, workers=None):
     workers = workers or min(2, os.cpu_count() or 1)
     total = sum(len(names) for _, (_, names, _) in jobs)
     with tqdm(total=total, desc="preprocessing Omniglot (once, then cached)", unit="image", unit_scale=True) as bar, \
-            Pool(workers) if workers > 1 else contextlib.nullcontext() as pool:
+            Pool(workers, initializer=leave_stops_to_the_parent) if workers > 1 else contextlib.nullcontext() as pool:
         parts = []
         for part in (pool.imap(_read_pngs, [j for _, j in jobs]) if pool else map(_read_pngs, [j for _, j in jobs])):
             parts.append(part)

@@ -4,7 +4,7 @@ import contextlib
 
 import torch
 
-from harness.config import REMEMBER_SIZE
+from protocol import REMEMBER_SIZE
 
 # Whether CUDA tensors' steps are recorded into graphs. The tests that run the CUDA paths on fake
 # CUDA tensors (a CPU build has no graphs) turn it off: everything else then runs as on a GPU.
@@ -126,10 +126,11 @@ class GraphedMetaStep:
 
 
 class ReplayedSteps:
-    """Calls `step()` many times: eagerly on the CPU; on CUDA the first `chunk` calls eagerly on a
-    side stream (Adam allocates its state outside the graph), then from a graph of `chunk` calls
-    captured once and replayed. `step` must read its position from device tensors, since the graph
-    records it once (the meta-test's `frozen_features.SequenceStep` does)."""
+    """Calls `step()` many times on a device (the CPU's steps are plain calls, `LastLayers.train_until`):
+    on CUDA the first `chunk` calls eagerly on a side stream (Adam allocates its state outside the
+    graph), then from a graph of `chunk` calls captured once and replayed; elsewhere (`on_cuda` False:
+    the tests' stand-in device) eagerly. `step` must read its position from device tensors, since the
+    graph records it once (the meta-test's `frozen_features.SequenceStep` does)."""
 
     def __init__(self, step, chunk, on_cuda):
         self.step, self.chunk, self.capture = step, chunk, on_cuda and CAPTURE

@@ -2,11 +2,12 @@
 every image are computed once, and higherANML's sequence of one-image Adam steps runs on the last
 layer alone (many runs and learning rates at once as one batch of last layers). The other learners
 on the same features: the i.i.d. oracle, a closed-form last layer (lstsq) and the nearest class
-mean (ncm)."""
+mean (ncm). `meta_test.py` draws the runs and runs these learners on them."""
 import numpy as np
 import torch
 from tqdm import tqdm
 
+from fastpath.batched import adam_for_models
 from fastpath.cuda_graphs import ReplayedSteps
 
 
@@ -88,7 +89,7 @@ def stack_sequences(features, runs):
 class LastLayers:
     """R runs x L learning rates as one batch of R*L last layers (model i = (lr i // R, run i % R)),
     each starting from (`weights[r]`, `bias`) and taking one Adam step per image of its run's
-    sequence `train_x[r]` in order: batched matmuls and a fused Adam with one group per model."""
+    sequence `train_x[r]` in order: batched matmuls and one Adam, each model at its rate (`batched.adam_for_models`)."""
 
     def __init__(self, weights, bias, lrs, train_x, train_y, chunk):
         R, L = len(weights), len(lrs)
@@ -96,19 +97,26 @@ class LastLayers:
         self.W = weights.repeat(L, 1, 1)
         self.b = bias.expand(L * R, *bias.shape).clone()
         self.W.grad, self.b.grad = torch.zeros_like(self.W), torch.zeros_like(self.b)
-        groups = [{"params": [self.W[i], self.b[i]], "lr": lrs[i // R]} for i in range(L * R)]
         on_cuda = self.W.device.type == "cuda"
-        opt = torch.optim.Adam(groups, fused=True, capturable=on_cuda)
-        for i, g in enumerate(groups):  # the fused step reads the grads of the views
-            g["params"][0].grad, g["params"][1].grad = self.W.grad[i], self.b.grad[i]
+        opt = adam_for_models([self.W, self.b], [lrs[i // R] for i in range(L * R)], capturable=on_cuda, fused=True)
         models = torch.arange(L * R, device=self.W.device)
-        self.steps = ReplayedSteps(SequenceStep(self.W, self.b, train_x, train_y.repeat(L, 1), models, opt, L),
-                                   chunk, on_cuda)
-        self.L, self.R = L, R
+        self.step = SequenceStep(self.W, self.b, train_x, train_y.repeat(L, 1), models, opt, L)
+        # on a device the steps read their image from a device counter and replay from a CUDA graph;
+        # on the CPU they are plain calls (`train_until`)
+        self.steps = None if self.W.device.type == "cpu" else ReplayedSteps(self.step, chunk, on_cuda)
+        self.L, self.R, self.done = L, R, 0
 
     def train_until(self, t, bar=None):
-        """Take the steps up to image `t` of the sequences (exclusive)."""
-        self.steps.advance(t - self.steps.done, bar)
+        """Take the steps up to image `t` of the sequences (exclusive), counted on the tqdm `bar`."""
+        if self.steps is not None:
+            self.steps.advance(t - self.done, bar)
+        else:
+            for s in range(self.done, t):
+                x, y = self.step.image(s)
+                adam_step_on_image(self.W, self.b, x, y, self.step.models, self.step.opt)
+                if bar is not None:
+                    bar.update(1)
+        self.done = t
 
     def non_finite(self):
         """[L, R]: which last layers hold a NaN or an infinity (a learning rate far too large)."""
@@ -143,56 +151,6 @@ def sequential_fit(features, runs, weights, bias, lrs, counts=None, bar=None):
         scores["test_per_class"] = hit_rate(correct.view(len(lrs), len(runs), n, n_test))
     scores["non_finite"] = layers.non_finite()
     return scores
-
-def empty_results(config, runs=None):
-    """Meta-test accuracies {"test", "train": [K, L, R] NaN until computed, "non_finite": [L, R]}, for
-    all the runs of `config` (or `runs` of them)."""
-    runs = config.runs + config.selection_runs if runs is None else runs
-    shape = (len(config.classes), len(config.grid), runs)
-    return {"test": np.full(shape, np.nan), "train": np.full(shape, np.nan),
-            "non_finite": np.zeros(shape[1:], dtype=bool)}
-
-
-def learn_on_features(config, features, runs, inits, bias, seeds, results, progress=False):
-    """Test-train and test-test of config.method ("seq" or "iid") for every run and learning rate of
-    `config` (a config.EvalConfig), on frozen features: the runs' samples `runs`, their initial
-    last layers `inits` [R, C, D], the checkpoint's `bias`, their entropies `seeds` (iid's shuffles
-    come from them). On CUDA all L*R runs train at once; on the CPU one after the other (one last
-    layer's Adam state nearly fits in the cache, a batch does not). Fills `results` (see
-    empty_results) as each batch finishes, so that an interrupted evaluation keeps its finished
-    runs; returns it."""
-    counts, lrs, R = list(config.classes), list(config.grid), len(runs)
-    L = len(lrs)
-    if features.device.type == "cuda":
-        batches = [(list(range(L)), list(range(R)))]
-    else:
-        batches = [([l], [r]) for r in range(R) for l in range(L)]
-    if config.method == "iid":
-        orders = [iid_orders(shuffle_rng(entropy), counts, config.train_examples, config.iid_epochs)
-                  for entropy in seeds]
-        steps = sum(counts) * config.train_examples * config.iid_epochs
-    else:
-        steps = counts[-1] * config.train_examples
-    runs_shown = f"{config.runs} reported" + (f" + {config.selection_runs} selection" if config.selection_runs else "")
-    runs_shown += f" run{'s' if config.runs + config.selection_runs > 1 else ''} x {L} rate{'s' if L > 1 else ''}"
-    with tqdm(total=steps * len(batches), disable=not progress, desc=f"test-train ({runs_shown})",
-              unit="step", unit_scale=True, smoothing=0) as bar:
-        for ls, rs in batches:
-            args = (features, [runs[r] for r in rs], inits[rs], bias, [lrs[l] for l in ls])
-            if config.method == "iid":
-                out = iid_fit(*args, counts=counts, orders=[orders[r] for r in rs], bar=bar)
-            else:
-                out = sequential_fit(*args, counts=counts, bar=bar)
-            for key in ("test", "train"):
-                results[key][np.ix_(range(len(counts)), ls, rs)] = out[key]
-            results["non_finite"][np.ix_(ls, rs)] = out["non_finite"]
-    return results
-
-
-def shuffle_rng(entropy):
-    """The numpy generator of a run's i.i.d. shuffles: a child of the run's SeedSequence, so it is
-    independent of the classes, splits and initialisation that the run draws."""
-    return np.random.default_rng(np.random.SeedSequence(list(entropy)).spawn(1)[0])
 
 
 # ----------------------------------------------------------------------------- the i.i.d. oracle
@@ -335,9 +293,13 @@ class SequenceStep:
         self.copies = copies  # each run's sequence is shared by `copies` learning rates
         self.t = torch.zeros(1, dtype=torch.long, device=W.device)
 
+    def image(self, t):
+        """Every model's image t (an index: a long tensor of one element, or an int): (x [M, D], y [M])."""
+        t = torch.as_tensor(t, device=self.t.device).reshape(1)
+        return self.x.index_select(1, t).squeeze(1).repeat(self.copies, 1), self.y.index_select(1, t).squeeze(1)
+
     def __call__(self):
-        x = self.x.index_select(1, self.t).squeeze(1).repeat(self.copies, 1)
-        y = self.y.index_select(1, self.t).squeeze(1)
+        x, y = self.image(self.t)
         adam_step_on_image(self.W, self.b, x, y, self.models, self.opt)
         self.t += 1
 

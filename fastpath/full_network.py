@@ -1,11 +1,11 @@
 """The whole network learning at meta-test (`eval_omni.py --no-freeze --lanes N`), several runs at once.
 
-higherANML's loop (`harness.meta_test_runs.original_fit`) takes one Adam step over every parameter per
+higherANML's loop (`anml.original_fit`) takes one Adam step over every parameter per
 image, for one run and learning rate after another. `Lanes` takes the same steps for L (run, rate)
 pairs together: lane l holds its own copy of the network's parameters (stacked [L, ...]), learns its
 own image at each step and has its own Adam rate. The network runs functionally, as grouped
-convolutions and batched products (`batched.lane_features`), and one StackedAdam updates every lane
-(elementwise: L independent Adams). The conv biases feed an InstanceNorm, which removes them
+convolutions and batched products (`functional.lane_features`), and one Adam updates every lane at
+its own rate (`batched.adam_for_models`: L independent Adams). The conv biases feed an InstanceNorm, which removes them
 (`functional.norm_fed_biases`): they are left out, and every output is as with them.
 tests/test_meta_test.py proves in float64 that L lanes give the weights and outputs of L runs of
 higherANML's loop, and that the meta-test's accuracies follow.
@@ -13,8 +13,9 @@ higherANML's loop, and that the meta-test's accuracies follow.
 import torch
 import torch.nn.functional as F
 
-from fastpath.batched import StackedAdam, images_first, lane_features, lane_gate
-from fastpath.functional import linear
+from fastpath.batched import adam_for_models
+from fastpath.derivatives import linear
+from fastpath.functional import images_first, lane_features, lane_gate
 
 
 def lane_logits(params, images):
@@ -35,10 +36,10 @@ class Lanes:
     def __init__(self, nets, lrs):
         self.params = {n: torch.stack([net.get_parameter(n).detach() for net in nets]).requires_grad_()
                        for n in learned_names(nets[0])}
-        self.optimizer = StackedAdam(list(self.params.values()), lrs)
+        self.optimizer, self.lrs = adam_for_models(list(self.params.values()), lrs, fused=True), list(lrs)
 
     def __len__(self):
-        return len(self.optimizer.lrs)
+        return len(self.lrs)
 
     def step(self, images, labels):
         """One Adam step of every lane on its own image: `images` [L, 1, H, W], `labels` [L]."""

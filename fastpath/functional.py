@@ -2,172 +2,21 @@
 
 The three conv blocks are written with `torch.nn.functional` over a dict of parameters, the inner
 loop is unrolled with plain autograd (`create_graph=True`), and the outer backward goes through it.
-Where autograd would differentiate the inner backward operation by operation, Functions give that
-derivative by hand in fewer operations (InstanceNorm with NormGrad, InnerLastLayer, MaxPool): on a
-GPU the iteration's time follows its number of operations (docs/speed.md counts them).
-`anml.meta_step(..., backend="func")` calls `func_meta_loss`; the CUDA graph records it.
+`func_meta_loss` is the one unroll, of one model or of L lanes (several models or tasks in the same
+operations, `batched.py`); OML's (`oml.py`) takes the same inner step at its last layer. The
+operations whose derivatives are written by hand, in fewer operations than autograd's, are in
+`derivatives.py`. `anml.meta_loss` calls `func_meta_loss`; the CUDA graph records it.
 """
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 
-from model import inner_parameter_names
+from fastpath.derivatives import GroupedConv, InnerLastLayer, addmm, instance_norm, linear, max_pool, relu
+from model import adapted_in_the_inner_loop
 
 
 def accuracy(logits, labels):
     return (logits.argmax(1) == labels).float().mean()
-
-
-# ----------------------------------------------------------------------------- instance norm
-
-
-def spatial_sum(t):
-    """[N, C, H, W] -> [N, C, 1, 1] sums."""
-    return t.sum((2, 3), keepdim=True)
-
-
-def batch_sum(t):
-    """[N, C, 1, 1] -> [C], summed over the batch (a view, no operation, for a single image)."""
-    return t.flatten() if t.shape[0] == 1 else t.sum(0).flatten()
-
-
-def as_channels(t):
-    """[N, C, H, W] -> [1, N C, H, W]: each image's channels as one batch norm's channels (a view)."""
-    n, c, h, w = t.shape
-    return t.reshape(1, n * c, h, w)
-
-
-_UNIT_WEIGHTS = {}
-
-
-def unit_weight(like):
-    """A ones weight shaped like `like` ([N C] batch-norm channels), kept per (size, dtype, device).
-
-    Batch norm's backward kernels need a defined weight to return the weight and bias sums on CUDA
-    (the CPU kernel allocates them from the input, the CUDA kernel from the weight); a ones weight
-    gives bit-identical results. Kept, so that an iteration allocates and fills no new one (and a
-    CUDA graph records none); built fresh for tensor subclasses (fake tensors of the CPU tests)."""
-    if type(like) is not torch.Tensor:
-        return torch.ones_like(like)
-    key = (like.numel(), like.dtype, like.device)
-    if key not in _UNIT_WEIGHTS:
-        _UNIT_WEIGHTS[key] = torch.ones(like.numel(), dtype=like.dtype, device=like.device)
-    return _UNIT_WEIGHTS[key]
-
-
-def norm_backward(g, stats, projection=True, sums=True):
-    """Batch norm's backward kernel on the instance norm seen as one image with N C channels, in one
-    operation: the projection rstd (g - A S[g] - A xhat S[g xhat]) (A = 1 / (H W), S a spatial sum),
-    which is the gradient at x of a norm without affine for the gradient g at xhat, and the sums
-    (S[g xhat], S[g]) as [N, C, 1, 1]; what is not asked for is None. `stats` = (x, mean, rstd, eps)
-    of the forward."""
-    x, mean, rstd, eps = stats
-    grad_x, sum_g_xhat, sum_g = torch.ops.aten.native_batch_norm_backward(
-        as_channels(g), as_channels(x), unit_weight(mean), None, None, mean, rstd, True, eps,
-        [projection, sums, sums])
-    shape = (*g.shape[:2], 1, 1)
-    return (grad_x.view(g.shape) if projection else None,
-            *(t.view(shape) if sums else None for t in (sum_g_xhat, sum_g)))
-
-
-class InstanceNorm(torch.autograd.Function):
-    """F.instance_norm with an affine weight and bias (no running statistics), in fewer operations.
-
-    Returns (y, xhat, rstd, scale = weight * rstd); `instance_norm` keeps y. The others are outputs
-    so that the inner loop's backward (NormGrad, a Function of them) can be differentiated: their
-    gradients come back into this Function's backward. The norm is computed as a batch norm of one
-    image with N C channels, so that batch norm's kernels give the sums and projections of the
-    backward in one operation each. y is twice differentiable (the meta-gradient's need); the
-    gradient through the other outputs is once. Checked against F.instance_norm with gradcheck
-    and gradgradcheck (tests/test_functional.py)."""
-
-    @staticmethod
-    def forward(ctx, x, weight, bias, eps):
-        xhat, mean, rstd = torch.native_batch_norm(as_channels(x), None, None, None, None, True, 0.0, eps)
-        xhat, rstd4 = xhat.view(x.shape), rstd.view(*x.shape[:2], 1, 1)
-        scale = rstd4 * weight.view(-1, 1, 1)
-        y = torch.addcmul(bias.view(-1, 1, 1), xhat, weight.view(-1, 1, 1))
-        ctx.save_for_backward(x, mean, rstd, xhat, scale, weight)
-        ctx.eps = eps
-        ctx.set_materialize_grads(False)
-        return y, xhat, rstd4, scale
-
-    @staticmethod
-    def backward(ctx, grad_y, grad_xhat, grad_rstd, grad_scale):
-        x, mean, rstd, xhat, scale, weight = ctx.saved_tensors
-        stats, rstd4 = (x, mean, rstd, ctx.eps), rstd.view(scale.shape)
-        area, w = xhat.shape[2] * xhat.shape[3], weight.view(-1, 1, 1)
-        if grad_y is not None and grad_xhat is None and grad_rstd is None and grad_scale is None:
-            return (*NormGrad.apply(grad_y, xhat, scale, weight, stats), None)  # the inner loop's case
-        # The outer pass: gradients of y, of xhat and scale (from NormGrad), rarely of rstd. Batch
-        # norm's kernels compute it, and PyTorch cannot differentiate their sums-only form.
-        if torch.is_grad_enabled():
-            raise RuntimeError("InstanceNorm: the gradient through xhat, rstd or scale can be taken once, "
-                               "not differentiated again (the meta-gradient's outer pass does not need it)")
-        grad_bias = sum_for_weight = None
-        if grad_y is not None:
-            _, sum_for_weight, sum_y = norm_backward(grad_y, stats, projection=False)
-            grad_bias = batch_sum(sum_y)
-            grad_xhat = grad_y * w if grad_xhat is None else torch.addcmul(grad_xhat, grad_y, w)
-        if grad_scale is not None:  # scale = weight * rstd
-            sum_for_weight = grad_scale * rstd4 if sum_for_weight is None else \
-                torch.addcmul(sum_for_weight, grad_scale, rstd4)
-        grad_weight = None if sum_for_weight is None else batch_sum(sum_for_weight)
-        # rstd's gradient k enters x's as -A rstd xhat k (d rstd / dx = -A rstd^2 xhat); through
-        # scale, k = grad_scale * weight, so rstd k = grad_scale * scale
-        rstd_k = None
-        if grad_scale is not None:
-            rstd_k = grad_scale * scale
-        if grad_rstd is not None:
-            rstd_k = grad_rstd * rstd4 if rstd_k is None else torch.addcmul(rstd_k, grad_rstd, rstd4)
-        grad_x = None if grad_xhat is None else norm_backward(grad_xhat, stats, sums=False)[0]
-        if rstd_k is not None:
-            rstd_k = rstd_k * rstd4
-            grad_x = xhat * (rstd_k * (-1 / area)) if grad_x is None else \
-                torch.addcmul(grad_x, xhat, rstd_k, value=-1 / area)
-        return grad_x, grad_weight, grad_bias, None
-
-
-class NormGrad(torch.autograd.Function):
-    """The instance norm's backward for the inner loop, (grad_x, grad_weight, grad_bias) from grad_y,
-    with its own derivative written by hand, in fewer operations than autograd takes to differentiate
-    a backward written in differentiable operations and to sum their gradients.
-
-    With A = 1 / (H W), spatial sums S[.], s_y = S[gy] and s_yx = S[gy xhat]:
-        centred = gy - A (s_y + xhat s_yx),  grad_x = scale centred,
-        grad_weight = sum over images of s_yx,  grad_bias = sum over images of s_y.
-    `weight` and `stats` (x, mean, rstd, eps: the forward's) are constants here: they only let batch
-    norm's kernels compute what is written above; the derivative is taken w.r.t. gy, xhat and scale.
-    Its backward gives instance_norm's second derivative, checked by gradgradcheck against
-    F.instance_norm's (tests/test_functional.py); it is not differentiable a third time."""
-
-    @staticmethod
-    def forward(ctx, grad_y, xhat, scale, weight, stats):
-        rstd_centred, sum_y_xhat, sum_y = norm_backward(grad_y, stats)
-        ctx.save_for_backward(grad_y, xhat, scale, rstd_centred, sum_y_xhat)
-        ctx.stats = stats
-        return rstd_centred * weight.view(-1, 1, 1), batch_sum(sum_y_xhat), batch_sum(sum_y)
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_grad_x, grad_grad_weight, grad_grad_bias):
-        """With h = scale * grad_grad_x, c0 = grad_grad_bias - A S[h], c1 = grad_grad_weight - A S[h xhat]:
-        d gy = h + c0 + xhat c1,  d xhat = gy c1 - A s_yx h,  d scale = S[grad_grad_x centred]."""
-        grad_y, xhat, scale, rstd_centred, sum_y_xhat = ctx.saved_tensors
-        rstd = ctx.stats[2]
-        area = xhat.shape[2] * xhat.shape[3]
-        h = grad_grad_x * scale
-        _, sum_h_xhat, sum_h = norm_backward(h, ctx.stats, projection=False)
-        c0 = torch.add(grad_grad_bias.view(1, -1, 1, 1), sum_h, alpha=-1 / area)
-        c1 = torch.add(grad_grad_weight.view(1, -1, 1, 1), sum_h_xhat, alpha=-1 / area)
-        d_xhat = torch.addcmul(grad_y * c1, h, sum_y_xhat, value=-1 / area)
-        d_grad_y = torch.addcmul(h.add_(c0), xhat, c1)
-        d_scale = spatial_sum(grad_grad_x * rstd_centred) / rstd.view(scale.shape)  # rstd > 0
-        return d_grad_y, d_xhat, d_scale, None, None
-
-
-def instance_norm(x, weight, bias, eps=1e-5):
-    """F.instance_norm(x, weight=weight, bias=bias, eps=eps), twice differentiable, in few operations."""
-    return InstanceNorm.apply(x, weight, bias, eps)[0]
 
 
 # ----------------------------------------------------------------------------- the network
@@ -177,8 +26,9 @@ def instance_norm(x, weight, bias, eps=1e-5):
 # (they stay in the model and the checkpoint) and gives them an explicit zero gradient.
 
 
-def norm_fed_biases(model):
-    return [p for n, p in model.named_parameters() if n.endswith("conv.bias")]
+def norm_fed_biases(params):
+    """The conv biases among {name: parameter}."""
+    return [p for n, p in params.items() if n.endswith("conv.bias")]
 
 
 def conv_blocks(params, prefix, x, groups=None):
@@ -186,7 +36,7 @@ def conv_blocks(params, prefix, x, groups=None):
 
     With `groups` = L, x is [N, L C_in, H, W] and the dict holds L networks' parameters side by side
     ([L C, C_in, 3, 3] convolutions, [L C] norms): the grouped convolution (GroupedConv, whatever L)
-    runs the L networks at once (`batched.py`), and the result is [N, L 9 C].
+    runs the L networks at once (`lane_features`), and the result is [N, L 9 C].
 
     Max-pooling before the ReLU gives the same values and gradients (both are max operations,
     and the ReLU's zero gradient for x <= 0 survives either order) on a 4x smaller tensor."""
@@ -199,106 +49,10 @@ def conv_blocks(params, prefix, x, groups=None):
     return x.flatten(1)
 
 
-def conv_grads(grad_y, x, weight, groups, mask):
-    """(grad_x, grad_weight) of y = conv2d(x, weight, groups=groups) for grad_y, in one operation;
-    what `mask` does not ask for is None."""
-    grad_x, grad_w, _ = torch.ops.aten.convolution_backward(
-        grad_y, x, weight, None, [1, 1], [0, 0], [1, 1], False, [0, 0], groups, [mask[0], mask[1], False])
-    return grad_x, grad_w
-
-
-class GroupedConv(torch.autograd.Function):
-    """F.conv2d(x, weight, groups=groups) (3x3, no padding) whose backward is ConvGrad (differentiable
-    by hand): PyTorch's own double backward of a grouped convolution loops over the groups, one
-    convolution and one concatenation per group, where grouped kernels do the same work in one
-    operation each."""
-
-    @staticmethod
-    def forward(ctx, x, weight, groups):
-        ctx.save_for_backward(x, weight)
-        ctx.groups = groups
-        return F.conv2d(x, weight, groups=groups)
-
-    @staticmethod
-    def backward(ctx, grad_y):
-        x, weight = ctx.saved_tensors
-        return (*ConvGrad.apply(grad_y, x, weight, ctx.groups, ctx.needs_input_grad[0]), None)
-
-
-class ConvGrad(torch.autograd.Function):
-    """(grad_x, grad_weight) of a grouped convolution, with its derivative written with grouped
-    kernels. With gx, gw the gradients given for grad_x and grad_weight:
-        d grad_y = conv(gx, weight) + conv(x, gw),
-        d weight = the weight gradient of conv(gx, weight) for grad_y,
-        d x      = the input gradient of conv(x, gw) for grad_y.
-    Checked against F.conv2d's with gradcheck and gradgradcheck (tests/test_functional.py)."""
-
-    @staticmethod
-    def forward(ctx, grad_y, x, weight, groups, input_grad=True):
-        ctx.save_for_backward(grad_y, x, weight)
-        ctx.groups = groups
-        grad_x, grad_w = conv_grads(grad_y, x, weight, groups, (input_grad, True))
-        return grad_x, grad_w
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, gg_x, gg_w):
-        grad_y, x, weight = ctx.saved_tensors
-        groups = ctx.groups
-        d_grad_y = d_weight = d_x = None
-        if gg_x is not None:
-            d_grad_y = F.conv2d(gg_x, weight, groups=groups)
-            d_weight = conv_grads(grad_y, gg_x, weight, groups, (False, True))[1]
-        if gg_w is not None:
-            from_w = F.conv2d(x, gg_w, groups=groups)
-            d_grad_y = from_w if d_grad_y is None else d_grad_y + from_w
-            if ctx.needs_input_grad[1]:
-                d_x = conv_grads(grad_y, x, gg_w, groups, (True, False))[0]
-        return d_grad_y, d_x, d_weight, None, None
-
-
-class MaxPool(torch.autograd.Function):
-    """F.max_pool2d(x, 2) whose backward scatters the gradient by the forward's indices (a constant),
-    so that its double backward is one gather: autograd's own also builds a zero gradient for x."""
-
-    @staticmethod
-    def forward(ctx, x):
-        out, indices = F.max_pool2d(x, 2, return_indices=True)
-        ctx.save_for_backward(indices)
-        ctx.size = x.shape[-2:]
-        return out
-
-    @staticmethod
-    def backward(ctx, grad):
-        (indices,) = ctx.saved_tensors
-        return F.max_unpool2d(grad, indices, 2, output_size=ctx.size)
-
-
-def max_pool(x):
-    """F.max_pool2d(x, 2), in fewer operations when differentiated twice."""
-    return MaxPool.apply(x)
-
-
-def relu(x):
-    """F.relu as a product with its constant 0/1 mask: the same values and gradient, and its double
-    backward has no zero gradient to build and add for the mask (the ReLU's second derivative is zero)."""
-    return x * (x.detach() > 0)
-
-
-def addmm(c, a, b):
-    """c + a @ b in one operation, for matrices or for batches of them ([L, n, m], `batched.py`)."""
-    return torch.addmm(c, a, b) if a.dim() == 2 else torch.baddbmm(c, a, b)
-
-
-def linear(x, weight, bias):
-    """F.linear, with a [1, out] bias for one input row, so that its gradient needs no reduction;
-    with a leading dimension of L layers (weight [L, out, in], bias [L, out], x [L, N, in]), L at once."""
-    return addmm(bias.unsqueeze(-2), x, weight.mT)
-
-
-def gate(params, x):
-    """NM output in (0, 1): computed once per batch, since the inner loop never adapts the NM."""
-    return torch.sigmoid(linear(conv_blocks(params, "nm", x), params["nm.fc.weight"], params["nm.fc.bias"]))
+def gate(params, x, features=conv_blocks):
+    """NM output in (0, 1): computed once per batch, since the inner loop never adapts the NM.
+    `features` is conv_blocks (one model) or lane_features (lanes)."""
+    return torch.sigmoid(linear(features(params, "nm", x), params["nm.fc.weight"], params["nm.fc.bias"]))
 
 
 class AdaptedLinear:
@@ -327,53 +81,52 @@ class AdaptedLinear:
         self.F = f if self.F is None else torch.cat([self.F, f], -2)
 
 
-class InnerLastLayer(torch.autograd.Function):
-    """One inner step at the last layer, with its derivative written by hand: from the features f,
-    the logits out = b + f W^T with W = W0 + U^T F (the step's adapted weight, see AdaptedLinear),
-    u = -lr (softmax(out) - onehot) (the bias's SGD step, and the rank-one term of the weight's)
-    and g = u W, the inner loss's gradient at f times -lr (what the conv blocks backpropagate).
+# ----------------------------------------------------------------------------- L lanes of the network
 
-    Differentiated by autograd, these few products and the softmax take many operations a step in
-    the outer backward, mostly gradient sums; the hand-written derivative takes fewer, reusing the
-    products f F^T and u U^T of the forward. Checked with gradcheck (tests/test_functional.py).
-    With a leading dimension of L layers (f [L, 1, in], weight [L, out, in], ...), L steps at once."""
+# K models' parameters stacked [K, ...], B tasks each: L = K B lanes, lane l's episode its own, all lanes
+# in the same operations (grouped convolutions, per-channel norms, batched products at the last layer).
 
-    @staticmethod
-    def forward(ctx, f, bias, weight, U, F, lr_targets, lr):
-        out = linear(f, weight, bias)
-        f_F = u_U = None
-        if U is not None:
-            f_F = f @ F.mT
-            out = addmm(out, f_F, U)
-        softmax = torch.softmax(out, -1)
-        u = torch.addcmul(lr_targets, softmax, lr, value=-1) if torch.is_tensor(lr) else \
-            torch.add(lr_targets, softmax, alpha=-lr)  # a tensor: one rate per layer, [L, 1, 1]
-        g = u @ weight
-        if U is not None:
-            u_U = u @ U.mT
-            g = addmm(g, u_U, F)
-        ctx.save_for_backward(f, weight, U, F, softmax, u, f_F, u_U)
-        ctx.lr, ctx.bias_shape = lr, bias.shape
-        return u, g
 
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_u, grad_g):
-        f, weight, U, F, softmax, u, f_F, u_U = ctx.saved_tensors
-        grad_u = addmm(grad_u, grad_g, weight.mT)  # g = u W: u's whole gradient
-        if U is not None:
-            g_F = grad_g @ F.mT
-            grad_u = addmm(grad_u, g_F, U)
-        d = torch._softmax_backward_data(grad_u, softmax, softmax.dim() - 1, softmax.dtype) * -ctx.lr  # the logits'
-        grad_f = d @ weight
-        grad_U = grad_F = None
-        if U is not None:
-            d_U = d @ U.mT
-            grad_f = addmm(grad_f, d_U, F)
-            grad_U = addmm(g_F.mT @ u, f_F.mT, d)
-            grad_F = addmm(u_U.mT @ grad_g, d_U.mT, f)
-        grad_weight = addmm(u.mT @ grad_g, d.mT, f)
-        return grad_f, d.view(ctx.bias_shape), grad_weight, grad_U, grad_F, None, None
+def expand_lanes(params, lanes_per_model):
+    """{name: [K, ...]} -> {name: [K lanes_per_model, ...]}: each model's weights once per task (the B lanes of
+    model k are k B .. k B + B - 1), differentiably: a model's gradient is the sum over its lanes."""
+    if lanes_per_model == 1:
+        return dict(params)
+    return {n: p.unsqueeze(1).expand(p.shape[0], lanes_per_model, *p.shape[1:]).reshape(-1, *p.shape[1:]).contiguous()
+            for n, p in params.items()}  # contiguous: a copy once, not at each use of a stride-0 view
+
+
+def grouped(params):
+    """The layout conv_blocks reads for L lanes: conv weights [L C, C_in, 3, 3], norms [L C] (views)."""
+    return {n: p.flatten(0, 1) if ".convBlock" in n else p for n, p in params.items()}
+
+
+def lane_features(params, prefix, images):
+    """The conv blocks of L lanes on `images` [N, L, H, W] (lane l's images in channel l): [L, N, 9 C]."""
+    lanes = images.shape[1]
+    return conv_blocks(grouped(params), prefix, images, groups=lanes).view(len(images), lanes, -1).transpose(0, 1)
+
+
+def lane_gate(params, images):
+    """Each lane's NM output on its images [N, L, H, W]: [L, N, mask]."""
+    return gate(params, images, lane_features)
+
+
+def images_first(ims):
+    """[L, N, 1, H, W] episodes -> [N, L, H, W]: lane l's images in channel l of a grouped convolution."""
+    return ims.squeeze(2).transpose(0, 1)
+
+
+def lane_rates(inner_lr, lanes_per_model, dtype):
+    """The inner rate as InnerLastLayer takes it: one number, or one per model ([K]) as one per lane [L, 1, 1]."""
+    if not torch.is_tensor(inner_lr):
+        return inner_lr
+    return inner_lr.to(dtype).repeat_interleave(lanes_per_model).view(-1, 1, 1)
+
+
+def lane_means(t, lanes_per_model, mean_over):
+    """[L] per-lane values -> [K] per-model sums over the model's lanes, divided by `mean_over`."""
+    return t.detach().view(-1, lanes_per_model).sum(1) / mean_over
 
 
 # ----------------------------------------------------------------------------- the meta-gradient
@@ -396,48 +149,78 @@ def one_hot(labels, classes, like):
     return (labels[..., None] == torch.arange(classes, device=labels.device)).to(like.dtype)
 
 
+def inner_step(fc, f, bias, lr_target, lr, first_order, fast=None):
+    """One inner SGD step on one image, from its features f at the last layer: InnerLastLayer gives
+    the bias's step u and the features' gradient (the inner loss is never computed), `fc` takes
+    the weight's rank-one step, and autograd carries the features' gradient back to the fast
+    weights `fast` that f and the bias were computed from. Returns the step of `fast`, or the
+    bias's step where only the last layer adapts (`fast` None: OML).
+
+    `first_order` (FOMAML, the original ANML code's): the step is a constant, so the initial weights
+    get the outer loss's gradient at the adapted ones. The unrolls' one first-order switch."""
+    u, grad_f = InnerLastLayer.apply(f, bias, fc.weight, fc.U, fc.F, lr_target, lr)
+    if first_order:
+        u, grad_f = u.detach(), grad_f.detach()
+    fc.step(u, f.detach() if first_order else f)
+    if fast is None:
+        return u.view_as(bias)
+    (step,) = torch.autograd.grad([f, bias], fast, [grad_f, u.view_as(bias)], create_graph=not first_order)
+    return step
+
+
 def func_meta_loss(model, inner_lr, train_ims, train_labels, valid_ims, valid_labels, first_order=False,
-                   outer_chunk=None):
+                   outer_chunk=None, lanes_per_model=None, mean_over=None):
     """Same mathematics as `anml.higher_meta_loss`, with a functional unroll and plain autograd: the
-    meta-gradient is left in the parameters' .grad; returns (loss, accuracy) tensors.
+    meta-gradient is left in the parameters' .grad (the conv biases' is zero: see norm_fed_biases).
 
-    The fast weights (RLN and fc bias) are one vector, updated with one addition a step; the inner
-    loss is never computed: InnerLastLayer gives the bias's step and the features' gradient directly,
-    and autograd carries the latter through the conv blocks.
+    One model: `model` an ANML (or its parameters by name), train_ims [20, 1, H, W], valid_ims
+    [84, 1, H, W]; returns (loss, accuracy) tensors. `outer_chunk` is the outer backward's images per
+    chunk (None: the device's default; 0: whole).
+    Lanes (`lanes_per_model` = B): `model` is K models' parameters {name: [K, ...]} (leaves), the
+    episodes have a leading dimension L = K B (train_ims [L, 20, 1, H, W]), `inner_lr` is one rate or
+    a [K] tensor; each model's .grad is the mean over its B lanes of their meta-gradients, the sums
+    divided by `mean_over` (default B; a meta-batch shared out over processes: their sums then add up
+    to the means); returns each model's mean outer (loss, accuracy), [K] each.
 
-    `first_order=True` gives the first-order meta-gradient (FOMAML, the original ANML code's): the
-    inner gradients and the last layer's rank-one terms are constants, so the initial weights get
-    the outer loss's gradient at the adapted ones, and the NM gets gradient only through the outer pass.
-    `outer_chunk` is the outer backward's images per chunk (None: the device's default; 0: whole)."""
-    names, lr = inner_parameter_names(model), inner_lr
-    params = dict(model.named_parameters())
-    masks = gate(params, torch.cat([train_ims, valid_ims]))
-    train_masks, valid_masks = masks.split([len(train_ims), len(valid_ims)])  # split: one cat backward
-    fc = AdaptedLinear(params["fc.weight"])
-    fast_names = [n for n in names if not n.endswith("conv.bias") and n != "fc.weight"]
-    fast = flatten(params, fast_names)
-    lr_targets = lr * one_hot(train_labels, params["fc.weight"].shape[0], fast)
-    for image, mask, lr_target in zip(train_ims.split(1), train_masks.split(1), lr_targets.split(1)):
-        weights = {**params, **unflatten(fast, params, fast_names)}
-        f = conv_blocks(weights, "rln", image) * mask
-        bias = weights["fc.bias"]
-        u, grad_f = InnerLastLayer.apply(f, bias, fc.weight, fc.U, fc.F, lr_target, lr)
-        if first_order:
-            u, grad_f = u.detach(), grad_f.detach()
-        (step,) = torch.autograd.grad([f, bias], fast, [grad_f, u.view(-1)], create_graph=not first_order)
-        fast = fast + step
-        fc.step(u, f.detach() if first_order else f)
+    The fast weights (RLN and fc bias) are one vector, updated with one addition a step (inner_step)."""
+    params = dict(model.named_parameters()) if isinstance(model, nn.Module) else model
+    lanes = lanes_per_model is not None
+    mean_over = mean_over or lanes_per_model
+    dim = 1 if lanes else 0  # the episodes' image dimension
+    as_images, features = (images_first, lane_features) if lanes else (lambda ims: ims, conv_blocks)
+    weights = expand_lanes(params, lanes_per_model) if lanes else params
+    inner_lr = lane_rates(inner_lr, lanes_per_model, train_ims.dtype) if lanes else inner_lr
+    masks = gate(weights, as_images(torch.cat([train_ims, valid_ims], dim)), features)
+    # split: one cat backward
+    train_masks, valid_masks = masks.split([train_ims.shape[dim], valid_ims.shape[dim]], dim)
+    fc = AdaptedLinear(weights["fc.weight"])
+    fast_names = [n for n in params  # the fc weight adapts through `fc`, the conv biases not at all
+                  if adapted_in_the_inner_loop(n) and not n.endswith("conv.bias") and n != "fc.weight"]
+    fast = flatten(weights, fast_names)
+    lr_targets = inner_lr * one_hot(train_labels, weights["fc.weight"].shape[-2], fast)
+    steps = zip(as_images(train_ims).split(1), train_masks.split(1, dim), lr_targets.split(1, dim))
+    for image, mask, lr_target in steps:
+        adapted = {**weights, **unflatten(fast, weights, fast_names)}
+        f = features(adapted, "rln", image) * mask
+        fast = fast + inner_step(fc, f, adapted["fc.bias"], lr_target, inner_lr, first_order, fast)
     chunk = default_outer_chunk(valid_ims.device) if outer_chunk is None else outer_chunk
-    if chunk and chunk < len(valid_ims):
-        loss, out = outer_backward_in_chunks(params, fast_names, fast, fc, valid_ims, valid_masks,
-                                             valid_labels, chunk)
+    if not lanes and chunk and chunk < len(valid_ims):  # lanes take the batch whole
+        loss, out = outer_backward_in_chunks(weights, fast_names, fast, fc, valid_ims, valid_masks, valid_labels, chunk)
     else:
-        weights = {**params, **unflatten(fast, params, fast_names)}
-        out = fc(conv_blocks(weights, "rln", valid_ims) * valid_masks, weights["fc.bias"])
-        loss = F.cross_entropy(out, valid_labels)
-        loss.backward()
-    for p in norm_fed_biases(model):
+        adapted = {**weights, **unflatten(fast, weights, fast_names)}
+        out = fc(features(adapted, "rln", as_images(valid_ims)) * valid_masks, adapted["fc.bias"])
+        if lanes:  # each lane's mean over its images
+            loss = F.cross_entropy(out.flatten(0, 1), valid_labels.flatten(), reduction="none")
+            loss = loss.view(len(out), -1).mean(1)
+            (loss.sum() / mean_over).backward()
+        else:
+            loss = F.cross_entropy(out, valid_labels)
+            loss.backward()
+    for p in norm_fed_biases(params):
         p.grad = torch.zeros_like(p)
+    if lanes:
+        hits = (out.argmax(-1) == valid_labels).to(loss.dtype).mean(1)
+        return lane_means(loss, lanes_per_model, mean_over), lane_means(hits, lanes_per_model, mean_over)
     return loss.detach(), accuracy(out, valid_labels)
 
 
@@ -474,3 +257,25 @@ def outer_backward_in_chunks(params, fast_names, fast, fc, valid_ims, valid_mask
     used = [(t, c.grad) for t, c in zip(inputs, cut) if c.grad is not None]
     torch.autograd.backward([t for t, _ in used], [g for _, g in used])
     return loss, torch.cat(outs)
+
+
+def oml_meta_loss(model, inner_lr, train_ims, train_labels, valid_ims, valid_labels, first_order=False):
+    """OML's meta-gradient, left in the parameters' .grad; returns (loss, accuracy) tensors.
+
+    One inner SGD step (`inner_lr`) of the last layer per training image, in order (ANML's inner
+    step at the last layer, `functional.inner_step`), then the cross-entropy of the adapted network
+    on `valid_ims`, back-propagated through every inner step (`first_order`: the inner gradients are
+    constants). The RLN is fixed during the inner loop, so the features of all the images are
+    computed once."""
+    feats = model.features(torch.cat([train_ims, valid_ims]))
+    train_feats, valid_feats = feats.split([len(train_ims), len(valid_ims)])
+    fc = AdaptedLinear(model.fc.weight)
+    bias = model.fc.bias
+    lr_targets = inner_lr * one_hot(train_labels, model.fc.weight.shape[0], feats)
+    for f, lr_target in zip(train_feats.split(1), lr_targets.split(1)):
+        bias = bias + inner_step(fc, f, bias, lr_target, inner_lr, first_order)
+    out = fc(valid_feats, bias)
+    loss = F.cross_entropy(out, valid_labels)
+    loss.backward()
+    return loss.detach(), accuracy(out, valid_labels)
+

@@ -1,4 +1,5 @@
-"""What keeps runs and results honest: the settings of each script, checked once (`config`), the
-command line and its errors (`cli`), the run loop (`run_loop`), checkpoint files (`checkpoints`),
-the machine (`runtime`), atomic writes (`atomic`) and the result files (`results`). `config` and
-`cli` load without torch."""
+"""Infrastructure that keeps runs and results honest, and knows nothing of the algorithm: the settings
+of each script, checked once (`config`), the command line and its errors (`cli`), a training run's
+safety (`training_run`, with `run_start`, `run_lock` and `training_log`), checkpoint files
+(`checkpoints`), the machine (`runtime`), atomic writes (`atomic`) and the result files (`results`).
+`config` and `cli` load without torch."""

@@ -12,8 +12,7 @@ import numpy as np
 import torch
 
 from harness.atomic import WriteError, one_line, write_atomic
-from model import ANML, sizes_from_state_dict
-from fastpath.oml import OML, oml_sizes
+from model import ANML, OML, oml_sizes, sizes_from_state_dict
 
 RESUMABLE_KEYS = {"model", "outer_opt", "iteration", "elapsed", "rng"}
 

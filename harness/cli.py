@@ -12,6 +12,7 @@ import threading
 from pathlib import Path
 
 from harness.config import field_names, max_threads
+from harness.quiet_start import STOP_SIGNALS, replaceable, stop_quietly
 from protocol import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -116,29 +117,6 @@ def notice(message):
     print(f"notice: {message}", file=sys.stderr, flush=True)
 
 
-STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)  # Ctrl-C, kill, a closed terminal
-
-
-def stop_quietly(signum, frame):
-    """A stop signal before run_cli runs main: `interrupted` and exit 130, as run_cli ends an interrupted main."""
-    print("interrupted", file=sys.stderr, flush=True)
-    raise SystemExit(130)
-
-
-def replaceable(handler):
-    """Whether a signal's handler is Python's default or quiet_start's, not one set on purpose (nohup's
-    ignored SIGHUP stays ignored)."""
-    return handler in (signal.SIG_DFL, signal.default_int_handler, stop_quietly)
-
-
-def quiet_start():
-    """Called first by a script run as a program, before its heavy imports: until run_cli runs main, Ctrl-C,
-    SIGTERM or SIGHUP (while torch loads, say) print `interrupted` and exit 130 instead of a traceback."""
-    for sig in STOP_SIGNALS:
-        if replaceable(signal.getsignal(sig)):
-            signal.signal(sig, stop_quietly)
-
-
 @contextlib.contextmanager
 def stop_signals_interrupt():
     """Inside the block, Ctrl-C, SIGTERM and SIGHUP raise KeyboardInterrupt (a signal set aside on purpose
@@ -151,8 +129,13 @@ def stop_signals_interrupt():
     try:
         yield
     finally:
-        for sig, handler in old.items():
-            signal.signal(sig, handler)
+        for sig, handler in old.items():  # quiet_start's exit is for the start only, not for the shutdown
+            signal.signal(sig, handler if handler != stop_quietly else default_handler(sig))
+
+
+def default_handler(sig):
+    """Python's own handler of a stop signal: KeyboardInterrupt for Ctrl-C, the system's for the others."""
+    return signal.default_int_handler if sig == signal.SIGINT else signal.SIG_DFL
 
 
 def run_cli(main):

@@ -216,7 +216,7 @@ def how_to_continue(configs):
     resumable checkpoint, else the same command again (a run stopped before its first one restarts)."""
     if all(newest_resumable(c.out_dir, c.name, c.kind) is not None for c in configs):
         return "continue with the same command and --resume latest"
-    return "run the same command again, without --resume (no resumable checkpoint was written, so the run starts again)"
+    return "run the same command again, without --resume (the run starts again)"
 
 
 def last_good(configs):

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 import anml
-from fastpath.batched import (MemberOptimizer, StackedAdam, StackedMetaStep, lanes_meta_loss, one_or_each, seeded_stack,
-                     stacked_optimizer)
+from fastpath.batched import MemberOptimizer, StackedAdam, StackedMetaStep, one_or_each, seeded_stack, stacked_optimizer
+from fastpath.functional import func_meta_loss
 from conftest import INNER_LR, TINY
 from model import seeded_network
 
@@ -101,6 +101,30 @@ def test_stacked_adam_with_one_rate_is_torchs_adam():
         assert not torch.equal(a.detach(), params[0])
 
 
+def test_stacked_adam_is_torchs_fused_adam_with_a_param_group_per_model():
+    """Each model's slices move bit for bit as torch's fused Adam moves a param group of them with
+    the model's rate (what the meta-test's last layers took before sharing StackedAdam), whatever
+    the gradients' layout (a transposed one, as a batched product's weight gradient is)."""
+    g = torch.Generator().manual_seed(1)
+    lrs = [1e-3, 5e-4, 2e-3]
+    params = [torch.randn(3, 6, 5, generator=g), torch.randn(3, 6, generator=g)]
+    ours = [p.clone() for p in params]
+    theirs = [p.clone() for p in params]
+    groups = [{"params": [p[k] for p in theirs], "lr": lr} for k, lr in enumerate(lrs)]
+    opt_ours, opt_fused = StackedAdam(ours, lrs), torch.optim.Adam(groups, fused=True)
+    for _ in range(5):
+        grads = [torch.randn(3, 5, 6, generator=g).mT, torch.randn(3, 6, generator=g)]
+        for p, grad in zip(ours, grads):
+            p.grad = grad.clone()
+        for k, group in enumerate(groups):
+            for p, grad in zip(group["params"], grads):
+                p.grad = grad[k].contiguous()  # torch's fused kernel reads a gradient as laid out like its parameter
+        opt_ours.step()
+        opt_fused.step()
+    for a, b, start in zip(ours, theirs, params):
+        assert torch.equal(a, b) and not torch.equal(a, start)
+
+
 def test_a_member_saves_and_loads_as_a_single_run(sampler):
     """The k-th member's model and optimizer state are a single run's; loading them back restores it."""
     stack, opt, _ = stacked_run(sampler, SEEDS, 2)
@@ -143,7 +167,7 @@ def test_a_meta_batch_is_the_mean_of_its_tasks_meta_gradients(sampler):
     for b in range(tasks):
         params = {n: p.clone().requires_grad_() for n, p in lobotomized.items()}
         batch = gather_train_batch(images, 20, torch.tensor([classes[b]]), torch.from_numpy(remember[b:b + 1]))
-        lanes_meta_loss(params, 1, INNER_LR, *batch)
+        func_meta_loss(params, INNER_LR, *batch, lanes_per_model=1)
         for n, p in params.items():
             if p.grad is not None:
                 separate[n] += p.grad / tasks

@@ -245,7 +245,7 @@ def test_a_restarted_process_of_a_shared_meta_batch_says_what_to_run(monkeypatch
 def test_gate_stats_refuses_an_oml_checkpoint_in_one_line_before_any_data(tmp_path, monkeypatch, capsys):
     """OML's network has no NM gate: tools/gate_stats.py names the file and says so (exit 2), whether
     it is given alone or among ANML checkpoints, before it loads Omniglot."""
-    from fastpath.oml import seeded_oml
+    from model import seeded_oml
     from tools import gate_stats
     monkeypatch.setattr(gate_stats, "OmniSampler", lambda *a, **k: pytest.fail("the data was loaded"))
     oml, anml_path = tmp_path / "4_OML-0.pth", tmp_path / "4_3_36_ANML-0.pth"
@@ -274,3 +274,21 @@ def test_the_configs_refuse_more_threads_than_cpus_and_take_as_many():
         MetaTrainConfig(threads=100000)
     assert train_omni.parse_args([*TINY_FLAGS, "-d", "cpu", "--threads", str(os.cpu_count())])[0].threads == \
         os.cpu_count()
+
+
+def test_the_start_ups_quiet_exit_gives_way_to_pythons_handlers_after_main():
+    """quiet_start's immediate exit is for the start only: once run_cli's main has returned, a stop
+    signal (say, during the interpreter's shutdown) meets Python's own handlers again."""
+    import signal
+    from harness.cli import run_cli
+    from harness.quiet_start import STOP_SIGNALS, quiet_start, stop_quietly
+    before = {sig: signal.getsignal(sig) for sig in STOP_SIGNALS}
+    try:
+        quiet_start()
+        assert all(signal.getsignal(sig) is stop_quietly for sig in STOP_SIGNALS)
+        run_cli(lambda: None)
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+        assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL and signal.getsignal(signal.SIGHUP) == signal.SIG_DFL
+    finally:
+        for sig, handler in before.items():
+            signal.signal(sig, handler)

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import anml
+from meta_test import meta_test
 from harness.config import EvalConfig
 from conftest import INNER_LR, flat
 from fastpath.cuda_graphs import GraphedMetaStep, gather_train_batch
@@ -105,8 +106,8 @@ def test_graphed_step_equals_eager_on_cuda(sampler):
 def test_graphed_meta_test_on_cuda_equals_cpu(small_checkpoint, sampler):
     config = lambda device: EvalConfig(model=str(small_checkpoint), classes=(5, 20), lrs=(1e-3, 5e-4), runs=2, seed=3,
                                        device=device)
-    gpu = anml.meta_test(config("cuda"), sampler, progress=False)
-    cpu = anml.meta_test(config("cpu"), sampler, progress=False)
+    gpu = meta_test(config("cuda"), sampler, progress=False)
+    cpu = meta_test(config("cpu"), sampler, progress=False)
     # float32 on both (TF32 is off: runtime.use_float32), but the GPU sums in another order, which may
     # flip a near-tie: allow one image of the smallest set (5 classes x 5 test images: 0.04, x 15
     # training images: 0.013) per run, and no more

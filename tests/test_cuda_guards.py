@@ -22,9 +22,10 @@ from conftest import INNER_LR, TINY
 from cuda_guards import CudaDifference, CudaKernelGuard, guarded_steps, meta_as_cuda
 from fastpath.frozen_features import LastLayers
 from harness.checkpoints import load_optimizer_state
-from fastpath.functional import norm_backward
-from model import kaiming_std, seeded_network
-from fastpath.oml import IMAGE_SIZE, seeded_oml
+from fastpath.derivatives import norm_backward
+from meta_test import meta_test
+from model import kaiming_std, reset_last_layer, seeded_network
+from model import IMAGE_SIZE, seeded_oml
 
 aten = torch.ops.aten
 
@@ -117,7 +118,7 @@ def iid(sampler, device, zap=True):
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     images, labels = pretrain_omni.background_set(sampler)
     if zap:
-        anml.reset_last_layer(model)
+        reset_last_layer(model)
     return pretrain_omni.train_step(model, opt, images[:32].to(device), labels[:32].to(device))[0]
 
 
@@ -157,11 +158,11 @@ def test_meta_test_uses_no_call_whose_cuda_kernel_differs(small_checkpoint, samp
         config = EvalConfig(model=str(small_checkpoint), classes=(3, 5), lrs=(1e-3, 5e-4), runs=2, seed=1,
                             method=method)
         with CudaKernelGuard():
-            results = anml.meta_test(config, copy.copy(sampler), progress=False)
+            results = meta_test(config, copy.copy(sampler), progress=False)
         assert np.isfinite(results["test"]).all()
     config = EvalConfig(model=str(small_checkpoint), classes=(3,), lrs=(1e-3,), runs=1, original_loop=True)
     with CudaKernelGuard():
-        anml.meta_test(config, copy.copy(sampler), progress=False)
+        meta_test(config, copy.copy(sampler), progress=False)
 
 
 def test_meta_test_steps_run_on_a_device_without_host_tensors(device_steps, monkeypatch):

@@ -3,7 +3,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fastpath.functional import GroupedConv, InnerLastLayer, InstanceNorm, instance_norm, max_pool, relu
+from fastpath.derivatives import GroupedConv, InnerLastLayer, InstanceNorm, instance_norm, max_pool, relu
 
 
 def norm_inputs(batch, seed=0):

@@ -8,7 +8,8 @@ import anml
 from harness.checkpoints import load_model
 from harness.config import MetaTrainConfig
 from conftest import assert_ok, run, same_weights, weights
-from fastpath.oml import IMAGE_SIZE, OML, image_size, oml_meta_loss
+from fastpath.functional import oml_meta_loss
+from model import IMAGE_SIZE, OML, image_size
 
 INNER_LR = 0.03
 

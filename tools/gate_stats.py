@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from harness.cli import quiet_start  # noqa: E402
+from harness.quiet_start import quiet_start  # noqa: E402
 
 if __name__ == "__main__":
     quiet_start()  # a Ctrl-C or SIGTERM while torch loads: one line, exit 130
@@ -21,7 +21,7 @@ import torch  # noqa: E402
 from datasets import OmniSampler  # noqa: E402
 from harness.checkpoints import load_model  # noqa: E402
 from harness.cli import run_cli  # noqa: E402
-from fastpath.oml import OML  # noqa: E402
+from model import OML  # noqa: E402
 
 
 def gate_statistics(model, images):
