@@ -64,7 +64,7 @@ def meta_step(model, outer_opt, train_data, train_class, valid_ims, valid_labels
     return loss.item(), acc.item()
 
 
-def meta_loss(model, inner_lr, train_ims, train_labels, valid_ims, valid_labels, backend="func", first_order=False,
+def meta_loss(model, inner_lr, train_ims, train_labels, valid_ims, valid_labels, backend="higher", first_order=False,
               outer_chunk=None):
     """The meta-gradient of one episode (the inner loop learns `train_ims` one image a step, the
     outer loss is on `valid_ims`), left in the parameters' .grad; returns (loss, accuracy) tensors.

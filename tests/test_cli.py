@@ -284,6 +284,8 @@ def test_the_start_ups_quiet_exit_gives_way_to_pythons_handlers_after_main():
     from harness.quiet_start import STOP_SIGNALS, quiet_start, stop_quietly
     before = {sig: signal.getsignal(sig) for sig in STOP_SIGNALS}
     try:
+        for sig in STOP_SIGNALS:  # as a script starts (a test runner may have set its own)
+            signal.signal(sig, signal.default_int_handler if sig == signal.SIGINT else signal.SIG_DFL)
         quiet_start()
         assert all(signal.getsignal(sig) is stop_quietly for sig in STOP_SIGNALS)
         run_cli(lambda: None)
