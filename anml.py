@@ -10,9 +10,10 @@
 reference, higherANML's own code; "func" computes the same meta-gradient faster
 (`fastpath/functional.py`, ANML's and OML's) and "graph" replays "func" from a CUDA graph
 (`fastpath/cuda_graphs.py`). `train_one` is the paper's loop (draw a task, `meta_step`, log, save),
-kept safe by `harness/training_run.TrainingRuns`; `train_together` the same for several models. `test_train` runs on frozen features (`fastpath/frozen_features.py`)
-unless higherANML's loop is asked for, or every parameter is to learn (`no_freeze`, the original
-ANML code's baseline), which only that loop can do (`original_fit`).
+kept safe by `harness/training_run.TrainingRuns`; `train_together` the same for several models.
+`test_train` runs on frozen features (`fastpath/frozen_features.py`) unless higherANML's loop is
+asked for, or every parameter is to learn (`no_freeze`, the original ANML code's baseline), which
+only that loop can do (`original_fit`).
 """
 import copy
 
@@ -22,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from datasets import OmniSampler
-from fastpath.batched import MemberOptimizer, StackedMetaStep, one_or_each, seeded_stack, stacked_optimizer
+from fastpath.batched import MemberOptimizer, StackedMetaStep, shared_or_per_model_rate, seeded_stack, stacked_optimizer
 from fastpath.cuda_graphs import GraphedMetaStep
 from fastpath.frozen_features import FeatureBank, MetaTestRun, hit_rate, sequential_fit
 from fastpath.functional import accuracy, func_meta_loss, oml_meta_loss
@@ -191,7 +192,7 @@ def train_together(configs, sampler=None, quiet=False, ranks=Ranks(), shared=Fal
         data = sampler or OmniSampler(config.data_root, download=config.download)
         stack, generators = seeded_stack(config.rln, config.nm, config.mask, seeds, config.device)
         outer_opt = stacked_optimizer(stack, [c.outer_lr for c in configs], capturable=backend == "graph")
-        inner_lr = one_or_each([c.inner_lr for c in configs], config.device)
+        inner_lr = shared_or_per_model_rate([c.inner_lr for c in configs], config.device)
         task_draws = []
         for seed, generator in zip(seeds, generators):
             draws = copy.copy(data)  # the same images, the seed's own task draws
@@ -264,20 +265,20 @@ def test_test(model, test_data, test_examples=5):
     return hit_rate((predict_in_batches(model, ims) == labels).view(-1, test_examples))
 
 
-def test_train(PATH, sampler, num_classes=10, train_examples=15, device="cpu", lr=1e-3, quiet=False,
+def test_train(model_or_path, sampler, num_classes=10, train_examples=15, device="cpu", lr=1e-3, quiet=False,
                fast=True, generator=None, no_freeze=False):
     """higherANML's meta-test of one run: returns the per-class test accuracies (numpy) and, which
     higherANML does not, the accuracy on the training images after the whole sequence.
 
-    Loads the checkpoint (`PATH`, or a model, which is copied), freezes RLN and NM, re-initialises
-    fc.weight from `generator`, learns `num_classes` new classes in sequence (one Adam step per
-    training image), then tests on the rest. `fast=True` computes the frozen features once and runs
+    Loads the checkpoint at `model_or_path` (or copies the model given), freezes RLN and NM,
+    re-initialises fc.weight from `generator`, learns `num_classes` new classes in sequence (one Adam
+    step per training image), then tests on the rest. `fast=True` computes the frozen features once and runs
     the same Adam steps on fc alone. `no_freeze` (with fast=False) freezes nothing: every parameter
     learns, as with the original ANML code's --no_freeze."""
     if fast and no_freeze:
         raise ValueError("test_train: no_freeze trains the whole network, which the frozen features cannot "
                          "(give fast=False)")
-    model = PATH if isinstance(PATH, torch.nn.Module) else load_model(PATH)
+    model = model_or_path if isinstance(model_or_path, torch.nn.Module) else load_model(model_or_path)
     model = learner(model, generator, no_freeze).to(device)
     if fast:
         model.requires_grad_(False)

@@ -148,7 +148,7 @@ def stacked_optimizer(stack, lrs, capturable=False):
     return adam_for_models(stack.parameters(), lrs, capturable=capturable)
 
 
-def one_or_each(values, device):
+def shared_or_per_model_rate(values, device):
     """A rate shared by every model as a number, else one per model as a [K] tensor."""
     return values[0] if len(set(values)) == 1 else torch.tensor(values, dtype=torch.float64, device=device)
 

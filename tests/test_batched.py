@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import anml
-from fastpath.batched import MemberOptimizer, StackedAdam, StackedMetaStep, one_or_each, seeded_stack, stacked_optimizer
+from fastpath.batched import MemberOptimizer, StackedAdam, StackedMetaStep, shared_or_per_model_rate, seeded_stack, stacked_optimizer
 from fastpath.functional import func_meta_loss
 from conftest import INNER_LR, TINY
 from model import seeded_network
@@ -37,7 +37,7 @@ def stacked_run(sampler, seeds, iterations, tasks=1, first_order=False, device="
                 outer_lrs=None):
     stack, generators = seeded_stack(**TINY, seeds=seeds, device=device, dtype=torch.float64)
     opt = stacked_optimizer(stack, outer_lrs or [1e-3] * len(seeds), capturable=graphed)
-    inner_lr = one_or_each(inner_lrs, device) if inner_lrs else INNER_LR
+    inner_lr = shared_or_per_model_rate(inner_lrs, device) if inner_lrs else INNER_LR
     samplers = [copy.copy(sampler) for _ in seeds]
     for s, seed in zip(samplers, seeds):
         s.rng = np.random.default_rng(seed)

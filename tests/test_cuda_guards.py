@@ -16,7 +16,7 @@ import torch
 import anml
 from fastpath import cuda_graphs
 import pretrain_omni
-from fastpath.batched import ModelStack, StackedAdam, StackedMetaStep, one_or_each, seeded_stack, stacked_optimizer
+from fastpath.batched import ModelStack, StackedAdam, StackedMetaStep, shared_or_per_model_rate, seeded_stack, stacked_optimizer
 from harness.config import EvalConfig
 from conftest import INNER_LR, TINY
 from cuda_guards import CudaDifference, CudaKernelGuard, guarded_steps, meta_as_cuda
@@ -90,7 +90,7 @@ def lanes(sampler, device, first_order=False, rates=(1e-3, 2e-3), graphed=True):
     samplers = [copy.copy(sampler) for _ in seeds]
     for s, seed in zip(samplers, seeds):
         s.rng = np.random.default_rng(seed)
-    inner = one_or_each([INNER_LR, INNER_LR / 2], device)
+    inner = shared_or_per_model_rate([INNER_LR, INNER_LR / 2], device)
     step = StackedMetaStep(stack, opt, samplers, generators, 2, inner, first_order, graphed=graphed and device != "cpu")
     for _ in range(2):
         loss, _ = step()
