@@ -227,33 +227,82 @@ def _cache_key(sources, im_size):
     return hashlib.sha256(blob).hexdigest()[:20]
 
 
-def locate_omniglot(data_root=None, download=True):
-    """{split: folder or zip} of Omniglot. A data root given explicitly (`data_root`, else
-    $OMNIGLOT_ROOT) must hold it, or DIR/omniglot must: it is never created or downloaded into.
-    Otherwise the per-user cache is used, and the archives are downloaded into it when they are
-    missing and `download` allows."""
-    source, root = data_root_source(data_root), resolve_data_root(data_root)
-    if source is None:
-        sources = find_sources(root)
-        if all(sources.values()):
-            return sources
-        if not download:
-            raise DataError(f"Omniglot is not in {root} (the per-user cache) and --no-download is set: point "
-                            f"--data-root DIR (or OMNIGLOT_ROOT=DIR) at a folder that holds images_background.zip "
-                            f"and images_evaluation.zip, or drop --no-download to download them from {BASE_URL}")
-        download_omniglot(root)
-        return find_sources(root)
+REMEMBERED_ROOT = "omniglot_root.txt"  # in the cache folder: the last data root a run was given
+
+
+def remembered_root_file(cache_dir=None):
+    """The file that keeps the last data root named by --data-root or $OMNIGLOT_ROOT (in the cache folder)."""
+    return resolve_cache_dir(cache_dir) / REMEMBERED_ROOT
+
+
+def read_remembered_root(cache_dir=None):
+    """The remembered data root, or None when there is none (no file, or an empty or unreadable one)."""
+    try:
+        text = remembered_root_file(cache_dir).read_text(encoding="utf-8").rstrip("\n")
+    except (OSError, UnicodeDecodeError):
+        return None
+    return Path(text) if text else None
+
+
+def remember_root(root, cache_dir=None):
+    """Keep `root` (made absolute) for later runs that name no data root; a failure is only a notice."""
+    root, file = os.path.abspath(Path(root).expanduser()), remembered_root_file(cache_dir)
+    if read_remembered_root(cache_dir) == Path(root):
+        return
+    try:
+        write_atomic(file, lambda tmp: Path(tmp).write_text(f"{root}\n", encoding="utf-8"))
+    except OSError as e:
+        notice(f"could not remember the data root {root} in {file}: {e}")
+
+
+def find_in_named_root(root, name, fix):
+    """{split: folder or zip} under a root the user named (or DIR/omniglot); else a DataError that
+    starts with `name` (who named the root, and the root) and ends with `fix`. Nothing is created or
+    downloaded there."""
     for folder in (root, root / "omniglot"):
         sources = find_sources(folder)
         if all(sources.values()):
             return sources
     if not root.exists():
-        raise DataError(f"{source} {root} does not exist (nothing was created or downloaded): give the folder that "
-                        f"holds images_background.zip and images_evaluation.zip")
+        raise DataError(f"{name} does not exist (nothing was created or downloaded): {fix}")
     missing = [s for s, p in find_sources(root).items() if p is None]
-    raise DataError(f"{source} {root} does not hold Omniglot: no {' or '.join(missing)} (.zip, extracted, or under "
-                    f"omniglot-py/) in it or in {root / 'omniglot'}; point {source} at the folder with the two "
-                    f"zips, or leave it unset to download them into {_user_cache() / 'omniglot'}")
+    raise DataError(f"{name} does not hold Omniglot: no {' or '.join(missing)} (.zip, extracted, or under "
+                    f"omniglot-py/) in it or in {root / 'omniglot'}; {fix}")
+
+
+def locate_in_user_cache(download):
+    """{split: folder or zip} in the per-user cache, downloaded there when missing and `download` allows."""
+    root = resolve_data_root(None)
+    sources = find_sources(root)
+    if all(sources.values()):
+        return sources
+    if not download:
+        raise DataError(f"Omniglot is not in {root} (the per-user cache) and --no-download is set: point "
+                        f"--data-root DIR (or OMNIGLOT_ROOT=DIR) at a folder that holds images_background.zip "
+                        f"and images_evaluation.zip, or drop --no-download to download them from {BASE_URL}")
+    download_omniglot(root)
+    return find_sources(root)
+
+
+def locate_omniglot(data_root=None, download=True, cache_dir=None):
+    """{split: folder or zip} of Omniglot. A data root given explicitly (`data_root`, else
+    $OMNIGLOT_ROOT), else the one remembered from an earlier run (`remembered_root_file`), must hold
+    it, or DIR/omniglot must: it is never created or downloaded into. Otherwise the per-user cache is
+    used, and the archives are downloaded into it when they are missing and `download` allows."""
+    source, remembered = data_root_source(data_root), read_remembered_root(cache_dir)
+    if source is not None:
+        root = resolve_data_root(data_root)
+        unset = f"read the remembered data root {remembered}" if remembered else \
+            f"download them into {_user_cache() / 'omniglot'}"
+        return find_in_named_root(root, f"{source} {root}", fix=(
+            f"point {source} at the folder with the two zips (images_background.zip and images_evaluation.zip), "
+            f"or leave it unset to {unset}"))
+    if remembered is None:
+        return locate_in_user_cache(download)
+    file = remembered_root_file(cache_dir)
+    return find_in_named_root(remembered, f"the remembered data root {remembered} (kept in {file})", fix=(
+        f"give --data-root DIR (or set OMNIGLOT_ROOT=DIR) for the folder that holds images_background.zip and "
+        f"images_evaluation.zip, or remove {file} to use the per-user cache {_user_cache() / 'omniglot'}"))
 
 
 def read_cache(cache, im_size):
@@ -278,9 +327,10 @@ def load_omniglot(root=None, im_size=28, download=True, cache_dir=None):
     """Return (background [964, 20, S, S], evaluation [659, 20, S, S]) float32 arrays in [0, 1].
 
     Preprocessing as higherANML: PIL convert("L"), LANCZOS resize to im_size, /255. Classes are sorted by
-    alphabet then character, images by drawer. Results are cached in cache_dir (see resolve_cache_dir).
+    alphabet then character, images by drawer. Results are cached in cache_dir (see resolve_cache_dir),
+    where a data root named by `root` or $OMNIGLOT_ROOT is remembered too (`remember_root`).
     """
-    sources = locate_omniglot(root, download)
+    sources = locate_omniglot(root, download, cache_dir)
     cache_dir = resolve_cache_dir(cache_dir)
     cache = cache_dir / f"omniglot-{im_size}px-{_cache_key(sources, im_size)}.npz"
     arrays = read_cache(cache, im_size) if cache.is_file() else None
@@ -295,4 +345,6 @@ def load_omniglot(root=None, im_size=28, download=True, cache_dir=None):
             write_atomic(cache, save)
         except OSError as e:
             notice(f"could not write the Omniglot cache {cache}: {e}")
+    if data_root_source(root) is not None:  # found and read: later runs that name no root find it too
+        remember_root(resolve_data_root(root), cache_dir)
     return tuple(arrays[s].astype(np.float32) / np.float32(255) for s in SPLITS)

@@ -5,7 +5,9 @@
   the run's configuration); `kind` "pretrain" names pretrain_omni.py's files the same way.
 """
 import os
+import pickle
 import re
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -103,32 +105,153 @@ def cpu_state_dict(model):
 
 
 def load_model(path, device="cpu"):
-    """An ANML built from a checkpoint, its sizes read from the tensors' shapes.
+    """An ANML (or OML) built from a checkpoint, its sizes read from the tensors' shapes.
 
-    Raises ValueError with a one-line reason for a missing, empty or unreadable file, or a
+    Raises ValueError with a one-line reason naming the file and what it is: a folder, a missing
+    file, one that is not a PyTorch checkpoint (empty, text, CSV, other bytes), a damaged one, or a
     state_dict whose keys or shapes do not fit the architecture."""
     path = Path(path)
+    check_model_file(path)
+    state = read_state_dict(path)
+    check_finite(state, path)
+    return build_model(state, path).to(device)
+
+
+ZIP_MAGIC = b"PK\x03\x04"  # torch.save's format: a zip archive
+PICKLE_MAGIC = b"\x80"  # torch.save's older format: a pickle (protocol 2 or later)
+HIGHERANML_LAST = 29999  # higherANML's README names its model after its last iteration of 30,000
+
+
+def check_model_file(path):
+    """Refuse, in one line naming it, a path that is no checkpoint file: a folder, a missing file, or a
+    file whose first bytes are not torch.save's (judged by its content, not its name)."""
     if path.is_dir():
         raise ValueError(f"{path} is a folder, not a model file (give a checkpoint in it, e.g. its *_ANML-*.pth)")
     if not path.is_file():
-        raise ValueError(f"model file not found: {path}")
+        hint = shipped_model_hint(path)
+        raise ValueError(f"model file not found: {path}{f' ({hint})' if hint else ''}")
+    what = not_a_checkpoint(path)
+    if what:
+        raise ValueError(f"{path} is not a PyTorch checkpoint but {what}: give a model file (a *_ANML-*.pth, "
+                         f"or a *_resume.pt)")
+
+
+def shipped_model_hint(path):
+    """For a missing `{rln}_{nm}_{mask}_ANML-{it}.pth` in a trained_anmls/ folder (higherANML's names):
+    which model is shipped there instead, and its iterations; else None."""
+    match = re.fullmatch(r"(\d+_\d+_\d+)_ANML-(\d+)\.pth", path.name)
+    if not match or path.parent.name != "trained_anmls" or not path.parent.is_dir():
+        return None
+    found = [(p.name.startswith(f"{match[1]}_"), int(m[1]), p) for p in path.parent.iterdir()
+             if (m := re.fullmatch(r"\d+_\d+_\d+_ANML-(\d+)\.pth", p.name))]
+    if not found:
+        return None
+    _, last, shipped = max(found)  # the same sizes first, then the most iterations
+    here = f"the model shipped here is {shipped}, {last + 1:,} iterations"
+    if int(match[2]) == HIGHERANML_LAST:
+        return f"higherANML's name for its {HIGHERANML_LAST + 1:,}-iteration model; {here}"
+    return here
+
+
+def not_a_checkpoint(path):
+    """What a file is when its content is not torch.save's (empty, CSV, text, other bytes), else None."""
+    with open(path, "rb") as f:
+        head = f.read(4096)
+    if not head:
+        return "an empty file (0 bytes)"
+    if head.startswith((ZIP_MAGIC, PICKLE_MAGIC)):
+        return None
+    line = first_line_of_text(head)
+    if line is None:
+        return f"a binary file of another kind (it starts with {head[:8].hex(' ')})"
+    if "," in line:
+        log = ", a training log" if line.startswith("iteration,") else ""
+        return f"a CSV file (header `{line[:80]}`{log})"
+    return f"a text file (first line `{line[:80]}`)"
+
+
+def first_line_of_text(head):
+    """The first non-blank line of `head` (a file's first bytes) when they are UTF-8 text, else None."""
+    for cut in range(4):  # the read may end inside a multi-byte character
+        try:
+            text = head[:len(head) - cut].decode("utf-8")
+            break
+        except UnicodeDecodeError:
+            continue
+    else:
+        return None
+    if "\x00" in text:
+        return None
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return "".join(c if c.isprintable() else "?" for c in lines[0]) if lines else "(blank)"
+
+
+def read_state_dict(path):
+    """The state_dict in a checkpoint file (a resumable checkpoint's model); ValueError in one line
+    naming the file when it does not load or holds something else."""
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises many types for a file that is not a checkpoint
-        raise ValueError(f"{path} is not a PyTorch checkpoint ({one_line(e)})") from None
+        raise ValueError(f"{path} is {damage_of_checkpoint(path, e)}") from None
     if isinstance(state, dict) and isinstance(state.get("model"), dict):
         state = state["model"]  # a resumable training checkpoint
     if not isinstance(state, dict):
-        raise ValueError(f"{path} does not hold a state_dict")
-    check_finite(state, path)
-    arch = "OML" if "rln.0.weight" in state else "ANML"
+        raise ValueError(f"{path} holds a {type(state).__name__}, not a state_dict (a dict of tensors)")
+    if not any(torch.is_tensor(v) for v in state.values()):
+        raise ValueError(f"{path} holds a dict without tensors (keys {key_sample(state)}), not a state_dict")
+    return state
+
+
+def damage_of_checkpoint(path, error):
+    """What a file that starts as a checkpoint but does not load is (for `read_state_dict`): a pickle
+    of more than tensors, cut short, a zip of something else, or otherwise damaged."""
+    if isinstance(error, pickle.UnpicklingError) and "weights only" in str(error).lower():
+        return ("a PyTorch file that holds Python objects other than tensors (a whole pickled model?), not a "
+                "state_dict: save the model's state_dict() instead")
+    with open(path, "rb") as f:
+        if not f.read(len(ZIP_MAGIC)).startswith(ZIP_MAGIC):
+            return f"a damaged PyTorch checkpoint of torch's older format ({short_reason(error)})"
+    try:
+        with zipfile.ZipFile(path) as z:
+            names = z.namelist()
+    except (zipfile.BadZipFile, OSError):
+        return ("a truncated or damaged PyTorch checkpoint (its zip archive does not read: the save or the copy "
+                "did not finish?)")
+    if not any(name.endswith("data.pkl") for name in names):
+        return "a zip archive, not a PyTorch checkpoint (it holds no data.pkl)"
+    return f"a damaged PyTorch checkpoint ({short_reason(error)})"
+
+
+def short_reason(error):
+    """The first sentence of PyTorch's error, on one line, without its advice about `weights_only`
+    (which a user of these scripts cannot act on)."""
+    first = one_line(error).split(". ")[0][:160]
+    return "it does not load" if "weights_only" in first or "weights only" in first.lower() else first
+
+
+def key_sample(state, count=3):
+    """The first few keys of a dict, for a message."""
+    keys = [str(k) for k in state]
+    return ", ".join(keys[:count]) + (", ..." if len(keys) > count else "")
+
+
+def build_model(state, path):
+    """The network of a state_dict: OML's when it has OML's keys, else ANML's; ValueError in one line
+    when it is neither or does not fit."""
+    if "rln.0.weight" in state:
+        arch = "OML"
+    elif any(str(k).startswith(("rln.", "nm.")) for k in state):
+        arch = "ANML"
+    else:
+        raise ValueError(f"{path} is a state_dict of another network (keys {key_sample(state)}), not of an ANML "
+                         f"(rln.*, nm.*, fc.*) or an OML")
     try:
         model = OML(*oml_sizes(state)) if arch == "OML" else ANML(*sizes_from_state_dict(state))
         model.load_state_dict(state, strict=True)
     except (ValueError, RuntimeError, AttributeError, IndexError, KeyError) as e:
         reason = " ".join(str(e).split())[:500]
         raise ValueError(f"{path} does not fit the {arch} architecture: {reason}") from None
-    return model.to(device)
+    return model
 
 
 def readable_checkpoint(path):

@@ -60,14 +60,26 @@ def omniglot_root():
 NEEDS_OMNIGLOT = "needs Omniglot: "
 
 
+def session_cache(yours=None):
+    """A new cache folder for the session, so that nothing the tests do (a data root they remember,
+    say) reaches a cache of yours; the preprocessed arrays of `yours` ($HIGHERANML_CACHE), if any,
+    are linked into it, not decoded again."""
+    import tempfile
+    folder = Path(tempfile.mkdtemp(prefix="higheranml_cache_"))
+    for arrays in Path(yours).glob("omniglot-*.npz") if yours else ():
+        try:
+            os.link(arrays, folder / arrays.name)
+        except OSError:  # another file system: decoded again
+            pass
+    return str(folder)
+
+
 def pytest_configure(config):
     """Before the tests (and the workers of pytest -n): one preprocessing cache for the session,
     filled once here, so that parallel workers do not each decode Omniglot."""
     if hasattr(config, "workerinput"):
         return
-    if not os.environ.get("HIGHERANML_CACHE"):
-        import tempfile
-        os.environ["HIGHERANML_CACHE"] = tempfile.mkdtemp(prefix="higheranml_cache_")
+    os.environ["HIGHERANML_CACHE"] = session_cache(os.environ.get("HIGHERANML_CACHE"))
     from datasets import DataError, load_omniglot
     try:
         load_omniglot(find_omniglot(), download=False)

@@ -159,12 +159,12 @@ def test_a_parent_folder_of_omniglot_is_found(tmp_path, omniglot_root, cache_dir
     np.testing.assert_array_equal(background, sampler.background[:, :, 0].numpy())
 
 
-def test_missing_cache_data_without_download_says_what_to_do(tmp_path, cache_dir, monkeypatch):
+def test_missing_cache_data_without_download_says_what_to_do(tmp_path, monkeypatch):
     monkeypatch.delenv("OMNIGLOT_ROOT", raising=False)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     with pytest.raises(DataError, match=r"Omniglot is not in .*higherANML/omniglot \(the per-user cache\) and "
                                         r"--no-download is set: point --data-root DIR"):
-        load_omniglot(download=False, cache_dir=cache_dir)
+        load_omniglot(download=False, cache_dir=tmp_path / "fresh_cache")  # no root remembered there
 
 
 def test_a_cache_that_does_not_hold_every_class_is_rebuilt(tmp_path, omniglot_root, sampler, cache_dir,
@@ -227,3 +227,69 @@ def test_smaller_episode_is_the_first_classes_of_a_larger_one(sampler):
     for small, large in zip(draws[10], draws[600]):
         np.testing.assert_array_equal(small, large[:10])
     assert len(set(draws[600][0].tolist())) == 600
+
+
+# ----------------------------------------------------------------------------- the remembered data root
+
+@pytest.fixture
+def fresh_cache(tmp_path, omniglot_root, cache_dir, monkeypatch):
+    """A new, empty $HIGHERANML_CACHE holding only the session's preprocessed arrays (nothing to decode
+    again), with no data root named and an empty per-user data folder that is never downloaded into."""
+    fresh = tmp_path / "cache"
+    fresh.mkdir()
+    name = f"omniglot-28px-{omniglot._cache_key(find_sources(omniglot_root), 28)}.npz"
+    os.symlink(cache_dir / name, fresh / name)
+    monkeypatch.setenv("HIGHERANML_CACHE", str(fresh))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    monkeypatch.delenv("OMNIGLOT_ROOT", raising=False)
+    monkeypatch.setattr(omniglot, "download_omniglot", lambda *a, **k: pytest.fail("downloaded"))
+    return fresh
+
+
+def linked_copy(folder, omniglot_root):
+    """A data root of links to the two real zips (the same sources, so the same cached arrays)."""
+    folder.mkdir()
+    for split in ("images_background", "images_evaluation"):
+        os.symlink(omniglot_root / f"{split}.zip", folder / f"{split}.zip")
+    return folder
+
+
+def test_a_data_root_found_once_is_found_by_later_runs_that_name_none(fresh_cache, omniglot_root, sampler,
+                                                                      monkeypatch):
+    """A run given --data-root (or OMNIGLOT_ROOT) remembers it in the cache folder; a later run with
+    neither reads the same data from it, downloading nothing."""
+    background, _ = load_omniglot(omniglot_root, download=True)
+    assert (fresh_cache / "omniglot_root.txt").read_text() == f"{omniglot_root}\n"
+    again, evaluation = load_omniglot(download=True)
+    np.testing.assert_array_equal(again, background)
+    np.testing.assert_array_equal(evaluation, sampler.evaluation[:, :, 0].numpy())
+    other = linked_copy(fresh_cache.parent / "other", omniglot_root)
+    monkeypatch.setenv("OMNIGLOT_ROOT", str(other))  # the variable is remembered too, and replaces the root
+    load_omniglot()
+    assert (fresh_cache / "omniglot_root.txt").read_text() == f"{other}\n"
+
+
+def test_a_remembered_root_that_is_gone_is_one_line_naming_it(fresh_cache, omniglot_root, tmp_path, monkeypatch):
+    """A remembered root deleted since: one line naming it, the file that keeps it and the fixes; a root
+    named now (--data-root, OMNIGLOT_ROOT) still comes first."""
+    gone = linked_copy(tmp_path / "moved", omniglot_root)
+    load_omniglot(gone)
+    for link in gone.iterdir():
+        link.unlink()
+    gone.rmdir()
+    file = fresh_cache / "omniglot_root.txt"
+    with pytest.raises(DataError) as failure:
+        load_omniglot(download=True)
+    message = str(failure.value)
+    assert message == (f"the remembered data root {gone} (kept in {file}) does not exist (nothing was created or "
+                       f"downloaded): give --data-root DIR (or set OMNIGLOT_ROOT=DIR) for the folder that holds "
+                       f"images_background.zip and images_evaluation.zip, or remove {file} to use the per-user "
+                       f"cache {tmp_path / 'xdg' / 'higherANML' / 'omniglot'}")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    monkeypatch.setenv("OMNIGLOT_ROOT", str(empty))
+    with pytest.raises(DataError, match=rf"^OMNIGLOT_ROOT {empty} does not hold Omniglot"):
+        load_omniglot()
+    monkeypatch.delenv("OMNIGLOT_ROOT")
+    load_omniglot(omniglot_root)  # the flag wins, and is remembered in place of the root that went away
+    assert file.read_text() == f"{omniglot_root}\n"

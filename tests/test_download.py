@@ -81,12 +81,28 @@ def test_broken_transfer_removes_the_partial_file(tmp_path, served):
     assert list(tmp_path.iterdir()) == []
 
 
-def test_load_downloads_into_the_user_cache_from_env_url(tmp_path, served, monkeypatch, cache_dir):
+def test_load_downloads_into_the_user_cache_from_env_url(tmp_path, served, monkeypatch):
     """Without a data root, load_omniglot downloads into the per-user cache; the served copies' MD5s
     are not the official ones, so the download is refused and nothing is left there."""
     monkeypatch.delenv("OMNIGLOT_ROOT", raising=False)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     monkeypatch.setenv("OMNIGLOT_BASE_URL", served[0])
     with pytest.raises(DataError, match="images_background.zip was corrupted"):
-        load_omniglot(cache_dir=cache_dir)
+        load_omniglot(cache_dir=tmp_path / "cache")  # a new cache: no data root remembered there
     assert list((tmp_path / "higherANML" / "omniglot").iterdir()) == []
+
+
+def test_a_remembered_root_that_is_gone_is_never_replaced_by_a_download(tmp_path, served, monkeypatch):
+    """With a data root remembered and deleted since, a run that names none stops with the error naming
+    it: it does not download a second copy elsewhere behind the user's back."""
+    url = served[0]
+    monkeypatch.delenv("OMNIGLOT_ROOT", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    monkeypatch.setenv("HIGHERANML_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("OMNIGLOT_BASE_URL", url)
+    (tmp_path / "cache").mkdir()
+    (tmp_path / "cache" / "omniglot_root.txt").write_text(f"{tmp_path / 'gone'}\n")
+    with pytest.raises(DataError, match=rf"^the remembered data root {tmp_path / 'gone'} \(kept in "
+                                        rf"{tmp_path / 'cache' / 'omniglot_root.txt'}\) does not exist"):
+        load_omniglot(download=True)
+    assert not (tmp_path / "xdg").exists()
