@@ -148,9 +148,10 @@ def train_one(config, sampler=None, quiet=False, restarted=False):
     """One model, one task an iteration: the paper's algorithm, on any backend."""
     with TrainingRuns([config], quiet, restarted=restarted) as run:  # its folder locked, its start checked
         backend = config.resolved_backend
-        print(f"meta-training {config.kind} {config.name} for {config.epochs} its on {config.device} (backend "
-              f"{config.backend}, seed {config.seed}{', first-order' if config.first_order else ''}"
-              f"{threads_note(config.device)}) -> {config.out_dir}/", flush=True)
+        run.announce(f"meta-training {config.kind} {config.name}", f"for {config.epochs} its",
+                     f"on {config.device} (backend {backend}, seed {config.seed}"  # the backend that runs
+                     f"{', first-order' if config.first_order else ''}{threads_note(config.device)}) -> "
+                     f"{config.out_dir}/")
         oml = config.arch == "oml"
         data = sampler or OmniSampler(config.data_root, download=config.download, im_size=IMAGE_SIZE if oml else 28)
         data.rng = np.random.default_rng(config.seed)  # the run's seed draws its tasks (a resume restores them)
@@ -186,9 +187,9 @@ def train_together(configs, sampler=None, quiet=False, ranks=Ranks(), shared=Fal
         what = f"{len(seeds)} ANMLs" if len(seeds) > 1 else f"ANML {config.name}, seed {config.seed}"
         tasks = f", meta-batch {config.meta_batch}" if config.meta_batch > 1 else ""
         where = f", process {ranks.rank} of {ranks.world}" if ranks.world > 1 else ""
-        print(f"meta-training {what} for {config.epochs} its on {config.device} (backend {backend}{tasks}"
-              f"{', first-order' if config.first_order else ''}{where}{threads_note(config.device)}) -> "
-              f"{', '.join(c.out_dir + '/' for c in configs)}", flush=True)
+        run.announce(f"meta-training {what}", f"for {config.epochs} its",
+                     f"on {config.device} (backend {backend}{tasks}{', first-order' if config.first_order else ''}"
+                     f"{where}{threads_note(config.device)}) -> {', '.join(c.out_dir + '/' for c in configs)}")
         data = sampler or OmniSampler(config.data_root, download=config.download)
         stack, generators = seeded_stack(config.rln, config.nm, config.mask, seeds, config.device)
         outer_opt = stacked_optimizer(stack, [c.outer_lr for c in configs], capturable=backend == "graph")

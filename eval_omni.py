@@ -36,7 +36,7 @@ from harness.atomic import check_output, remove_stale_temporaries, write_atomic
 from harness.checkpoints import load_model
 from harness.cli import (add_session_args, as_typed, build_config, interrupted_by_signals, non_negative_int, positive_float,
                  positive_int, run_cli)
-from harness.config import DISTANCES, METHODS, EvalConfig
+from harness.config import DISTANCES, METHODS, PREDICTIONS, EvalConfig
 from protocol import IMAGES_PER_CLASS, NUM_EVALUATION
 from datasets import OmniSampler
 from model import image_size
@@ -59,7 +59,8 @@ def parse_args(argv=None):
                         help="how the last layer learns: seq (higherANML's: one Adam step per image, class after "
                              "class), iid (the same images and steps, the classes shuffled together), lstsq "
                              "(ridge least squares in closed form, argmax over the classes learned), ncm (the "
-                             "nearest class mean of the features, among the classes learned) (%(default)s)")
+                             "nearest class mean of the features, among the classes learned), slda (streaming "
+                             "LDA), gaussian (a Gaussian per class, Normal-Gamma prior) (%(default)s)")
     parser.add_argument("-l", "--lr", dest="lrs", metavar="LR", type=positive_float, nargs="+",
                         help="test-train Adam learning rate(s) for seq and iid (0.001); several are compared on "
                              "the same runs")
@@ -68,6 +69,15 @@ def parse_args(argv=None):
     parser.add_argument("--distance", dest="distances", choices=DISTANCES, nargs="+",
                         help="ncm's distance(s) to the class means, compared and chosen as --lr (both with "
                              "--selection-runs, else euclidean)")
+    parser.add_argument("--shrinkage", dest="shrinkages", metavar="EPS", type=positive_float, nargs="+",
+                        help="slda's covariance shrinkage(s) eps in (0, 1]: ((1 - eps) Sigma + eps I)^-1, compared "
+                             "and chosen as --lr (1e-4 0.01 0.1 0.5 with --selection-runs, else 1e-4)")
+    parser.add_argument("--prior", dest="priors", metavar="A,B[,K]", nargs="+",
+                        help="gaussian's Normal-Gamma prior(s) alpha0,beta0[,kappa0] (kappa0 0 if left out), "
+                             "compared and chosen as --lr (1,1 1,0.1 10,1 100,10 with --selection-runs, else 1,1)")
+    parser.add_argument("--prediction", choices=PREDICTIONS,
+                        help="gaussian's prediction: bayes (the posterior predictive, Student-t per dimension) "
+                             "or map (the Gaussian at the posterior's mode) (bayes)")
     parser.add_argument("--no-freeze", action="store_true",
                         help="seq and iid: Adam over every parameter (RLN, NM and fc), the whole network run on "
                              "every image, as the original ANML code's --no_freeze (default: the last layer alone "
@@ -102,6 +112,7 @@ def parse_args(argv=None):
                         models=tuple(args.models) if len(args.models) > 1 else None,
                         lrs=args.lrs and tuple(args.lrs), ridges=args.ridges and tuple(args.ridges),
                         distances=args.distances and tuple(args.distances),
+                        shrinkages=args.shrinkages and tuple(args.shrinkages), priors=args.priors and tuple(args.priors),
                         device=resolve_device(parser, args.device))
 
 
@@ -252,6 +263,15 @@ def write_partial_report(path, report):
     print(f"the runs finished before the interruption are in {partial} (marked partial){kept}", file=sys.stderr)
 
 
+def best_caveat(config):
+    """What the `Best lr` line adds without selection runs: the rate is chosen on the very runs it
+    reports, which flatters it, and --selection-runs chooses on others (with them, the `Chosen` line
+    that follows is the honest reading)."""
+    if config.selection_runs:
+        return ""
+    return " on these same runs (optimistic; --selection-runs N chooses on other runs)"
+
+
 def print_results(config, report, selection):
     """higherANML's lines per class count and grid value, the best value's line, and with selection
     runs the chosen value's line and a closing table."""
@@ -263,13 +283,14 @@ def print_results(config, report, selection):
             print("\n".join(summary_lines(n, value, report["test"][k, l], report["train"][k, l], several, hyper)))
         if several:
             test = report["test"][k, best[k]]
-            print(f"Best {hyper} {shown(grid[best[k]])}: Classes {n} Accuracy {test.mean():.2f} (std {test.std():.2f})")
+            print(f"Best {hyper} {shown(grid[best[k]])}{best_caveat(config)}: Classes {n} Accuracy {test.mean():.2f} "
+                  f"(std {test.std():.2f})")
         if chosen is not None:
             test, train = report["test"][k, chosen[k]], report["train"][k, chosen[k]]
             print(f"Chosen {hyper} {shown(grid[chosen[k]])} on {config.selection_runs} selection runs: Classes {n} "
                   f"Accuracy {test.mean():.2f} (std {test.std():.2f}) Train accuracy {train.mean():.2f}")
     if chosen is not None:
-        what = {"lr": "rates", "ridge": "regularisers", "distance": "distances"}[hyper]
+        what = {"lr": "rates", "ridge": "regularisers"}.get(hyper, hyper + "s")
         learns = ", every parameter learning" if config.no_freeze else ""
         print(f"\n{config.runs} reported runs per row ({config.method}{learns}); {what} chosen on "
               f"{config.selection_runs} other runs")

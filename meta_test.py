@@ -4,24 +4,27 @@ class count scored along one sequence per run.
 - the runs: run r draws its classes, their splits and its last layer's initialisation from its seed
   (`run_seeds`, `run_generators`); every method and rate sees the same runs;
 - on frozen features (`fastpath.frozen_features`): seq and iid (one Adam step an image, many runs and
-  rates as one batch of last layers), lstsq and ncm;
+  rates as one batch of last layers), lstsq and ncm; slda and gaussian (`fastpath.generative_heads`);
 - the whole network run on every image (higherANML's loop, `anml.original_fit`): `--original-loop`,
   and `--no-freeze` (every parameter learns), one run and rate after another or as the lanes of one
   step (`--lanes`, `fastpath.full_network.Lanes`).
 
 Under torchrun the processes share the runs out. higherANML's meta-test of one run is `anml.test_train`."""
 import copy
+import functools
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from anml import learner, original_fit, predict_in_batches, train_accuracy, training_images
 from fastpath.frozen_features import (FeatureBank, MetaTestRun, hit_rate, iid_fit, iid_orders, ncm_fit, ridge_fit,
                                       sequential_fit)
 from fastpath.full_network import Lanes
+from fastpath.generative_heads import gaussian_fit, slda_fit
 from harness.checkpoints import load_model
+from harness.cli import progress_bar
 from harness.runtime import Ranks
+from protocol import prior_values
 from model import reset_last_layer
 
 
@@ -128,16 +131,21 @@ def runs_on_features(config, sampler, model, seeds, runs, progress, features):
     """(features, samples of `runs`, their initial last layers [R, C, D]): every run is drawn, and the
     features of every run's classes computed (a FeatureBank, `features` if given), as for all of them."""
     inits, samples = last_layers_and_samples(model, sampler, seeds, config.classes[-1], config.train_examples)
-    features = features or FeatureBank(model, sampler.evaluation, progress=progress)
+    label = f"features ({model_shown(config)})" if model_shown(config) else "features"  # the progress bar's name
+    features = features or FeatureBank(model, sampler.evaluation, progress=progress and label)
     features.compute(np.unique(np.concatenate([run.classes for run in samples])))
     return features, [samples[r] for r in runs], torch.stack([inits[r] for r in runs])
 
 
 def fit_on_features(config, sampler, model, seeds, runs, results, progress=False, features=None):
-    """lstsq or ncm of the runs `runs` on frozen features (no steps, no initialisation)."""
+    """lstsq, ncm, slda or gaussian of the runs `runs` on frozen features (no steps, no initialisation)."""
     features, samples, _ = runs_on_features(config, sampler, model, seeds, runs, progress, features)
-    fit = ridge_fit if config.method == "lstsq" else ncm_fit
-    return fit(features, samples, list(config.grid), list(config.classes), progress, results)
+    gaussian = functools.partial(gaussian_fit, prediction=config.prediction or "bayes")
+    fit = {"lstsq": ridge_fit, "ncm": ncm_fit, "slda": slda_fit, "gaussian": gaussian}[config.method]
+    # gaussian's priors "alpha0,beta0[,kappa0]" as numbers
+    grid = [prior_values(p) for p in config.grid] if config.method == "gaussian" else list(config.grid)
+    return fit(features, samples, grid, list(config.classes), progress and
+               f"{config.method} ({counted(config)})", results)
 
 
 def learn_on_features(config, sampler, model, seeds, runs, results, progress=False, features=None):
@@ -156,8 +164,8 @@ def learn_on_features(config, sampler, model, seeds, runs, results, progress=Fal
         steps = sum(counts) * config.train_examples * config.iid_epochs
     else:
         steps = counts[-1] * config.train_examples
-    with tqdm(total=steps * len(batches), disable=not progress, desc=f"test-train ({runs_shown(config)})",
-              unit="step", unit_scale=True, smoothing=0) as bar:
+    with progress_bar(total=steps * len(batches), disable=not progress, desc=f"test-train ({counted(config)})",
+                      unit="step", unit_scale=True, smoothing=0) as bar:
         for ls, rs in batches:
             args = (features, [samples[r] for r in rs], inits[rs], bias, [lrs[l] for l in ls])
             if config.method == "iid":
@@ -170,11 +178,21 @@ def learn_on_features(config, sampler, model, seeds, runs, results, progress=Fal
     return results
 
 
-def runs_shown(config):
-    """The progress bar's count of runs and rates: "2 reported + 2 selection runs x 3 rates"."""
-    L = len(config.grid)
-    shown = f"{config.runs} reported" + (f" + {config.selection_runs} selection" if config.selection_runs else "")
-    return shown + f" run{'s' if config.runs + config.selection_runs > 1 else ''} x {L} rate{'s' if L > 1 else ''}"
+def counted(config):
+    """What a meta-test's progress bar counts: "10 classes, 2 reported + 2 selection runs x 3 rates", with
+    ", model 1 of 2" when several models are evaluated one after the other."""
+    L, value = len(config.grid), {"lr": "rate"}.get(config.hyperparameter, config.hyperparameter)
+    classes = f"{', '.join(map(str, config.classes))} classes"
+    runs = f"{config.runs} reported" + (f" + {config.selection_runs} selection" if config.selection_runs else "")
+    runs += f" run{'s' if config.runs + config.selection_runs > 1 else ''} x {L} {value}{'s' if L > 1 else ''}"
+    return ", ".join(filter(None, (classes, runs, model_shown(config))))
+
+
+def model_shown(config):
+    """"model 2 of 3" while the second of three models (-m a b c) is evaluated, else ""."""
+    if not config.models or config.model not in config.models:
+        return ""
+    return f"model {config.models.index(config.model) + 1} of {len(config.models)}"
 
 
 # ----------------------------------------------------------------------------- the whole network on every image
@@ -188,8 +206,9 @@ def original_meta_test(config, sampler, model, seeds, runs, results, progress=Fa
     images in the shuffled orders of the frozen-feature iid (`iid_orders`, from the run's entropy)."""
     counts, lrs = list(config.classes), list(config.grid)
     steps = (sum(counts) * config.iid_epochs if config.method == "iid" else counts[-1]) * config.train_examples
-    with tqdm(total=steps * len(runs) * len(lrs), disable=not progress, desc="test-train (full network)",
-              unit="step", unit_scale=True, smoothing=0) as bar:
+    with progress_bar(total=steps * len(runs) * len(lrs), disable=not progress,
+                      desc=f"test-train (full network, {counted(config)})", unit="step", unit_scale=True,
+                      smoothing=0) as bar:
         for r, entropy in enumerate(seeds[i] for i in runs):
             orders = (iid_orders(shuffle_rng(entropy), counts, config.train_examples, config.iid_epochs)
                       if config.method == "iid" else None)
@@ -253,8 +272,9 @@ def lanes_meta_test(config, sampler, model, seeds, runs, results, progress=False
     counts, lrs = list(config.classes), list(config.grid)
     pairs = [(r, l) for r in range(len(runs)) for l in range(len(lrs))]
     steps = counts[-1] * config.train_examples
-    with tqdm(total=steps * len(pairs), disable=not progress, desc=f"test-train (full network, lanes of {config.lanes})",
-              unit="step", unit_scale=True, smoothing=0) as bar:
+    with progress_bar(total=steps * len(pairs), disable=not progress,
+                      desc=f"test-train (full network, lanes of {config.lanes}, {counted(config)})", unit="step",
+                      unit_scale=True, smoothing=0) as bar:
         for start in range(0, len(pairs), config.lanes):
             group = pairs[start:start + config.lanes]
             in_group = sorted({r for r, _ in group})

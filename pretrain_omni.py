@@ -160,10 +160,11 @@ def pretrain(config, sampler=None, quiet=False):
         return pretrain_asb(config, sampler, quiet)
     per_epoch = config.steps_per_epoch
     with TrainingRuns([config], quiet) as run:  # its folder locked, its start checked
-        print(f"pretraining {config.name} for {config.epochs} epochs of batch {config.batch_size} on {config.device} "
-              f"(lr {config.lr:g}, seed {config.seed}{', lobotomize' if config.lobotomize else ''}"
-              f"{', zapping every epoch' if config.zap else ''}{network_note(config)}"
-              f"{threads_note(config.device)}) -> {config.out_dir}/", flush=True)
+        run.announce(f"pretraining {config.name}", f"for {config.epochs} epochs of batch {config.batch_size}",
+                     f"on {config.device} (lr {config.lr:g}, seed {config.seed}"
+                     f"{', lobotomize' if config.lobotomize else ''}{', zapping every epoch' if config.zap else ''}"
+                     f"{network_note(config)}"
+                     f"{threads_note(config.device)}) -> {config.out_dir}/")
         data = sampler or OmniSampler(config.data_root, download=config.download, seed=config.seed)
         model = initial_model(config).to(config.device)
         opt = torch.optim.Adam(model.parameters(), lr=config.lr)
@@ -203,10 +204,11 @@ def epoch_line(i, per_epoch, losses, accuracies, seconds):
 def pretrain_asb(config, sampler=None, quiet=False):
     """`pretrain` with --schedule asb: config.episodes episodes of `asb_episode`."""
     with TrainingRuns([config], quiet) as run:  # its folder locked, its start checked
-        print(f"pretraining {config.name} by alternating sequential and batch learning for {config.episodes} "
-              f"episodes on {config.device} (sequential SGD {config.seq_lr:g}, batch Adam {config.lr:g}, seed "
-              f"{config.seed}{', zapping' if config.zap else ''}{network_note(config)}"
-              f"{threads_note(config.device)}) -> {config.out_dir}/", flush=True)
+        run.announce(f"pretraining {config.name} by alternating sequential and batch learning",
+                     f"for {config.episodes} episodes",
+                     f"on {config.device} (sequential SGD {config.seq_lr:g}, batch Adam {config.lr:g}, seed "
+                     f"{config.seed}{', zapping' if config.zap else ''}{network_note(config)}"
+                     f"{threads_note(config.device)}) -> {config.out_dir}/")
         data = sampler or OmniSampler(config.data_root, download=config.download)
         data.rng = np.random.default_rng(config.seed)  # the run's seed draws its episodes (a resume restores them)
         model = initial_model(config).to(config.device)

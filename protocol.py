@@ -73,3 +73,21 @@ def check_path(flag, value, required=False):
         return
     if not isinstance(value, str) or not value.strip():
         raise ConfigError(f"{flag} must name a {'file' if flag in ('--json', '-m') else 'folder'}, got {value!r}")
+
+
+def prior_values(text):
+    """(alpha0, beta0, kappa0) of a --prior "ALPHA,BETA[,KAPPA]": alpha0, beta0 > 0, kappa0 >= 0 (default 0)."""
+    try:
+        values = [float(v) for v in str(text).split(",")]
+    except ValueError:
+        values = []
+    if len(values) == 2:
+        values.append(0.0)
+    if len(values) != 3 or not all(math.isfinite(v) for v in values) or min(values[:2]) <= 0 or values[2] < 0:
+        raise ConfigError(f"--prior takes ALPHA,BETA[,KAPPA] (alpha0, beta0 > 0, kappa0 >= 0), got {text!r}")
+    return tuple(values)
+
+
+def prior_name(values):
+    """A prior as the grid shows it: "alpha0,beta0", and ",kappa0" where kappa0 is not 0."""
+    return ",".join(f"{v:g}" for v in (values if values[2] else values[:2]))

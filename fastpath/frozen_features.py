@@ -5,10 +5,10 @@ on the same features: the i.i.d. oracle, a closed-form last layer (lstsq) and th
 mean (ncm). `meta_test.py` draws the runs and runs these learners on them."""
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from fastpath.batched import adam_for_models
 from fastpath.cuda_graphs import ReplayedSteps
+from harness.cli import progress_bar
 
 
 # Images per forward pass of the frozen nets: on the CPU a small batch's first-block activations stay
@@ -47,8 +47,9 @@ class FeatureBank:
         missing = torch.unique(classes[~self.done[classes]])
         per_class = self.images.shape[1]
         per_batch = max(1, self.batch_size // per_class)
-        with tqdm(total=len(missing) * per_class, disable=not self.progress or not len(missing), desc="features",
-                  unit="image", unit_scale=True) as bar:
+        label = self.progress if isinstance(self.progress, str) else "features"  # `progress`: True or the bar's name
+        with progress_bar(total=len(missing) * per_class, disable=not self.progress or not len(missing), desc=label,
+                          unit="image", unit_scale=True) as bar:
             for chunk in (missing[i:i + per_batch] for i in range(0, len(missing), per_batch)):
                 ims = self.images[chunk].flatten(0, 1).to(self.device)
                 with torch.no_grad():
@@ -195,7 +196,8 @@ def ridge_fit(features, runs, ridges, counts, progress=False, scores=None):
     n_train, n_test = runs[0].train_idx.shape[1], runs[0].test_idx.shape[1]
     shape = (len(counts), len(ridges), len(runs))
     scores = scores or {"test": np.zeros(shape), "train": np.zeros(shape)}
-    for r in tqdm(range(len(runs)), disable=not progress, desc="lstsq", unit="run"):
+    label = progress if isinstance(progress, str) else "lstsq"  # `progress`: True or the bar's name
+    for r in progress_bar(range(len(runs)), disable=not progress, desc=label, unit="run"):
         for k, n in enumerate(counts):
             x, y = train_x[r, :n * n_train].double(), position_labels(n, n_train, train_x.device)
             weights, intercepts = ridge_solutions(x, torch.nn.functional.one_hot(y, n).double(), ridges)
@@ -241,7 +243,8 @@ def ncm_fit(features, runs, distances, counts, progress=False, scores=None):
     n_train, n_test = runs[0].train_idx.shape[1], runs[0].test_idx.shape[1]
     shape = (len(counts), len(distances), len(runs))
     scores = scores or {"test": np.zeros(shape), "train": np.zeros(shape)}
-    for r in tqdm(range(len(runs)), disable=not progress, desc="ncm", unit="run"):
+    label = progress if isinstance(progress, str) else "ncm"  # `progress`: True or the bar's name
+    for r in progress_bar(range(len(runs)), disable=not progress, desc=label, unit="run"):
         train_x, _, test_x, _ = (a.double() for a in gather_sequence(features, runs[r]))
         device = train_x.device
         means = running_class_means(train_x, n_train, [n * n_train for n in counts])

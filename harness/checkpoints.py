@@ -316,10 +316,13 @@ def read_training_state(path, kind="ANML"):
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"resumable checkpoint not found: {path}")
+    what = not_a_checkpoint(path)
+    if what:
+        raise ValueError(f"{path} is not a resumable checkpoint but {what}: give a *_resume.pt file")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise ValueError(f"{path} is not a resumable checkpoint ({one_line(e)})") from None
+        raise ValueError(f"{path} is not a resumable checkpoint: it is {damage_of_checkpoint(path, e)}") from None
     if not isinstance(state, dict) or not RESUMABLE_KEYS <= state.keys():
         raise ValueError(f"{path} is not a resumable checkpoint (a bare state_dict? give a _resume.pt file)")
     stored_kind = state.get("kind") or file_kind(path)

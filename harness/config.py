@@ -6,12 +6,19 @@ import os
 from dataclasses import asdict, dataclass, fields, replace
 
 from protocol import (IMAGES_PER_CLASS, MAX_PARAMETERS, NUM_BACKGROUND, NUM_EVALUATION, NUM_OUTPUTS, ConfigError,
-                      check_choice, check_device, check_path, check_positive, check_seed, check_sizes, network_name)
+                      check_choice, check_device, check_path, check_positive, check_seed, check_sizes, network_name,
+                      prior_name, prior_values)
 
 BACKENDS = ("auto", "higher", "func", "graph")  # auto: graph on CUDA, func elsewhere
-# How the meta-test learns: in sequence, shuffled, a closed-form last layer, the nearest class mean.
-METHODS = ("seq", "iid", "lstsq", "ncm")
+# How the meta-test learns: in sequence, shuffled, a closed-form last layer, the nearest class mean,
+# streaming LDA, a Gaussian per class (fastpath/generative_heads.py).
+METHODS = ("seq", "iid", "lstsq", "ncm", "slda", "gaussian")
 DISTANCES = ("euclidean", "cosine")  # ncm's distances to the class means
+SHRINKAGES = (1e-4, 1e-2, 0.1, 0.5)  # slda's default grid with selection runs (the first: Hayes & Kanan's)
+PRIORS = ("1,1", "1,0.1", "10,1", "100,10")  # gaussian's alpha0,beta0[,kappa0]: the default grid with selection runs
+PREDICTIONS = ("bayes", "map")  # gaussian: the posterior predictive (Student-t), or the MAP Gaussian
+GRID_FLAGS = {"lstsq": "--ridge", "ncm": "--distance", "slda": "--shrinkage", "gaussian": "--prior"}
+OWN_FLAGS = {"ridges": "lstsq", "distances": "ncm", "shrinkages": "slda", "priors": "gaussian", "prediction": "gaussian"}
 SCHEDULES = ("iid", "asb")  # pretraining: i.i.d. minibatches; alternating sequential and batch (Frati et al.)
 CONV_INITS = ("torch", "kaiming")  # pretraining's convolutions: PyTorch's default draw; kaiming_normal_ (Frati et al.)
 ARCHS = ("anml", "oml")  # meta-training: ANML's network, or OML's (oml.py)
@@ -330,6 +337,9 @@ class EvalConfig(Session):
     lrs: tuple | None = None  # seq and iid: the Adam learning rates compared (default 0.001)
     ridges: tuple | None = None  # lstsq: the regularisers compared (default 1.0)
     distances: tuple | None = None  # ncm: the distances compared (default both with selection runs, else euclidean)
+    shrinkages: tuple | None = None  # slda: the covariance shrinkages compared (default: see grid)
+    priors: tuple | None = None  # gaussian: the "alpha0,beta0[,kappa0]" priors compared (default: see grid)
+    prediction: str | None = None  # gaussian: "bayes" (default) or "map"
     epochs_iid: int | None = None  # iid: passes over the shuffled images (default 1)
     runs: int = 10
     selection_runs: int = 0
@@ -351,9 +361,11 @@ class EvalConfig(Session):
                               f"got {' '.join(map(str, self.classes)) or 'none'}")
         check_choice("--method", self.method, METHODS)
         self.check_method_flags()
-        if self.method != "ncm":
+        if self.method not in ("ncm", "gaussian"):
             for value in self.grid:
                 check_positive(f"--{self.hyperparameter}", value)
+        if self.method == "slda" and max(self.grid) > 1:
+            raise ConfigError(f"--shrinkage must be in (0, 1], got {' '.join(f'{v:g}' for v in self.grid)}")
         if self.epochs_iid is not None:
             check_positive("--epochs-iid", self.epochs_iid, integer=True)
             if self.epochs_iid > MAX_EPOCHS_IID:
@@ -362,7 +374,7 @@ class EvalConfig(Session):
         if not isinstance(self.selection_runs, int) or self.selection_runs < 0:
             raise ConfigError(f"--selection-runs must be 0 or more, got {self.selection_runs!r}")
         if self.selection_runs and len(self.grid) < 2:
-            what = {"lr": "learning rates", "ridge": "regularisers", "distance": "distances"}[self.hyperparameter]
+            what = {"lr": "learning rates", "ridge": "regularisers"}.get(self.hyperparameter, self.hyperparameter + "s")
             raise ConfigError(f"--selection-runs chooses among {what}: give several with --{self.hyperparameter}")
         if not (isinstance(self.train_examples, int) and 1 <= self.train_examples <= IMAGES_PER_CLASS - 1):
             raise ConfigError(f"--train-examples must be in 1..{IMAGES_PER_CLASS - 1} (each class has "
@@ -376,13 +388,17 @@ class EvalConfig(Session):
         method = self.method
         if method == "lstsq" and self.lrs:
             raise ConfigError("--lr is the Adam learning rate of seq and iid: --method lstsq takes --ridge")
-        if method == "ncm" and self.lrs:
-            raise ConfigError("--lr is the Adam learning rate of seq and iid: --method ncm learns no rate (it "
-                              "takes --distance)")
-        if method != "lstsq" and self.ridges:
-            raise ConfigError(f"--ridge is for --method lstsq, not {method}")
-        if method != "ncm" and self.distances:
-            raise ConfigError(f"--distance is for --method ncm, not {method}")
+        if method in ("ncm", "slda", "gaussian") and self.lrs:
+            raise ConfigError(f"--lr is the Adam learning rate of seq and iid: --method {method} learns no rate (it "
+                              f"takes {GRID_FLAGS[method]})")
+        for field, owner in OWN_FLAGS.items():
+            if getattr(self, field) and method != owner:
+                raise ConfigError(f"--{field.rstrip('s')} is for --method {owner}, not {method}")
+        check_choice("--prediction", self.prediction or PREDICTIONS[0], PREDICTIONS)
+        if self.priors is not None:
+            object.__setattr__(self, "priors", tuple(prior_name(prior_values(p)) for p in self.priors))
+            if not self.priors or len(set(self.priors)) < len(self.priors):
+                raise ConfigError(f"--prior takes distinct priors, got {' '.join(self.priors) or 'none'}")
         if self.epochs_iid is not None and method != "iid":
             raise ConfigError(f"--epochs-iid is for --method iid, not {method}")
         if self.original_loop and method != "seq":
@@ -405,17 +421,19 @@ class EvalConfig(Session):
 
     @property
     def hyperparameter(self):
-        """What the grid holds: "lr" (seq, iid), "ridge" (lstsq) or "distance" (ncm)."""
-        return {"lstsq": "ridge", "ncm": "distance"}.get(self.method, "lr")
+        """What the grid holds: "lr" (seq, iid), "ridge", "distance", "shrinkage" or "prior" (GRID_FLAGS)."""
+        return {"lstsq": "ridge", "ncm": "distance", "slda": "shrinkage", "gaussian": "prior"}.get(self.method, "lr")
 
     @property
     def grid(self):
-        """The values compared on the same runs: learning rates, ridge regularisers for lstsq, distances
-        for ncm (both when there are selection runs to choose on, else euclidean)."""
+        """The values compared on the same runs: learning rates, ridge regularisers for lstsq; distances (ncm),
+        shrinkages (slda), priors (gaussian): by default all of DISTANCES, SHRINKAGES, PRIORS when there are
+        selection runs to choose on, else the first."""
         if self.method == "lstsq":
             return tuple(self.ridges or (1.0,))
-        if self.method == "ncm":
-            return tuple(self.distances or (DISTANCES if self.selection_runs else DISTANCES[:1]))
+        if self.method in ("ncm", "slda", "gaussian"):
+            default = {"ncm": DISTANCES, "slda": SHRINKAGES, "gaussian": PRIORS}[self.method]
+            return tuple(getattr(self, self.hyperparameter + "s") or (default if self.selection_runs else default[:1]))
         return tuple(self.lrs or (1e-3,))
 
     @property

@@ -12,6 +12,7 @@ from pathlib import Path
 FORMAT = 2
 READING_KEYS = ("chosen_on_selection_runs", "one_value_for_all_rows", "best_on_reported_runs")
 STATS = ("test_mean", "test_std", "train_mean", "train_std")
+HEADS = {"ncm": "NCM", "slda": "SLDA", "gaussian": "Gaussian"}  # the learners on features that take no steps
 
 
 class ResultsError(ValueError):
@@ -93,18 +94,20 @@ def chosen_value(report, classes):
 
 def protocol(report):
     """How the report's network learned at meta-test, in words: the last layer on frozen features
-    (seq, iid), every parameter (seq, iid with no_freeze), a closed-form last layer (lstsq) or the
-    nearest class mean (ncm). Reports without the keys are seq on frozen features."""
+    (seq, iid), every parameter (seq, iid with no_freeze), a closed-form last layer (lstsq), the
+    nearest class mean (ncm), streaming LDA (slda) or a Gaussian per class, predicting by the posterior
+    predictive or the MAP (gaussian). Reports without the keys are seq on frozen features."""
     method = report.get("method", "seq")
     if method == "lstsq":
         return "closed-form last layer"
-    if method == "ncm":
-        return "NCM"
+    if method in HEADS:
+        prediction = (report.get("config") or {}).get("prediction") or "bayes"
+        return HEADS[method] + (f" ({'MAP' if prediction == 'map' else 'Bayes'})" if method == "gaussian" else "")
     learns = "all parameters learn" if report.get("no_freeze") else "last layer on frozen features"
     return learns if method == "seq" else f"i.i.d. oracle, {learns}"
 
 
 def row_label(network, report):
     """A line's or column's name: the network and its protocol ("pretrained, all parameters learn",
-    "ANML + NCM")."""
-    return f"{network} + NCM" if report.get("method") == "ncm" else f"{network}, {protocol(report)}"
+    "ANML + NCM", "ANML + SLDA")."""
+    return f"{network} + {protocol(report)}" if report.get("method") in HEADS else f"{network}, {protocol(report)}"

@@ -1,9 +1,11 @@
 """What keeps a training run safe, as one object its loop uses (`TrainingRuns`):
 
     with TrainingRuns([config]) as run:       # locks the run's folder, checks how it may start
+        run.announce("meta-training ...", "for 30000 its", "on cpu ...")  # resumed: `resuming ... from`
         ...build the model, optimizer and data...
         run.restore([model], [opt], [data], total)    # a resume loads its state here
-        for it in run.iterations():           # stops cleanly on a signal or the time limit
+        for it in run.iterations():           # stops cleanly on a signal or the time limit; a long CPU
+                                              # run says, after a few steps, how long the rest takes
             loss, acc = ...one step...
             run.log(it, [loss], [acc])        # the CSV log and the progress line
             run.save(it)                      # higherANML's checkpoints and the resumable ones
@@ -20,6 +22,7 @@ Several runs may train in one loop (`train_omni.py --seeds`): each keeps its own
 and resumable checkpoints, exactly as if it ran alone.
 """
 import contextlib
+import sys
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -31,7 +34,7 @@ from harness.atomic import WriteError
 from harness.checkpoints import (Diverged, apply_training_state, check_finite_parameters, checkpoint_path,
                                  cpu_state_dict, prune_resumables, readable_checkpoint, restore_torch_rng,
                                  save_atomic, save_training_state)
-from harness.cli import notice
+from harness.cli import notice, progress_bar
 from harness.run_lock import RunLock, StopSignal
 from harness.run_start import (aligned_starts, check_out_dir, clean_out_dir, group_members, how_to_continue, last_good,
                                missing_folders, remove_stillborn_run, set_aside_interrupted_first_save,
@@ -40,6 +43,9 @@ from harness.training_log import TrainingLog
 
 LOG_EVERY = 10  # steps between log flushes (each checks the losses for NaN)
 SAVE_EVERY = 1000  # steps between higherANML's checkpoints of meta-training (and of ASB's episodes)
+TIMED_STEPS = 5  # steps timed, after the first, to estimate how long the rest of a run takes
+LONG_RUN_SECONDS = 3600  # a CPU run estimated longer than this says so, and how to stop and resume it
+PAPER_NETWORK = (256, 112, 2304)  # --rln --nm --mask of the paper: on a CPU, always worth that word
 
 
 def milestones(total):
@@ -61,6 +67,31 @@ def progress_line(it, losses, accuracies, seconds):
         return None
     show = lambda values: " ".join(f"{float(v):.3f}" for v in values)
     return f"{it}: {show(losses)} | {show(accuracies)} ({seconds:.1f}s)"
+
+
+def long_cpu_run(config, seconds_left):
+    """Whether a run should say how long it takes: on the CPU, with the paper's network or over
+    LONG_RUN_SECONDS still to go; not with --time-limit (which already says when it stops)."""
+    if config.device != "cpu" or config.time_limit is not None:
+        return False
+    return (config.rln, config.nm, config.mask) == PAPER_NETWORK or seconds_left > LONG_RUN_SECONDS
+
+
+def duration(seconds):
+    """A time to go, as a person says it: `40 s`, `12 minutes`, `5.8 hours`."""
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 90 * 60:
+        return f"{seconds / 60:.0f} minutes"
+    return f"{seconds / 3600:.1f} hours"
+
+
+def time_left_line(seconds_per_step, steps_left, unit):
+    """The one line a long run prints after its first steps: how long the rest takes, and how to
+    stop and continue it."""
+    return (f"about {duration(seconds_per_step * steps_left)} for the {steps_left} {unit}s left "
+            f"({seconds_per_step:.2f}s each on the CPU): Ctrl-C stops cleanly with a resumable checkpoint, "
+            f"the same command with --resume latest continues it, --time-limit SECONDS stops it by itself")
 
 
 class TrainingRuns:
@@ -102,6 +133,24 @@ class TrainingRuns:
             raise
         self.fresh = [c for c, (state, _) in zip(configs, self.starts) if state is None] if writer else []
         return self
+
+    def resumes_from(self):
+        """The first step a resumed run trains (the steps before it are done), or None for a new run."""
+        states = [state for state, _ in self.starts if state is not None]
+        return states[0]["iteration"] + 1 if states else None
+
+    def announce(self, what, length, details):
+        """The run's first line: `{what} {length} {details}`, or for a resumed run
+        `resuming {what} from {unit} {first} (of {total}) {details}`."""
+        first, config = self.resumes_from(), self.configs[0]
+        start = (f"{what} {length}" if first is None else
+                 f"resuming {what} from {config.unit} {first} (of {config.total_steps})")
+        print(f"{start} {details}", flush=True)
+
+    def bar_label(self):
+        """What the progress bar counts: `ANML 4_3_36`, `pretrain 4_3_36`, `ANML 4_3_36, 4 runs`."""
+        config, runs = self.configs[0], len(self.configs)
+        return f"{self.kind} {config.name}" + (f", {runs} runs" if runs > 1 else "")
 
     def restore(self, models, optimizers, rng_holders, total, milestone=None, report=progress_line,
                 header="iteration: outer loss | outer accuracy (seconds)", unit="iteration", agree=None):
@@ -152,13 +201,25 @@ class TrainingRuns:
         self.last_save = 0.0
         with StopSignal(self.configs[0].time_limit, self.clock) as self.stop:
             tqdm.write(self.header)  # once the signals stop the run cleanly
-            for it in tqdm(range(self.first, self.total), initial=self.first, total=self.total, disable=self.quiet,
-                           desc=self.kind, unit=self.unit):
+            for it in progress_bar(range(self.first, self.total), initial=self.first, total=self.total,
+                                   disable=self.quiet, desc=self.bar_label(), unit=self.unit):
                 yield it
                 if self.stopped is not None:
                     return
+                self._time_the_first_steps(it)
         for log in self.logs:
             log.flush()
+
+    def _time_the_first_steps(self, it):
+        """After step `it`: time TIMED_STEPS steps after the first (which warms up), then, once, say how
+        long the rest takes where that is long (`long_cpu_run`)."""
+        if it == self.first:
+            self.timed_from = self.clock()
+        elif it == self.first + TIMED_STEPS:
+            per_step = (self.clock() - self.timed_from) / TIMED_STEPS
+            left = self.total - it - 1
+            if self.writer and long_cpu_run(self.configs[0], per_step * left):
+                tqdm.write(time_left_line(per_step, left, self.unit))
 
     def log(self, it, losses, accuracies):
         """Add step `it`'s loss and accuracy of each run to its CSV log, and print the progress line."""
@@ -185,7 +246,9 @@ class TrainingRuns:
             self.last_save = self.clock()
         if stopping and it < self.total - 1:
             self.stopped = self.stop.reason or "another process stopped"
-            tqdm.write(f"stopped after {self.unit} {it} ({self.stopped}); continue with --resume latest")
+            interrupted = not self.stopped.startswith("time limit")  # on stderr, as the exit 130 that follows
+            tqdm.write(f"stopped after {self.unit} {it} ({self.stopped}): continue with the same command and "
+                       f"--resume latest", file=sys.stderr if interrupted else sys.stdout)
 
     def _save_all(self, it, index):
         group = group_members(self.configs) if len(self.configs) > 1 else None  # recorded with each save

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The comparisons at full size: ANML (seq, iid, lstsq, ncm), ANML meta-trained first order (seq), OML (seq), the
+# The comparisons at full size: ANML (seq, iid, lstsq, ncm, slda, gaussian), first-order ANML (seq), OML (seq), the
 # same network pretrained the ordinary way (seq, lstsq, ncm), with zapping (seq), by alternating sequential
 # and batch learning with and without zapping (seq), and at its initialisation (seq, ncm); then ANML, the
 # pretrained and the random network with every parameter learning (seq --no-freeze, the original ANML
@@ -115,6 +115,8 @@ evaluate random_seq    "$RANDOM_INIT" --method seq   -l $LRS
 evaluate anml_ncm      "$ANML"        --method ncm
 evaluate pretrain_ncm  "$PRETRAINED"  --method ncm
 evaluate random_ncm    "$RANDOM_INIT" --method ncm
+evaluate anml_slda     "$ANML"        --method slda      # streaming LDA, its shrinkage chosen as ncm's distance
+evaluate anml_gaussian "$ANML"        --method gaussian --prediction map  # GeMCL's Gaussian classes, their MAP
 evaluate anml_first_order_seq "$FIRST_ORDER" --method seq -l $LRS
 evaluate pretrain_zap_seq "$ZAPPED"   --method seq   -l $LRS
 evaluate asb_seq       "$ASB"         --method seq   -l $LRS

@@ -294,3 +294,82 @@ def test_the_start_ups_quiet_exit_gives_way_to_pythons_handlers_after_main():
     finally:
         for sig, handler in before.items():
             signal.signal(sig, handler)
+
+
+# ----------------------------------------------------------------------------- model files, by their content
+
+SHIPPED = "trained_anmls/256_112_2304_ANML-21678.pth"
+
+
+@pytest.fixture(scope="module")
+def not_models(tmp_path_factory):
+    """Files a user may give as --model by mistake, made from the project's real files: the training
+    CSV, a text file, the shipped checkpoint cut short, a zip of arrays, other bytes, a state_dict of
+    another network, a whole pickled network, an empty file."""
+    import shutil
+    import numpy as np
+    from harness.cli import REPO
+    tmp = tmp_path_factory.mktemp("not_models")
+    shutil.copy(REPO / "trained_anmls" / "256_112_2304_train_log.csv", tmp / "train_log.csv")
+    (tmp / "notes.txt").write_text("\n  ANML notes: the model is in trained_anmls/\n")
+    with open(REPO / SHIPPED, "rb") as f:
+        (tmp / "cut.pth").write_bytes(f.read(1 << 20))
+    np.savez(tmp / "arrays.npz", x=np.zeros(3))
+    (tmp / "image.pth").write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(100))
+    torch.save(torch.nn.Linear(2, 3).state_dict(), tmp / "linear.pth")
+    torch.save(ANML(4, 3, 36), tmp / "pickled.pth")
+    torch.save({"iteration": 3, "loss": 0.5}, tmp / "numbers.pth")
+    (tmp / "empty.pth").write_bytes(b"")
+    return tmp
+
+
+@pytest.mark.parametrize("name, expected", [
+    ("train_log.csv", r"train_log\.csv is not a PyTorch checkpoint but a CSV file \(header "
+                      r"`iteration,loss,accuracy,seconds`, a training log\): give a model file"),
+    ("notes.txt", r"notes\.txt is not a PyTorch checkpoint but a text file \(first line `ANML notes: the model "
+                  r"is in trained_anmls/`\)"),
+    ("cut.pth", r"cut\.pth is a truncated or damaged PyTorch checkpoint \(its zip archive does not read"),
+    ("arrays.npz", r"arrays\.npz is a zip archive, not a PyTorch checkpoint \(it holds no data\.pkl\)"),
+    ("image.pth", r"image\.pth is not a PyTorch checkpoint but a binary file of another kind \(it starts with "
+                  r"89 50 4e 47"),
+    ("linear.pth", r"linear\.pth is a state_dict of another network \(keys weight, bias\), not of an ANML"),
+    ("pickled.pth", r"pickled\.pth is a PyTorch file that holds Python objects other than tensors \(a whole "
+                    r"pickled model\?\), not a state_dict"),
+    ("numbers.pth", r"numbers\.pth holds a dict without tensors \(keys iteration, loss\), not a state_dict"),
+    ("empty.pth", r"empty\.pth is not a PyTorch checkpoint but an empty file \(0 bytes\)"),
+])
+def test_a_file_that_is_no_model_is_named_by_its_content_in_one_line(not_models, name, expected):
+    """Judged by content, whatever the name; one line naming the file, never PyTorch's advice about
+    weights_only, which a user of these scripts cannot act on."""
+    import re
+    from harness.checkpoints import load_model
+    with pytest.raises(ValueError) as failure:
+        load_model(not_models / name)
+    message = str(failure.value)
+    assert re.match(rf"{re.escape(str(not_models))}/{expected}", message), message
+    assert "\n" not in message and "weights_only" not in message
+
+
+def test_higheranmls_checkpoint_name_names_the_shipped_model(no_data, monkeypatch, capsys):
+    """-m trained_anmls/256_112_2304_ANML-29999.pth (higherANML's README) is not shipped: the error
+    names the checkpoint that is, and its iterations (read from its name)."""
+    from harness.cli import REPO
+    monkeypatch.chdir(REPO)
+    err = error_of(eval_omni.main, ["-m", "trained_anmls/256_112_2304_ANML-29999.pth", *no_data], capsys)
+    line = assert_one_error(err, "model file not found")
+    assert line == ("error: model file not found: trained_anmls/256_112_2304_ANML-29999.pth (higherANML's name for "
+                    "its 30,000-iteration model; the model shipped here is trained_anmls/256_112_2304_ANML-21678.pth, "
+                    "21,679 iterations)")
+
+
+def test_a_remembered_data_root_that_is_gone_is_one_line(bad_models, tmp_path, monkeypatch, capsys):
+    """eval_omni.py with no data flag, after the root an earlier run read was deleted: one line naming it."""
+    monkeypatch.setenv("HIGHERANML_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    monkeypatch.delenv("OMNIGLOT_ROOT", raising=False)
+    (tmp_path / "cache").mkdir()
+    (tmp_path / "cache" / "omniglot_root.txt").write_text(f"{tmp_path / 'omniglot'}\n")
+    err = error_of(eval_omni.main, ["-m", bad_models / "model.pth", "--no-download"], capsys)
+    assert_one_error(err, rf"^error: the remembered data root {tmp_path / 'omniglot'} \(kept in "
+                          rf"{tmp_path / 'cache' / 'omniglot_root.txt'}\) does not exist .*: give --data-root DIR "
+                          rf"\(or set OMNIGLOT_ROOT=DIR\) .*, or remove .*omniglot_root\.txt to use the per-user cache")

@@ -4,6 +4,7 @@ and exactly where it stopped, saves that never make things worse, a NaN stop, a 
 import hashlib
 import io
 import os
+import re
 import subprocess
 import sys
 
@@ -624,3 +625,53 @@ def test_runs_stopped_in_their_first_save_start_again_together(sampler, tmp_path
     assert (tmp_path / "split" / "seed1" / "interrupted_first_save" / f"{NAME}_ANML-0_resume.pt").is_file()
     for seed, last in zip((1, 2), lasts):
         assert same_weights(weights(last), weights(tmp_path / "straight" / f"seed{seed}" / last.name))
+
+
+# ----------------------------------------------------------------------------- what a run says
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_resumed_run_says_so_and_from_which_step(kind, sampler, tmp_path, capsys):
+    """A new run's first line names the backend that runs (func on the CPU, not auto); a resumed run's
+    says that it resumes, and from which step of how many."""
+    steps = 3
+    run_tiny(kind, sampler, tmp_path, steps, time_limit=1e-9)  # stops after step 0
+    first = capsys.readouterr().out.splitlines()[0]
+    assert first.startswith("meta-training ANML 4_3_36 for 3 its on cpu (backend func," if kind == "ANML" else
+                            "pretraining 4_3_36 "), first
+    run_tiny(kind, sampler, tmp_path, steps, resume="latest")
+    first = capsys.readouterr().out.splitlines()[0]
+    total = steps * PRETRAIN_CLASSES * 20 // PRETRAIN_BATCH if kind == "pretrain" else steps
+    unit = {"ANML": "iteration", "pretrain": "step", "asb": "episode"}[kind]
+    what = "meta-training ANML 4_3_36" if kind == "ANML" else "pretraining 4_3_36"
+    assert first.startswith(f"resuming {what}") and f" from {unit} 1 (of {total}) on cpu (" in first, first
+
+
+def test_a_long_cpu_run_says_once_how_long_it_takes_and_how_to_stop_it(sampler, tmp_path, monkeypatch, capsys):
+    """After its first steps, a CPU run estimated long says, in one line and once, about how long the
+    rest takes and how to stop and continue it; a short run, or one with --time-limit, does not."""
+    from harness import training_run
+    run_tiny("ANML", sampler, tmp_path / "short", 8)
+    assert "Ctrl-C" not in capsys.readouterr().out
+    monkeypatch.setattr(training_run, "LONG_RUN_SECONDS", 0)  # any run is long
+    run_tiny("ANML", sampler, tmp_path / "limited", 8, time_limit=1e6)
+    assert "Ctrl-C" not in capsys.readouterr().out
+    run_tiny("ANML", sampler, tmp_path / "long", 12)
+    said = [line for line in capsys.readouterr().out.splitlines() if "Ctrl-C" in line]
+    assert len(said) == 1 and re.fullmatch(
+        r"about \d+ s for the 6 iterations left \(\d+\.\d\ds each on the CPU\): Ctrl-C stops cleanly with a resumable "
+        r"checkpoint, the same command with --resume latest continues it, --time-limit SECONDS stops it by itself",
+        said[0]), said
+    assert [training_run.duration(s) for s in (40, 720, 5.8 * 3600)] == ["40 s", "12 minutes", "5.8 hours"]
+
+
+def test_a_resume_from_a_file_that_is_no_checkpoint_names_what_it_is(sampler, tmp_path):
+    """--resume given the training log (or a checkpoint cut short): one line saying what the file is,
+    never PyTorch's advice about weights_only."""
+    run_tiny("ANML", sampler, tmp_path, 1)
+    cut = tmp_path / "cut_resume.pt"
+    resumable = next(tmp_path.glob("*_resume.pt"))
+    cut.write_bytes(resumable.read_bytes()[:4000])
+    for path, what in ((tmp_path / LOG["ANML"], "a CSV file .*a training log"), (cut, "a truncated or damaged")):
+        with pytest.raises(ValueError, match=f"is not a resumable checkpoint.*{what}") as refused:
+            run_tiny("ANML", sampler, tmp_path, 2, resume=str(path))
+        assert "weights_only" not in str(refused.value) and "\n" not in str(refused.value)

@@ -56,7 +56,7 @@ def test_train_prints_its_progress_and_writes_checkpoints(trained):
     proc, out = trained
     assert_ok(proc)
     lines = proc.stdout.splitlines()
-    assert re.fullmatch(r"meta-training ANML 4_3_36 for 3 its on cpu \(backend auto, seed 1, 1 thread\) -> .*/",
+    assert re.fullmatch(r"meta-training ANML 4_3_36 for 3 its on cpu \(backend func, seed 1, 1 thread\) -> .*/",
                         lines[0]), lines[0]
     assert lines[1] == "iteration: outer loss | outer accuracy (seconds)"
     assert re.fullmatch(r"0: \d+\.\d{3} \| [01]\.\d{3} \(\d+\.\ds\)", lines[2]), lines[2]
@@ -69,9 +69,9 @@ def test_train_prints_its_progress_and_writes_checkpoints(trained):
 def test_time_limit_then_resume_across_processes_equals_one_run(trained, omniglot_root, tmp_path):
     stopped = train(omniglot_root, tmp_path, "--seed", 1, "--time-limit", 1e-3)  # stops after iteration 0
     assert_ok(stopped)
-    assert stopped.stdout.splitlines()[-2:] == [
-        "stopped after iteration 0 (time limit of 0.001s); continue with --resume latest",
-        "time limit reached: continue with the same command and --resume latest"]
+    assert stopped.stdout.splitlines()[-1] == \
+        "stopped after iteration 0 (time limit of 0.001s): continue with the same command and --resume latest"
+    assert (stopped.stdout + stopped.stderr).count("--resume latest") == 1  # said once
     assert not (tmp_path / "4_3_36_ANML-2.pth").exists()
     assert_ok(train(omniglot_root, tmp_path, "--seed", 1, "--resume", "latest"))
     assert same_weights(weights(trained[1] / "4_3_36_ANML-2.pth"), weights(tmp_path / "4_3_36_ANML-2.pth"))
@@ -90,8 +90,9 @@ def test_ctrl_c_or_a_closed_terminal_stops_cleanly_with_exit_130(sig, omniglot_r
     proc.send_signal(sig)
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 130 and "Traceback" not in err, err
-    assert f"({signal.Signals(sig).name}); continue with --resume latest" in out
-    assert "interrupted: continue with the same command and --resume latest" in err
+    said = [line for line in (out + err).splitlines() if "--resume latest" in line]  # one line, on stderr
+    assert len(said) == 1 and re.fullmatch(rf"stopped after iteration \d+ \({signal.Signals(sig).name}\): continue "
+                                           rf"with the same command and --resume latest", said[0]) and said[0] in err
     assert len(list(tmp_path.glob("4_3_36_ANML-*_resume.pt"))) == 1
 
 
@@ -123,7 +124,8 @@ def test_a_script_error_is_one_line_and_exit_2(tmp_path):
     proc = train(tmp_path / "no_data", tmp_path / "run")
     assert proc.returncode == 2
     assert_one_error(proc.stderr, rf"--data-root {tmp_path / 'no_data'} does not exist \(nothing was created")
-    env = script_env(OMNIGLOT_BASE_URL="http://127.0.0.1:9", XDG_CACHE_HOME=str(tmp_path / "cache"))
+    env = script_env(OMNIGLOT_BASE_URL="http://127.0.0.1:9", XDG_CACHE_HOME=str(tmp_path / "cache"),
+                     HIGHERANML_CACHE=str(tmp_path / "cache"))  # no remembered data root
     env.pop("OMNIGLOT_ROOT", None)
     proc = run("eval_omni.py", "-m", "trained_anmls/256_112_2304_ANML-21678.pth", env=env)
     assert proc.returncode == 2
@@ -431,14 +433,16 @@ def test_make_comparisons_at_tiny_scale(omniglot_root, checkpoint, tmp_path):
     assert_ok(proc)
     labels = ["anml_seq", "anml_iid", "anml_lstsq", "pretrain_seq", "pretrain_lstsq", "random_seq", "anml_ncm",
               "pretrain_ncm", "random_ncm", "anml_first_order_seq", "pretrain_zap_seq", "asb_seq", "asb_zap_seq",
-              "oml_seq", "pretrain_seq_no_freeze", "random_seq_no_freeze", "anml_seq_no_freeze"]
+              "oml_seq", "pretrain_seq_no_freeze", "random_seq_no_freeze", "anml_seq_no_freeze", "anml_slda",
+              "anml_gaussian"]
     reports = {label: json.loads((tmp_path / "out" / f"{label}.json").read_text()) for label in labels}
     assert [r["method"] for r in reports.values()] == \
-        ["seq", "iid", "lstsq", "seq", "lstsq", "seq", "ncm", "ncm", "ncm"] + ["seq"] * 8
-    assert [label for label, r in reports.items() if r["no_freeze"]] == labels[-3:]
+        ["seq", "iid", "lstsq", "seq", "lstsq", "seq", "ncm", "ncm", "ncm"] + ["seq"] * 8 + ["slda", "gaussian"]
+    assert [label for label, r in reports.items() if r["no_freeze"]] == labels[-5:-2]
     assert reports["random_ncm"]["grid"] == ["euclidean", "cosine"] and reports["anml_seq_no_freeze"]["grid"] == \
         [0.01, 0.001]
-    assert {reports[label]["config"]["lanes"] for label in labels[-3:]} == {3}  # 6 runs and rates, 3 at a time
+    assert {reports[label]["config"]["lanes"] for label in labels[-5:-2]} == {3}  # 6 runs and rates, 3 at a time
+    assert reports["anml_gaussian"]["config"]["prediction"] == "map"
     assert reports["random_ncm"]["model"] == reports["random_seq_no_freeze"]["model"] == reports["random_seq"]["model"]
     assert reports["oml_seq"]["model"].endswith("oml/2_OML-1.pth")
     assert reports["pretrain_seq"]["model"].endswith("4_3_36_pretrain-0.pth")
@@ -460,7 +464,7 @@ def test_make_comparisons_at_tiny_scale(omniglot_root, checkpoint, tmp_path):
     partial.write_text(json.dumps({**reports["asb_seq"], "partial": True}))
     again = subprocess.run(script, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
     assert_ok(again)
-    assert "training" not in again.stdout and again.stdout.count(": done (") == 16
+    assert "training" not in again.stdout and again.stdout.count(": done (") == 18
     assert "== asb_seq\n" in again.stdout and "partial" not in json.loads(partial.read_text())
 
 
@@ -505,3 +509,50 @@ def test_a_diverged_asb_pretraining_names_its_rates(omniglot_root, tmp_path, cap
     assert done.value.code == 2
     assert_one_error(err, r"training diverged: .*diverged/: the same command with a smaller --seq-lr or --lr starts "
                           r"again there$")
+
+
+# ----------------------------------------------------------------------------- what the scripts say
+
+def stderr_bytes(script, *args):
+    """(stdout as text, stderr as text) of a script whose stderr is a pipe, read as bytes: no newline
+    translation hides a carriage return."""
+    proc = subprocess.run(command(script, *args), cwd=REPO, env=script_env(), capture_output=True, timeout=600)
+    assert proc.returncode == 0 and b"\r" not in proc.stderr, proc.stderr  # no carriage-return frames
+    return proc.stdout.decode(), proc.stderr.decode()
+
+
+def test_progress_bars_are_plain_named_lines_when_stderr_is_not_a_terminal(omniglot_root, checkpoint, tmp_path):
+    """stderr to a pipe: no carriage-return frames, a few plain lines naming what each bar counts
+    (the run, the class count, the runs and rates); and several rates without --selection-runs say
+    that the best one is chosen on the very runs it reports."""
+    _, err = stderr_bytes("train_omni.py", *TINY_FLAGS, "--epochs", 3, "-d", "cpu", "--data-root", omniglot_root,
+                          "--no-download", "--out-dir", tmp_path)
+    assert "ANML 4_3_36: 0% (0/3 iterations)\n" in err and "ANML 4_3_36: 100% (3/3 iterations" in err, err
+    out, err = stderr_bytes("eval_omni.py", "-m", checkpoint, "-c", 5, "-r", 2, "-l", 0.03, 0.01, "-d", "cpu",
+                            "--data-root", omniglot_root, "--no-download")
+    assert re.search(r"^features: 100% \((\d+)/\1 images", err, re.M), err
+    assert "test-train (5 classes, 2 reported runs x 2 rates): 100% (300/300 steps" in err, err
+    assert re.search(rf"^Best lr (\S+) on these same runs \(optimistic; --selection-runs N chooses on other runs\): "
+                     rf"{ACCURACY}$", out, re.M), out
+
+
+def test_progress_bars_name_the_model_they_evaluate(omniglot_root, trained, capsys):
+    """-m a b: the features and the test-train of each model are named by its place among them."""
+    out = trained[1]
+    eval_omni.main([str(a) for a in ("-d", "cpu", "--data-root", omniglot_root, "-m", out / "4_3_36_ANML-0.pth",
+                                     out / "4_3_36_ANML-2.pth", "-c", 3, "-r", 1, "--selection-runs", 1, "-l", 0.03,
+                                     0.01)])
+    err = capsys.readouterr().err
+    for k in (1, 2):
+        assert f"features (model {k} of 2): 100%" in err, err
+        assert f"test-train (3 classes, 1 reported + 1 selection runs x 2 rates, model {k} of 2): 100%" in err, err
+
+
+def test_a_stopped_run_is_not_reported_again_at_the_end(capsys):
+    """The run said after which step it stopped and how to continue (one line): report_end adds nothing,
+    and an interruption exits 130."""
+    from harness.cli import report_end
+    report_end("time limit of 1s", [])
+    with pytest.raises(SystemExit) as done:
+        report_end("SIGINT", [])
+    assert done.value.code == 130 and capsys.readouterr() == ("", "")
