@@ -8,7 +8,7 @@ import torch
 
 from fastpath.batched import adam_for_models
 from fastpath.cuda_graphs import ReplayedSteps
-from harness.cli import progress_bar
+from harness.runtime import progress_bar
 
 
 # Images per forward pass of the frozen nets: on the CPU a small batch's first-block activations stay

@@ -13,7 +13,7 @@ import math
 import numpy as np
 import torch
 from fastpath.frozen_features import gather_sequence, hit_rate, position_labels
-from harness.cli import progress_bar
+from harness.runtime import progress_bar
 
 ROW_ELEMENTS = 1 << 22  # (row, class, dimension) elements per chunk of the Student-t scores (32 MB)
 

@@ -1,7 +1,7 @@
 """The command line every script shares: argument types, the device, thread and data flags, building
 a script's configuration with one `error:` line for a bad value, `run_cli`, which turns the errors
-a user can fix into one line instead of a traceback, and the progress bars (`progress_bar`). Plain
-Python: the plotting scripts parse their arguments without loading torch."""
+a user can fix into one line instead of a traceback. Plain Python: the plotting scripts parse their
+arguments without loading torch."""
 import argparse
 import contextlib
 import math
@@ -9,10 +9,8 @@ import shlex
 import signal
 import sys
 import threading
-import time
 from pathlib import Path
 
-from tqdm import tqdm
 
 from harness.config import field_names, max_threads
 from harness.quiet_start import STOP_SIGNALS, replaceable, stop_quietly
@@ -189,57 +187,6 @@ def report_end(stopped, lasts):
         print(f"done: {', '.join(map(str, lasts))}")
     elif not stopped.startswith("time limit"):
         sys.exit(130)
-
-
-def progress_bar(iterable=None, *, desc, total=None, disable=False, **options):
-    """Every script's progress bar, named by `desc` (what it counts): tqdm's on a terminal; where
-    stderr is not one (a log file, a pipe), no carriage-return frames but a few plain lines
-    (`PlainProgress`); nothing with `disable`. `options`: tqdm's (`initial` and `unit` read by both)."""
-    if disable or sys.stderr.isatty():
-        return tqdm(iterable, desc=desc, total=total, disable=disable, **options)
-    return PlainProgress(iterable, desc, total, options.get("initial", 0), options.get("unit", "it"))
-
-
-class PlainProgress:
-    """A progress bar for stderr that is not a terminal: one line as it starts and one at each quarter
-    of `total`, `{desc}: 50% (300/600 steps, 2.1s)`. Used as tqdm is: iterated, or `update(n)` inside
-    a `with` block."""
-
-    def __init__(self, iterable, desc, total=None, initial=0, unit="it"):
-        self.iterable, self.desc, self.unit = iterable, desc, unit
-        self.total = len(iterable) + initial if total is None and iterable is not None else total
-        self.n, self.start = initial, time.perf_counter()
-        self.quarter = self._quarter()
-        self._say()
-
-    def __iter__(self):
-        for item in self.iterable:
-            yield item
-            self.update(1)
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *error):
-        self.close()
-
-    def update(self, n=1):
-        """Count `n` more; a line where a quarter of the total is passed."""
-        self.n += n
-        if self._quarter() > self.quarter:
-            self.quarter = self._quarter()
-            self._say()
-
-    def close(self):
-        pass  # every line is written as it comes: nothing to clear
-
-    def _quarter(self):
-        return 4 * self.n // self.total if self.total else 0
-
-    def _say(self):
-        of = f"{100 * self.n // self.total}% ({self.n}/{self.total} " if self.total else f"({self.n} "
-        seconds = time.perf_counter() - self.start
-        print(f"{self.desc}: {of}{self.unit}s{f', {seconds:.1f}s' if self.n else ''})", file=sys.stderr, flush=True)
 
 
 def as_typed(script, argv, paths=(), dropped=()):

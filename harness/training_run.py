@@ -34,7 +34,8 @@ from harness.atomic import WriteError
 from harness.checkpoints import (Diverged, apply_training_state, check_finite_parameters, checkpoint_path,
                                  cpu_state_dict, prune_resumables, readable_checkpoint, restore_torch_rng,
                                  save_atomic, save_training_state)
-from harness.cli import notice, progress_bar
+from harness.cli import notice
+from harness.runtime import progress_bar
 from harness.run_lock import RunLock, StopSignal
 from harness.run_start import (aligned_starts, check_out_dir, clean_out_dir, group_members, how_to_continue, last_good,
                                missing_folders, remove_stillborn_run, set_aside_interrupted_first_save,
