@@ -183,3 +183,19 @@ def assert_one_error(stderr, expected):
 def assert_ok(proc):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr
+
+
+def synthetic_feature_runs(n_runs=2, n_classes=6, dim=5, seed=0, class_scales=False):
+    """Features [C, 20, D] of overlapping Gaussian classes (so that some images are misclassified), with
+    their own scales per dimension if `class_scales`, a stand-in for FeatureBank, and runs of all the
+    classes in random orders with random splits: (the features by numpy, FeatureBank's stand-in, runs)."""
+    from fastpath.frozen_features import MetaTestRun
+    rng = np.random.default_rng(seed)
+    scales = rng.uniform(0.3, 2.0, size=(n_classes, 1, dim)) if class_scales else 1.0
+    bank = torch.as_tensor(rng.normal(size=(n_classes, 1, dim)) + 1.5 * scales * rng.normal(size=(n_classes, 20, dim)))
+    features = lambda classes: bank[torch.as_tensor(np.asarray(classes))]
+    runs = []
+    for _ in range(n_runs):
+        drawers = np.stack([rng.permutation(20) for _ in range(n_classes)])
+        runs.append(MetaTestRun(rng.permutation(n_classes), drawers[:, :15], drawers[:, 15:]))
+    return bank.numpy(), features, runs

@@ -9,8 +9,7 @@ import torch
 from scipy.special import gammaln
 
 import eval_omni
-from conftest import assert_one_error
-from fastpath.frozen_features import MetaTestRun
+from conftest import assert_one_error, synthetic_feature_runs
 from fastpath.generative_heads import NormalGammaClasses, StreamingLDA, gaussian_fit, slda_fit
 from harness.cli import run_cli
 from harness.config import EvalConfig
@@ -21,17 +20,9 @@ SHIPPED = "trained_anmls/256_112_2304_ANML-21678.pth"
 
 
 def synthetic_runs(n_runs=2, n_classes=6, dim=5, seed=0):
-    """Features [C, 20, D] of overlapping Gaussian classes with their own scales per dimension, a
-    stand-in for FeatureBank, and runs of all the classes in random orders with random splits."""
-    rng = np.random.default_rng(seed)
-    scales = rng.uniform(0.3, 2.0, size=(n_classes, 1, dim))
-    bank = torch.as_tensor(rng.normal(size=(n_classes, 1, dim)) + 1.5 * scales * rng.normal(size=(n_classes, 20, dim)))
-    features = lambda classes: bank[torch.as_tensor(np.asarray(classes))]
-    runs = []
-    for _ in range(n_runs):
-        drawers = np.stack([rng.permutation(20) for _ in range(n_classes)])
-        runs.append(MetaTestRun(rng.permutation(n_classes), drawers[:, :15], drawers[:, 15:]))
-    return bank.numpy(), features, runs
+    """Classes with their own scales per dimension, where LDA's shared covariance and the Gaussian heads'
+    per-class variances differ."""
+    return synthetic_feature_runs(n_runs, n_classes, dim, seed, class_scales=True)
 
 
 def split(bank, run, n, which):

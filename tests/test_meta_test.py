@@ -14,6 +14,7 @@ from harness.config import EvalConfig
 from protocol import ConfigError
 from fastpath.frozen_features import FeatureBank, MetaTestRun, hit_rate, sequential_fit
 from meta_test import empty_results, run_generators
+from conftest import synthetic_feature_runs
 
 
 def evaluate(checkpoint, sampler, num_classes=10, **settings):
@@ -405,19 +406,6 @@ def test_no_freeze_lanes_on_cuda_equal_cpu(small_checkpoint, sampler):
 from fastpath.frozen_features import ncm_fit, nearest_mean, running_class_means  # noqa: E402
 
 
-def synthetic_runs(n_runs=2, n_classes=6, dim=5, seed=0):
-    """Features [C, 20, D] of overlapping Gaussian classes (so that some images are misclassified), a
-    stand-in for FeatureBank, and runs of all the classes in random orders with random splits."""
-    rng = np.random.default_rng(seed)
-    bank = torch.as_tensor(rng.normal(size=(n_classes, 1, dim)) + 1.5 * rng.normal(size=(n_classes, 20, dim)))
-    features = lambda classes: bank[torch.as_tensor(np.asarray(classes))]
-    runs = []
-    for _ in range(n_runs):
-        drawers = np.stack([rng.permutation(20) for _ in range(n_classes)])
-        runs.append(MetaTestRun(rng.permutation(n_classes), drawers[:, :15], drawers[:, 15:]))
-    return bank.numpy(), features, runs
-
-
 def numpy_ncm(bank, run, n, distance, split):
     """Accuracy of the nearest class mean of the run's first n classes, by numpy, on their `split` images."""
     classes = run.classes[:n]
@@ -434,7 +422,7 @@ def numpy_ncm(bank, run, n, distance, split):
 
 
 def test_ncm_equals_class_means_and_nearest_mean_by_numpy():
-    bank, features, runs = synthetic_runs()
+    bank, features, runs = synthetic_feature_runs()
     counts, distances = [2, 4, 6], ["euclidean", "cosine"]
     scores = ncm_fit(features, runs, distances, counts)
     assert scores["test"].shape == (3, 2, 2)
