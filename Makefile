@@ -36,8 +36,9 @@ results: $(PY)
 plots: $(PY)
 	$(PY) plot_results.py --results results/omniglot_eval.json --log trained_anmls/256_112_2304_train_log.csv
 
+# Every test but the slow end-to-end script runs (-m slow), which gpu-check runs.
 test: $(PY)
-	$(PY) -m pytest -q -n 2 --dist loadgroup tests
+	$(PY) -m pytest -q -n 2 --dist loadgroup -m "not slow" tests
 
 # Every CUDA path once, on a machine with one NVIDIA GPU (at most 10 minutes on an H200): one line per
 # check, exit 1 on any failure. DEVICE=cpu runs the same steps at tiny sizes (CI does).

@@ -77,6 +77,8 @@ def session_cache(yours=None):
 def pytest_configure(config):
     """Before the tests (and the workers of pytest -n): one preprocessing cache for the session,
     filled once here, so that parallel workers do not each decode Omniglot."""
+    config.addinivalue_line("markers", "slow: an end-to-end run of a script's many processes (make gpu-check runs "
+                                       "it; make test leaves it out)")
     if hasattr(config, "workerinput"):
         return
     os.environ["HIGHERANML_CACHE"] = session_cache(os.environ.get("HIGHERANML_CACHE"))

@@ -418,6 +418,7 @@ def test_a_peer_process_that_died_is_one_line_and_exit_2(capsys):
         assert err.startswith("error: another process of this torchrun job stopped") and "--resume latest" in err
 
 
+@pytest.mark.slow  # about 100 s of 26 processes: make gpu-check runs it, make test leaves it out
 def test_make_comparisons_at_tiny_scale(omniglot_root, checkpoint, tmp_path):
     """results/make_comparisons.sh end to end with tiny networks: six trainings (i.i.d. with and without
     zapping, ASB with and without, first-order ANML, OML), the init checkpoint, seventeen evaluations on

@@ -7,7 +7,8 @@ Runs, in priority order and each under its own time limit: the CUDA tests, the b
 iteration (with its operation count) and of several models and tasks, short trainings of every
 kind each followed by `--resume latest`, a run moved from the CPU to the device and back, an
 evaluation of several models, one with every parameter learning in lanes, and torchrun with two
-processes. Prints one line per check (PASS or FAIL, seconds, what it ran), keeps each check's
+processes; with --device cpu, last, the slow test that `make test` leaves out (`pytest -m slow`: the
+comparison script end to end at tiny scale). Prints one line per check (PASS or FAIL, seconds, what it ran), keeps each check's
 output in --logs, and exits 1 if any check failed.
 """
 import argparse
@@ -47,6 +48,7 @@ def checks(device, work, data):
     resumed = lambda command, *flags: command + ["--resume", "latest", *flags]
     tests = (py + ["-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_cuda_guards.py"] if cpu else
              py + ["-m", "pytest", "-q", "-p", "no:cacheprovider", "-k", "cuda", "tests"])
+    slow_tests = py + ["-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "slow", "tests"]
     bench = py + ["bench.py", *size, "--iters", "2", "-d", device, *data]
     out = []
     out.append(("tests", 300, [tests]))
@@ -83,6 +85,8 @@ def checks(device, work, data):
     out.append(("torchrun with two processes", 240,
                 [torchrun + ["train_omni.py", *size, "--seeds", "1", "2", "--epochs", "2",
                              "--out-dir", str(work / "torchrun"), *common]]))
+    if cpu:  # not a CUDA path, so not a GPU's time: the slow test that make test leaves out
+        out.append(("make_comparisons.sh at tiny scale (pytest -m slow)", 300, [slow_tests]))
     return out
 
 
