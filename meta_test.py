@@ -22,8 +22,7 @@ from fastpath.frozen_features import (FeatureBank, MetaTestRun, hit_rate, iid_fi
 from fastpath.full_network import Lanes
 from fastpath.generative_heads import gaussian_fit, slda_fit
 from harness.checkpoints import load_model
-from harness.runtime import progress_bar
-from harness.runtime import Ranks
+from harness.runtime import Ranks, progress_bar
 from protocol import prior_values
 from model import reset_last_layer
 

@@ -24,8 +24,7 @@ from fastpath.frozen_features import LastLayers
 from harness.checkpoints import load_optimizer_state
 from fastpath.derivatives import norm_backward
 from meta_test import meta_test
-from model import kaiming_std, reset_last_layer, seeded_network
-from model import IMAGE_SIZE, seeded_oml
+from model import IMAGE_SIZE, kaiming_std, reset_last_layer, seeded_network, seeded_oml
 
 aten = torch.ops.aten
 
